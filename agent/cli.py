@@ -1,0 +1,123 @@
+"""The ``or-agent`` command: one entry point, one subcommand per job.
+
+Every error or-agent raises on purpose (``pipelines.errors.OrAgentError``) is printed here
+as one line, ``or-agent: error: ...``, with the error's exit code; a user's mistake never
+shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipelines.errors import InputError, OrAgentError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 854x480, got {text!r}") from None
+    return w, h
+
+
+def cmd_synth(args) -> int:
+    from agent.progress import Progress
+    from synth.dataset import SynthConfig, write_dataset
+
+    cfg = SynthConfig(videos=args.videos, seed=args.seed, time_scale=args.time_scale, width=args.size[0],
+                      height=args.size[1], fps=args.fps, mask_every=args.mask_every, first_index=args.first_index)
+    bars: dict[int, Progress] = {}
+
+    def progress(video, of, frame, frames):
+        bar = bars.get(video)
+        if bar is None:
+            bar = bars[video] = Progress(f"video {video}/{of}", frames)
+        bar.update(frame + 1)
+        if frame + 1 == frames:
+            bar.close()
+
+    metas = write_dataset(args.out, cfg, progress)
+    for meta in metas:
+        phases = " -> ".join(s["phase"] for s in meta["segments"])
+        print(f"{Path(args.out) / meta['video']}: {meta['frames']} frames, {meta['frames'] / meta['fps']:.0f} s; {phases}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from pipelines.manifest import discover, load_manifest
+
+    problems = 0
+    paths = discover(args.models_dir)
+    if not paths:
+        raise InputError(f"{args.models_dir or 'models/'}: no */manifest.json found")
+    for path in paths:
+        try:
+            m = load_manifest(path)
+            m.verify_file()
+        except OrAgentError as exc:
+            print(f"FAIL  {exc}")
+            problems += 1
+            continue
+        size = m.model_path.stat().st_size / 1e6
+        shape = "x".join(str(d) for d in m.input.shape)
+        metrics = ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
+        print(f"ok    {m.name} {m.version} ({m.task}) input {m.input.name} {shape} {m.input_spec.color_order}, "
+              f"{len(m.labels)} labels, {size:.2f} MB, sha256 {m.sha256[:12]}  {metrics}")
+    if problems:
+        print(f"{problems} of {len(paths)} models failed verification", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="or-agent", description="Surgical video decision-support edge agent.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("synth", help="generate synthetic laparoscopic cholecystectomy videos with ground truth")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--videos", type=int, default=1, help="number of videos (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
+    p.add_argument("--time-scale", type=float, default=20.0,
+                   help="divide real Cholec80 phase durations by this (default 20: a ~35 min surgery becomes ~1.7 min)")
+    p.add_argument("--size", type=_size, default=(854, 480), help="frame size WIDTHxHEIGHT (default 854x480)")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate (default 25)")
+    p.add_argument("--mask-every", type=int, default=25, help="write a class mask every N frames (default 25)")
+    p.add_argument("--first-index", type=int, default=1, help="number of the first video (videoNN; default 1)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("models", help="list the installed models and verify their manifests and sha256")
+    p.add_argument("--models-dir", default=None, help="models directory (default: $OR_AGENT_MODELS or the bundled models/)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="generate a synthetic surgery and run the models over it (the quick start)")
+    p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the synthetic surgery (default 7)")
+    p.add_argument("--time-scale", type=float, default=25.0, help="time scale of the synthetic surgery (default 25)")
+    p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OrAgentError as exc:
+        print(f"or-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("or-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

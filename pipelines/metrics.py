@@ -1,0 +1,53 @@
+"""Accuracy measures against ground truth, shared by model cards, replay reports and tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion(truth: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """confusion[t, p]: how many pixels (or frames) of true class t were predicted p."""
+    t = np.asarray(truth, np.int64).ravel()
+    p = np.asarray(pred, np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"truth and prediction differ in size: {t.size} vs {p.size}")
+    return np.bincount(t * classes + p, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_iou(conf: np.ndarray) -> np.ndarray:
+    """IoU per class; NaN for a class absent from both truth and prediction."""
+    tp = np.diag(conf).astype(np.float64)
+    denom = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def per_class_dice(conf: np.ndarray) -> np.ndarray:
+    tp = np.diag(conf).astype(np.float64)
+    denom = conf.sum(0) + conf.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+def mean_iou_present(conf: np.ndarray) -> float:
+    """Mean IoU over the classes present in the ground truth."""
+    present = conf.sum(1) > 0
+    return float(np.nanmean(per_class_iou(conf)[present]))
+
+
+def accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    t, p = np.asarray(truth).ravel(), np.asarray(pred).ravel()
+    if t.shape != p.shape or t.size == 0:
+        raise ValueError("accuracy needs two non-empty sequences of the same length")
+    return float((t == p).mean())
+
+
+def recall(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Recall of the positive (True) class; NaN when there are no positives."""
+    t, p = np.asarray(truth, bool).ravel(), np.asarray(pred, bool).ravel()
+    return float((t & p).sum() / t.sum()) if t.any() else float("nan")
+
+
+def precision(truth: np.ndarray, pred: np.ndarray) -> float:
+    t, p = np.asarray(truth, bool).ravel(), np.asarray(pred, bool).ravel()
+    return float((t & p).sum() / p.sum()) if p.any() else float("nan")

@@ -1,0 +1,169 @@
+"""Model stages: what each model's numbers mean, as typed results.
+
+Each stage is split the MONAI way into ``pre_process`` (content crop, resize, normalise from
+the manifest), ``predict`` (the backend; recurrent state carried here) and ``post_process``
+(probabilities, filtering, areas). The stages do not care which backend runs the model, and
+``predict`` takes whatever array type the backend takes, so a GPU backend can keep tensors on
+the device between the three steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.backends import InferenceBackend
+from pipelines.errors import ModelError
+from pipelines.phase_filter import PhaseFilter
+from pipelines.preprocess import ContentArea, crop_resize, normalise
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    phase: int  # filtered phase id
+    name: str
+    confidence: float  # smoothed probability of the filtered phase
+    probabilities: tuple[float, ...]  # this step's model probabilities
+    raw_phase: int  # this step's argmax, before the temporal filter
+    time_in_phase_s: float
+
+    def __post_init__(self):
+        if not 0 <= self.phase < len(self.probabilities):
+            raise ValueError(f"phase {self.phase} outside the {len(self.probabilities)} phases")
+        if not 0.0 <= self.confidence <= 1.0 + 1e-6:
+            raise ValueError(f"confidence {self.confidence} outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class AnatomyEstimate:
+    class_map: np.ndarray = field(repr=False)  # model-sized uint8 class ids
+    area: ContentArea
+    area_fraction: tuple[float, ...]  # per class, fraction of the content crop
+    confidence: tuple[float, ...]  # per class, mean probability over its pixels (0 if absent)
+
+    def __post_init__(self):
+        if self.class_map.ndim != 2 or self.class_map.dtype != np.uint8:
+            raise ValueError("class_map must be a 2-D uint8 array")
+        if len(self.area_fraction) != len(self.confidence):
+            raise ValueError("area_fraction and confidence must have one value per class")
+
+
+@dataclass(frozen=True)
+class VisibilityEstimate:
+    p_out_of_body: float
+    p_low_visibility: float
+    threshold: float = 0.5
+
+    @property
+    def out_of_body(self) -> bool:
+        return self.p_out_of_body > self.threshold
+
+    @property
+    def low_visibility(self) -> bool:
+        return not self.out_of_body and self.p_low_visibility > self.threshold
+
+
+class _Stage:
+    def __init__(self, backend: InferenceBackend):
+        self.backend = backend
+        self.manifest = backend.manifest
+        self.spec = self.manifest.input_spec
+
+    def pre_process(self, frame: np.ndarray, area: ContentArea) -> np.ndarray:
+        return normalise(crop_resize(frame, area, self.spec.height, self.spec.width), self.spec)
+
+    def _single_output(self, outputs: dict) -> np.ndarray:
+        names = [o.name for o in self.manifest.outputs if o.state_of is None]
+        if len(names) != 1:
+            raise ModelError(f"{self.manifest.path}: expected exactly one non-state output, found {names}")
+        return outputs[names[0]]
+
+
+class PhaseStage(_Stage):
+    """Streams the recurrent phase model one step at a time and filters its output."""
+
+    def __init__(self, backend: InferenceBackend, phase_filter: PhaseFilter | None = None):
+        super().__init__(backend)
+        if self.manifest.task != "phase":
+            raise ModelError(f"{self.manifest.path}: a phase stage needs a task 'phase' model, not {self.manifest.task!r}")
+        cfg = self.manifest.extra.get("temporal_filter", {})
+        self.filter = phase_filter or PhaseFilter(smoothing=cfg.get("smoothing", 0.5), hold=cfg.get("hold_steps", 2),
+                                                  margin=cfg.get("margin", 0.05))
+        self.names = tuple(label.name for label in self.manifest.labels)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start of a case: zero state, fresh filter."""
+        self._state = {s.name: np.zeros(s.shape, np.float32) for s in self.manifest.state_inputs}
+        self.filter.reset()
+        self._phase: int | None = None
+        self._entered_s = 0.0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = self.backend.run({self.manifest.input.name: x, **self._state})
+        self._state = {o.state_of: out[o.name] for o in self.manifest.outputs if o.state_of}
+        return self._single_output(out)
+
+    def post_process(self, logits: np.ndarray, t_s: float) -> PhaseEstimate:
+        probs = softmax(np.asarray(logits, np.float64).ravel())
+        f = self.filter.update(probs)
+        if f.phase != self._phase:
+            self._phase, self._entered_s = f.phase, t_s
+        return PhaseEstimate(f.phase, self.names[f.phase], min(1.0, f.confidence), tuple(float(p) for p in probs),
+                             int(np.argmax(probs)), t_s - self._entered_s)
+
+    def __call__(self, frame: np.ndarray, area: ContentArea, t_s: float) -> PhaseEstimate:
+        return self.post_process(self.predict(self.pre_process(frame, area)), t_s)
+
+
+class AnatomyStage(_Stage):
+    def __init__(self, backend: InferenceBackend):
+        super().__init__(backend)
+        if self.manifest.task != "segmentation":
+            raise ModelError(f"{self.manifest.path}: an anatomy stage needs a task 'segmentation' model, not {self.manifest.task!r}")
+        self.classes = len(self.manifest.labels)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._single_output(self.backend.run({self.manifest.input.name: x}))
+
+    def post_process(self, logits: np.ndarray, area: ContentArea) -> AnatomyEstimate:
+        lg = np.asarray(logits)[0]
+        class_map = lg.argmax(0).astype(np.uint8)
+        # Winning probability per pixel = 1 / sum(exp(l - l_max)); cheaper than a full softmax.
+        top = np.take_along_axis(lg, class_map[None].astype(np.int64), 0)[0]
+        p_win = 1.0 / np.exp(lg - top[None]).sum(0)
+        counts = np.bincount(class_map.ravel(), minlength=self.classes)
+        sums = np.bincount(class_map.ravel(), weights=p_win.ravel(), minlength=self.classes)
+        conf = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        return AnatomyEstimate(class_map, area, tuple((counts / class_map.size).tolist()), tuple(conf.tolist()))
+
+    def __call__(self, frame: np.ndarray, area: ContentArea) -> AnatomyEstimate:
+        return self.post_process(self.predict(self.pre_process(frame, area)), area)
+
+
+class VisibilityStage(_Stage):
+    def __init__(self, backend: InferenceBackend, threshold: float = 0.5):
+        super().__init__(backend)
+        if self.manifest.task != "visibility":
+            raise ModelError(f"{self.manifest.path}: a visibility stage needs a task 'visibility' model, not {self.manifest.task!r}")
+        self.threshold = threshold
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._single_output(self.backend.run({self.manifest.input.name: x}))
+
+    def post_process(self, logits: np.ndarray) -> VisibilityEstimate:
+        p = sigmoid(np.asarray(logits, np.float64).ravel())
+        return VisibilityEstimate(float(p[0]), float(p[1]), self.threshold)
+
+    def __call__(self, frame: np.ndarray, area: ContentArea) -> VisibilityEstimate:
+        return self.post_process(self.predict(self.pre_process(frame, area)))

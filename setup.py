@@ -1,0 +1,42 @@
+"""or-agent: surgical video decision-support edge agent."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="or-agent",
+    version="0.1.0",
+    description="Surgical video decision-support edge agent: phase and anatomy models on "
+                "laparoscopic video, overlays and alerts over gRPC.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["agent*", "pipelines*", "proto*", "calibration*", "synth*", "models*"]),
+    package_data={"models": ["*/manifest.json", "*/model.onnx", "README.md"]},
+    install_requires=[
+        "numpy>=1.24,<3",
+        "opencv-python>=4.8,<6",
+        "onnxruntime>=1.17,<2",
+        "grpcio>=1.60,<2",
+        "protobuf>=4.25,<8",
+    ],
+    extras_require={
+        # CUDA kernels and device buffers on the OR box (needs the CUDA toolkit to build).
+        "gpu": ["pycuda>=2024.1"],
+        # TensorRT comes from NVIDIA's package index on the OR box; see README.
+        "tensorrt": ["tensorrt>=10.0"],
+        # Training the reference models: the CPU build of torch 2.13, pinned.
+        "train": ["torch==2.13.0", "onnx>=1.15,<2"],
+        "dev": ["pytest>=8,<10", "onnx>=1.15,<2"],
+    },
+    entry_points={"console_scripts": ["or-agent=agent.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = Path(os.environ.get("OR_AGENT_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+
+
+def run_cli(*args: str, check: bool = False):
+    """Run the installed command line in a subprocess, as a user would."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"or-agent {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL.is_dir():
+        pytest.skip(f"real footage not present at {REAL} (it is not redistributed with the project)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """One short synthetic surgery (about 35 s) with masks every 10 frames."""
+    from synth.dataset import SynthConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("synth-small")
+    write_dataset(out, SynthConfig(videos=1, seed=5, time_scale=60.0, mask_every=10))
+    return out

@@ -1,0 +1,47 @@
+"""The command line as a user meets it: jobs that work, and one-line errors for mistakes."""
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_synth_writes_a_dataset(tmp_path):
+    out = tmp_path / "ds"
+    proc = run_cli("synth", "--out", str(out), "--videos", "2", "--time-scale", "150", "--seed", "3",
+                   "--size", "428x240", check=True)
+    assert (out / "video01.mp4").is_file() and (out / "video02-phase.txt").is_file()
+    meta = json.loads((out / "video02.json").read_text())
+    assert meta["width"] == 428 and meta["height"] == 240
+    assert proc.stdout.count("frames") == 2 and "CalotTriangleDissection" in proc.stdout
+
+
+def test_synth_is_deterministic_on_disk(tmp_path):
+    for d in ("a", "b"):
+        run_cli("synth", "--out", str(tmp_path / d), "--time-scale", "200", "--seed", "9", check=True)
+    for name in ("video01-phase.txt", "video01-flags.csv", "video01-tool.txt", "video01.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    masks_a = sorted((tmp_path / "a" / "masks" / "video01").iterdir())
+    assert [p.read_bytes() for p in masks_a] == [(tmp_path / "b" / "masks" / "video01" / p.name).read_bytes() for p in masks_a]
+
+
+def test_synth_bad_values_are_one_line_errors(tmp_path):
+    proc = run_cli("synth", "--out", str(tmp_path), "--videos", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "or-agent: error: --videos must be at least 1, got 0"
+    target = tmp_path / "file"
+    target.write_text("x")
+    proc = run_cli("synth", "--out", str(target))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"or-agent: error: {target}: exists and is not a directory"
+    proc = run_cli("synth", "--out", str(tmp_path), "--size", "big")
+    assert proc.returncode == 2 and "expected WIDTHxHEIGHT such as 854x480, got 'big'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_runs_the_models_and_reports(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path / "demo"), "--time-scale", "80", check=True)
+    out = proc.stdout
+    assert "Phase timeline of" in out and "ground truth:" in out and "frame accuracy:" in out
+    assert "Out of body" in out and "Anatomy: mean area per class" in out
+    assert "Liver" in out and "not for clinical use" in out
+    # A second run reuses the generated surgery.
+    again = run_cli("demo", "--out", str(tmp_path / "demo"), "--time-scale", "80", check=True)
+    assert "reusing the synthetic surgery" in again.stdout
