@@ -8,6 +8,7 @@ shows a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def cmd_demo(args) -> int:
     return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir)
 
 
+def cmd_replay(args) -> int:
+    from agent.replay import run_replay
+
+    if args.anatomy_every < 1:
+        raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
+    return run_replay(args.videos, args.out, labels=args.labels, masks=args.masks, paced=args.paced,
+                      anatomy_every=args.anatomy_every, models_dir=args.models_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="or-agent", description="Surgical video decision-support edge agent.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -98,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default=None, help="models directory (default: $OR_AGENT_MODELS or the bundled models/)")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("replay", help="run the pipeline over recorded videos; write annotated video, timeline and report")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or directories of videos")
+    p.add_argument("--out", required=True, help="output directory (one folder per video)")
+    p.add_argument("--labels", help="Cholec80 phase file for a single video (default: <name>-phase.txt next to it)")
+    p.add_argument("--masks", help="directory of CholecSeg8k-format masks frameNNNNNN.png (default: masks/<name>/ next to it)")
+    p.add_argument("--paced", action="store_true", help="replay at the video's own frame rate, as if live")
+    p.add_argument("--anatomy-every", type=int, default=1, help="run the anatomy model on every k-th frame (default 1)")
+    p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("demo", help="generate a synthetic surgery and run the models over it (the quick start)")
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic surgery (default 7)")
@@ -117,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("or-agent: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours, not the user's: still one line, with a way to see more
+        if os.environ.get("OR_AGENT_DEBUG"):
+            raise
+        print(f"or-agent: internal error: {type(exc).__name__}: {exc} (run with OR_AGENT_DEBUG=1 for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each video is decoded with OpenCV, its content area tracked, and every model run through ONNX
 Runtime with the manifest's preprocessing; phase goes through the shipped temporal filter.
-Anatomy is scored in frame coordinates against the CholecSeg8k-format masks (mean IoU over the
+As in the pipeline, the phase model is not stepped on frames the visibility model calls out of
+body. Anatomy is scored in frame coordinates against the CholecSeg8k-format masks (mean IoU over the
 classes present), phase per frame against the Cholec80 phase file (the filtered phase held
 between steps), visibility against the per-frame flags.
 """
@@ -97,9 +98,10 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
                 break
             area = tracker.update(frame)
             if f % stride == 0:
-                est = phase.post_process(timed("phase", phase.predict, phase.pre_process(frame, area)), f / meta["fps"])
-                raw_now, filt_now = est.raw_phase, est.phase
                 v = vis.post_process(timed("visibility", vis.predict, vis.pre_process(frame, area)))
+                if not v.out_of_body:  # as in the pipeline: the room says nothing about the phase
+                    est = phase.post_process(timed("phase", phase.predict, phase.pre_process(frame, area)), f / meta["fps"])
+                    raw_now, filt_now = est.raw_phase, est.phase
                 oob_t.append(bool(flags[f, 2]))
                 oob_p.append(v.out_of_body)
                 lv_t.append(bool(flags[f, 3] or flags[f, 4]))

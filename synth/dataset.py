@@ -26,8 +26,9 @@ import cv2
 import numpy as np
 
 from pipelines.errors import InputError
+from pipelines.files import atomic_path, atomic_write_text
 from pipelines.surgery import PHASES, TOOLS
-from synth.render import SurgeryRenderer
+from synth.render import GENERATOR_VERSION, SurgeryRenderer
 from synth.timeline import Timeline, sample_timeline
 
 
@@ -59,35 +60,36 @@ class SynthConfig:
 ProgressFn = Callable[[int, int, int, int], None]  # (video number, of videos, frame, of frames)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def phase_file_text(phases: np.ndarray) -> str:
     lines = ["Frame\tPhase"] + [f"{i}\t{PHASES[p]}" for i, p in enumerate(phases)]
     return "\n".join(lines) + "\n"
 
 
 def read_phase_file(path: str | os.PathLike) -> np.ndarray:
-    """Read a Cholec80 ``Frame<TAB>Phase`` file into phase ids, one per frame."""
+    """Phase ids per frame from a Cholec80 ``Frame<TAB>Phase`` file, or a CSV whose first column
+    is the frame number and which has a ``phase`` column (as the real clips' labels do)."""
     path = Path(path)
     try:
         rows = path.read_text().splitlines()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read phase file ({exc.strerror})") from None
-    if not rows or rows[0].split() != ["Frame", "Phase"]:
-        raise InputError(f"{path}: not a Cholec80 phase file (first line must be 'Frame<TAB>Phase')")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read phase labels ({getattr(exc, 'strerror', None) or exc})") from None
     ids = {name: i for i, name in enumerate(PHASES)}
+    if rows and rows[0].split() == ["Frame", "Phase"]:
+        sep, col = None, 1
+    elif rows and "phase" in [c.strip().lower() for c in rows[0].split(",")]:
+        sep, col = ",", [c.strip().lower() for c in rows[0].split(",")].index("phase")
+    else:
+        raise InputError(f"{path}: not a phase label file (first line must be 'Frame<TAB>Phase', or a CSV header with a 'phase' column)")
     out = []
     for n, row in enumerate(rows[1:], start=2):
-        parts = row.split()
-        if not parts:
+        parts = [c.strip() for c in row.split(sep)] if sep else row.split()
+        if not parts or parts == [""]:
             continue
-        if len(parts) != 2 or parts[1] not in ids or not parts[0].isdigit():
-            raise InputError(f"{path}:{n}: expected '<frame><TAB><phase name>', got {row!r}")
-        out.append(ids[parts[1]])
+        if len(parts) <= col or parts[col] not in ids or not parts[0].isdigit():
+            raise InputError(f"{path}:{n}: expected '<frame>' and a Cholec80 phase name, got {row!r}")
+        if int(parts[0]) != len(out):
+            raise InputError(f"{path}:{n}: frame {parts[0]} out of order (expected {len(out)})")
+        out.append(ids[parts[col]])
     return np.array(out, np.int64)
 
 
@@ -95,28 +97,25 @@ def render_video(renderer: SurgeryRenderer, video_path: Path, mask_dir: Path, ma
                  progress: Callable[[int], None] | None = None) -> list[tuple]:
     """Render every frame into the video and masks; return the per-frame flag rows."""
     tl = renderer.timeline
-    tmp_video = video_path.with_name(video_path.stem + ".part.mp4")
-    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), tl.fps,
-                             (renderer.width, renderer.height))
-    if not writer.isOpened():
-        raise InputError(f"{video_path}: cannot open a video writer (mp4v) there")
     mask_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
-        for f in range(tl.frames):
-            fr = renderer.render(f)
-            writer.write(fr.image)
-            if f % mask_every == 0:
-                target = mask_dir / f"frame{f:06d}.png"
-                tmp = target.with_name(target.stem + ".part.png")
-                cv2.imwrite(str(tmp), fr.labels)
-                os.replace(tmp, target)
-            rows.append((f, fr.phase, int(fr.out_of_body), int(fr.smoke), int(fr.blur), int(fr.bleeding), fr.tools))
-            if progress is not None:
-                progress(f)
-    finally:
-        writer.release()
-    os.replace(tmp_video, video_path)
+    with atomic_path(video_path) as tmp_video:
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), tl.fps,
+                                 (renderer.width, renderer.height))
+        if not writer.isOpened():
+            raise InputError(f"{video_path}: cannot open a video writer (mp4v) there")
+        try:
+            for f in range(tl.frames):
+                fr = renderer.render(f)
+                writer.write(fr.image)
+                if f % mask_every == 0:
+                    with atomic_path(mask_dir / f"frame{f:06d}.png") as tmp:
+                        cv2.imwrite(str(tmp), fr.labels)
+                rows.append((f, fr.phase, int(fr.out_of_body), int(fr.smoke), int(fr.blur), int(fr.bleeding), fr.tools))
+                if progress is not None:
+                    progress(f)
+        finally:
+            writer.release()
     return rows
 
 
@@ -128,16 +127,17 @@ def write_video(out: Path, index: int, cfg: SynthConfig, progress: Callable[[int
     name = f"video{index:02d}"
     rows = render_video(renderer, out / f"{name}.mp4", out / "masks" / name, cfg.mask_every,
                         None if progress is None else (lambda f: progress(f, tl.frames)))
-    _atomic_write_text(out / f"{name}-phase.txt", phase_file_text(tl.phase_per_frame()))
+    atomic_write_text(out / f"{name}-phase.txt", phase_file_text(tl.phase_per_frame()))
     fps_int = max(1, int(round(cfg.fps)))
     tool_lines = ["Frame\t" + "\t".join(TOOLS)]
     tool_lines += [f"{r[0]}\t" + "\t".join(str(int(t)) for t in r[6]) for r in rows if r[0] % fps_int == 0]
-    _atomic_write_text(out / f"{name}-tool.txt", "\n".join(tool_lines) + "\n")
+    atomic_write_text(out / f"{name}-tool.txt", "\n".join(tool_lines) + "\n")
     flag_lines = ["frame,phase,out_of_body,smoke,blur,bleeding"] + [",".join(str(v) for v in r[:6]) for r in rows]
-    _atomic_write_text(out / f"{name}-flags.csv", "\n".join(flag_lines) + "\n")
+    atomic_write_text(out / f"{name}-flags.csv", "\n".join(flag_lines) + "\n")
     meta = {
         "video": f"{name}.mp4",
         "generator": "or-agent synth",
+        "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "fps": cfg.fps,
         "width": cfg.width,
@@ -149,7 +149,7 @@ def write_video(out: Path, index: int, cfg: SynthConfig, progress: Callable[[int
         "segments": [{"phase": PHASES[s.phase], "start": s.start, "end": s.end} for s in tl.segments],
         "events": [asdict(e) for e in tl.events],
     }
-    _atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 

@@ -21,6 +21,8 @@ from synth.textures import make_room, make_texture_stack
 from synth.timeline import Timeline
 
 P = {name: i for i, name in enumerate(PHASES)}
+#: Bumped whenever rendering changes what a seed produces, so cached datasets are rebuilt.
+GENERATOR_VERSION = 2
 WORLD_SCALE = 1.5  # world canvas size relative to the frame
 PROGRESS_STEPS = 40  # world rebuilt at most this many times per phase
 
@@ -118,9 +120,9 @@ class SurgeryRenderer:
             "duct_end": (0.66 + j(), 0.80 + j()),
             "gi_centre": (0.84 + j(), 0.86 + j()),
             "fat_centre": (0.20 + j(), 0.82 + j()),
-            "ligament_x": 0.78 + j(0.05),
-            "hepatic_vein": rng.random() < 0.35,
-            "vein_at": (0.15 + j(0.05), 0.12 + j()),
+            "ligament_x": 0.64 + j(0.06),
+            "hepatic_vein": rng.random() < 0.7,
+            "vein_offset": (j(0.04), 0.02 + j(0.02)),
         }
 
     def _make_optics(self, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -190,12 +192,8 @@ class SurgeryRenderer:
         liver = np.int32(edge + [self._w(1.05, -0.05), self._w(-0.05, -0.05)])
         cv2.fillPoly(lab, [liver], Anatomy.LIVER)
         lx = L["ligament_x"]
-        band = np.int32([self._w(lx - 0.02, -0.05), self._w(lx + 0.03, -0.05), self._w(lx + 0.05, 0.36), self._w(lx, 0.38)])
+        band = np.int32([self._w(lx - 0.03, -0.05), self._w(lx + 0.03, -0.05), self._w(lx + 0.07, 0.47), self._w(lx, 0.49)])
         cv2.fillPoly(lab, [band], Anatomy.LIVER_LIGAMENT)
-        if L["hepatic_vein"]:
-            vx, vy = L["vein_at"]
-            cv2.line(lab, np.int32(self._w(vx, vy)), np.int32(self._w(vx + 0.12, vy + 0.08)), Anatomy.HEPATIC_VEIN, int(0.02 * s))
-
         fundus, neck = np.array(L["gb_fundus"]), np.array(L["gb_neck"])
         gb_present = phase <= P["GallbladderDissection"] or (phase == P["GallbladderPackaging"] and p < 0.6 and not seen_packaging)
         lift = 0.0
@@ -234,6 +232,11 @@ class SurgeryRenderer:
         if lift > 0:
             _ellipse(None, lab, self._w(*bed_c), (length * (0.2 + 0.8 * min(1, lift * 1.3)), L["gb_width"] * H * 1.1), angle,
                      None, Anatomy.CONNECTIVE_TISSUE if lift < 1 else Anatomy.LIVER)
+        if L["hepatic_vein"] and lift > 0.5:
+            # a branch of the middle hepatic vein shows through the cleared gallbladder bed
+            a = bed_c + L["vein_offset"] - (0.1, 0.02)
+            b = bed_c + L["vein_offset"] + (0.1, 0.03)
+            cv2.line(lab, np.int32(self._w(*a)), np.int32(self._w(*b)), Anatomy.HEPATIC_VEIN, int(0.03 * s))
         if gb_present:
             shift = np.array((0.05, 0.16)) * lift
             if phase == P["GallbladderPackaging"]:

@@ -13,16 +13,16 @@ TISSUE_LOOKS: dict[int, tuple[tuple[int, int, int], float, bool]] = {
     Anatomy.BACKGROUND: ((0, 0, 0), 0.0, False),
     Anatomy.ABDOMINAL_WALL: ((110, 120, 195), 0.22, True),
     Anatomy.LIVER: ((45, 50, 140), 0.25, False),
-    Anatomy.GI_TRACT: ((125, 140, 205), 0.20, True),
+    Anatomy.GI_TRACT: ((155, 115, 170), 0.25, True),
     Anatomy.FAT: ((95, 170, 215), 0.22, False),
     Anatomy.GRASPER: ((60, 60, 60), 0.1, False),
-    Anatomy.CONNECTIVE_TISSUE: ((150, 155, 215), 0.25, True),
+    Anatomy.CONNECTIVE_TISSUE: ((195, 200, 230), 0.30, True),
     Anatomy.BLOOD: ((20, 15, 120), 0.25, False),
-    Anatomy.CYSTIC_DUCT: ((140, 180, 215), 0.15, False),
+    Anatomy.CYSTIC_DUCT: ((185, 215, 225), 0.10, False),
     Anatomy.L_HOOK: ((200, 200, 205), 0.1, False),
     Anatomy.GALLBLADDER: ((195, 190, 220), 0.18, True),
-    Anatomy.HEPATIC_VEIN: ((105, 45, 70), 0.15, False),
-    Anatomy.LIVER_LIGAMENT: ((165, 170, 215), 0.15, True),
+    Anatomy.HEPATIC_VEIN: ((120, 40, 60), 0.15, False),
+    Anatomy.LIVER_LIGAMENT: ((200, 215, 235), 0.12, True),
 }
 
 

@@ -170,5 +170,5 @@ def test_phase_file_reader_names_bad_lines(tmp_path):
     with pytest.raises(InputError, match=r"x-phase.txt:3: expected"):
         read_phase_file(p)
     p.write_text("hello\n")
-    with pytest.raises(InputError, match="not a Cholec80 phase file"):
+    with pytest.raises(InputError, match="not a phase label file"):
         read_phase_file(p)

@@ -72,7 +72,7 @@ def train_anatomy(torch, videos, steps: int, seed: int = 0):
     X = np.concatenate([v.anatomy_x for v in videos])
     Y = np.concatenate([v.anatomy_y for v in videos])
     counts = np.bincount(Y.ravel(), minlength=len(ANATOMY_CLASSES)).astype(np.float64)
-    weight = torch.tensor(np.clip((counts.sum() / np.maximum(counts, 1) / len(counts)) ** 0.5, 0.3, 6.0), dtype=torch.float32)
+    weight = torch.tensor(np.clip((counts.sum() / np.maximum(counts, 1) / len(counts)) ** 0.5, 0.3, 10.0), dtype=torch.float32)
     net = AnatomyNet()
     opt = torch.optim.AdamW(net.parameters(), lr=4e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.15)
@@ -277,7 +277,7 @@ def measure_held_out() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["all", "anatomy", "phase", "visibility", "measure"])
-    ap.add_argument("--anatomy-steps", type=int, default=1500)
+    ap.add_argument("--anatomy-steps", type=int, default=3000)
     ap.add_argument("--phase-steps", type=int, default=600)
     ap.add_argument("--phase-epochs", type=int, default=150)
     ap.add_argument("--visibility-steps", type=int, default=500)

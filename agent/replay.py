@@ -1,0 +1,313 @@
+"""``or-agent replay``: run the pipeline over recorded surgeries and write what a team reviews.
+
+Per video, in ``OUT/<video name>/``:
+
+- ``annotated.mp4``   the video with the overlays burned in (out-of-body frames dimmed and paused);
+  ``annotated.avi`` (Motion-JPEG) for sizes MPEG-4 cannot keep exactly, such as 721x479
+- ``timeline.csv`` / ``timeline.json``  one row per phase step: phase, probabilities, visibility,
+  anatomy areas (and the true phase when labels are known)
+- ``phase_ribbon.png``  recognised phases over time, above the ground truth when labels are known
+- ``report.html`` / ``summary.json``  the figures: phase accuracy, per-phase precision, recall, F1
+  and Jaccard (strict and with the +-10 s relaxed boundary), per-class IoU and Dice with masks,
+  throughput and latency, source events
+
+Labels are found next to each video when not given: ``<name>-phase.txt`` (Cholec80) or
+``<name>-phase.csv``, and masks in ``masks/<name>/frameNNNNNN.png``. Every file is written under a
+temporary name and renamed when complete. One video failing is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from agent.progress import Progress
+from agent.report import phase_ribbon, write_html_report, write_png
+from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from pipelines.errors import InputError, OrAgentError
+from pipelines.files import atomic_write_text, part_path
+from pipelines.manifest import ModelManifest, find_model
+from pipelines.messages import FrameResult, SourceEvent
+from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, relax_boundaries
+from pipelines.overlay import OverlayRenderer
+from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.sinks import QueuedSubscriber
+from pipelines.sources import VideoFileSource
+from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from synth.dataset import read_phase_file
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
+RELAXED_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class ReplayInputs:
+    video: Path
+    labels: Path | None
+    masks: Path | None
+
+
+def expand_inputs(paths: Sequence[str], labels: str | None, masks: str | None) -> list[ReplayInputs]:
+    """Videos named directly or found in directories, each with its labels and masks."""
+    videos: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and ".part" not in q.name)
+            if not found:
+                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)})")
+            videos += found
+        else:
+            videos.append(p)  # a missing or bad file is reported when its turn comes
+    if labels and len(videos) > 1:
+        raise InputError("--labels names one phase file, so give exactly one video (or put <name>-phase.txt next to each)")
+    out = []
+    for v in videos:
+        lab = Path(labels) if labels else next((c for c in (v.with_name(f"{v.stem}-phase.txt"), v.with_name(f"{v.stem}-phase.csv"))
+                                                if c.is_file()), None)
+        if masks:
+            m = Path(masks)
+            m = m / v.stem if (m / v.stem).is_dir() else m
+        else:
+            m = v.parent / "masks" / v.stem
+            m = m if m.is_dir() else None
+        out.append(ReplayInputs(v, lab, m))
+    return out
+
+
+class ReplayModels:
+    """The three stages, loaded once and reused for every video."""
+
+    def __init__(self, models_dir=None, threads: int = 1):
+        self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir) for t in ("segmentation", "phase", "visibility")}
+        self.anatomy = AnatomyStage(OnnxRuntimeBackend(self.manifests["segmentation"], threads=threads))
+        self.phase = PhaseStage(OnnxRuntimeBackend(self.manifests["phase"], threads=threads))
+        self.visibility = VisibilityStage(OnnxRuntimeBackend(self.manifests["visibility"], threads=threads))
+
+    def close(self) -> None:
+        for s in (self.anatomy, self.phase, self.visibility):
+            s.backend.close()
+
+
+class _Collector:
+    """Everything replay keeps per frame: small numbers only, so memory stays flat."""
+
+    def __init__(self, n_classes: int, masks: Path | None):
+        self.phase: list[int] = []
+        self.seq: list[int] = []
+        self.oob: list[bool] = []
+        self.rows: list[dict] = []
+        self.masks = masks
+        self.conf = np.zeros((n_classes, n_classes), np.int64)
+        self.mask_frames = 0
+        self.events: list[SourceEvent] = []
+
+    def on_result(self, r: FrameResult) -> None:
+        self.seq.append(r.seq)
+        self.phase.append(-1 if r.phase is None else r.phase.phase)
+        self.oob.append(r.out_of_body)
+        if r.phase_fresh or (r.out_of_body and r.seq % 5 == 0):
+            row = {"frame": r.seq, "time_s": round(r.media_ms / 1000.0, 3),
+                   "phase": r.phase.name if r.phase else "", "phase_id": r.phase.phase if r.phase else -1,
+                   "confidence": round(r.phase.confidence, 4) if r.phase else 0.0,
+                   "time_in_phase_s": round(r.phase.time_in_phase_s, 2) if r.phase else 0.0,
+                   "out_of_body": int(r.out_of_body),
+                   "low_visibility": int(bool(r.visibility and r.visibility.low_visibility)),
+                   "p_out_of_body": round(r.visibility.p_out_of_body, 4) if r.visibility else 0.0,
+                   "p_low_visibility": round(r.visibility.p_low_visibility, 4) if r.visibility else 0.0,
+                   "probabilities": [round(p, 4) for p in r.phase.probabilities] if r.phase and r.phase_fresh else [],
+                   "anatomy_area": [round(a, 5) for a in r.anatomy.area_fraction] if r.anatomy else []}
+            self.rows.append(row)
+        if self.masks is not None:
+            path = self.masks / f"frame{r.seq:06d}.png"
+            if path.is_file():
+                truth = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+                if truth is not None and truth.shape[:2] == (r.frame_size[1], r.frame_size[0]):
+                    pred = np.zeros(truth.shape[:2], np.uint8)
+                    if r.anatomy is not None:
+                        from pipelines.preprocess import paste_back
+                        pred = paste_back(r.anatomy.class_map, r.anatomy.area, r.frame_size[0], r.frame_size[1])
+                    self.conf += confusion(np.minimum(truth, self.conf.shape[0] - 1), pred, self.conf.shape[0])
+                    self.mask_frames += 1
+
+
+class AnnotatedVideo:
+    """The overlaid video, written under a temporary name and renamed when complete.
+
+    MPEG-4 where the size allows; FFmpeg's writers round odd sizes down and refuse tiny ones, so
+    those go to Motion-JPEG in AVI through OpenCV's own writer, which keeps every pixel.
+    """
+
+    def __init__(self, stem: Path, fps: float):
+        self.stem, self.fps = stem, fps
+        self.path: Path | None = None
+        self._tmp: Path | None = None
+        self._writer = None
+        self.frames = 0
+
+    def write(self, img: np.ndarray) -> None:
+        if self._writer is None:
+            h, w = img.shape[:2]
+            if w % 2 == 0 and h % 2 == 0 and min(w, h) >= 16:
+                self.path, args = self.stem.with_suffix(".mp4"), (cv2.VideoWriter_fourcc(*"mp4v"),)
+            else:
+                self.path, args = self.stem.with_suffix(".avi"), (cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"))
+            self._tmp = part_path(self.path)
+            self._writer = cv2.VideoWriter(str(self._tmp), *args, self.fps, (w, h))
+            if not self._writer.isOpened():
+                raise InputError(f"{self.path}: cannot write the annotated video there")
+        self._writer.write(img)
+        self.frames += 1
+
+    def close(self, commit: bool) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            if commit:
+                os.replace(self._tmp, self.path)
+            elif self._tmp.exists():
+                self._tmp.unlink()
+            self._writer = None
+
+
+def _timeline_csv(rows: list[dict], phase_names: Sequence[str], class_names: Sequence[str], truth: np.ndarray | None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["frame", "time_s", "phase", "phase_id", "confidence", "time_in_phase_s", "out_of_body", "low_visibility",
+              "p_out_of_body", "p_low_visibility"]
+    header += [f"p_{n}" for n in phase_names] + [f"area_{n}" for n in class_names]
+    if truth is not None:
+        header.append("true_phase")
+    w.writerow(header)
+    for r in rows:
+        probs = r["probabilities"] or [""] * len(phase_names)
+        areas = r["anatomy_area"] or [""] * len(class_names)
+        line = [r[k] for k in header[:10]] + list(probs) + list(areas)
+        if truth is not None:
+            line.append(phase_names[truth[r["frame"]]] if r["frame"] < len(truth) else "")
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: bool, anatomy_every: int,
+               progress_label: str) -> dict:
+    video = item.video
+    truth = read_phase_file(item.labels) if item.labels else None
+    source = VideoFileSource(video, paced=paced)
+    source.start()  # opens and checks the file now, so a bad one fails before anything is written
+    out_dir = out_root / video.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = source.nominal_fps or 25.0
+    total = source.frame_count or 0
+    pipeline = Pipeline(source, models.anatomy, models.phase, models.visibility,
+                        PipelineConfig(phase_rate_hz=models.manifests["phase"].extra.get("step_rate_hz", 5.0),
+                                       anatomy_every=anatomy_every))
+    overlay = OverlayRenderer(models.manifests["segmentation"].labels)
+    collector = _Collector(len(models.manifests["segmentation"].labels), item.masks)
+    bar = Progress(progress_label, total or 1)
+    recording = AnnotatedVideo(out_dir / "annotated", fps)
+
+    def record(r: FrameResult) -> None:
+        recording.write(overlay.draw(r.image, r))
+        bar.update(r.seq + 1)
+
+    recorder = QueuedSubscriber(record, maxsize=4, name="recorder").start()
+    pipeline.subscribe(collector.on_result)
+    pipeline.subscribe(recorder)
+    pipeline.subscribe_events(collector.events.append)
+    ok = False
+    try:
+        pipeline.run()
+        recorder.stop()
+        ok = True
+    finally:
+        if not ok:
+            try:
+                recorder.stop()
+            except Exception:  # noqa: BLE001 - the pipeline's own failure is the one to report
+                pass
+        recording.close(commit=ok)
+        bar.close()
+    if not recording.frames:
+        raise InputError(f"{video}: no frame could be decoded")
+    stats = pipeline.stats()
+    errors = [e for e in collector.events if e.kind == "error"]
+    pred = np.array(collector.phase, np.int64)
+    seq = np.array(collector.seq, np.int64)
+    summary = {
+        "video": str(video), "frames": int(len(seq)), "fps": fps, "duration_s": float(len(seq) / fps),
+        "fps_processed": round(stats["fps_out"], 2), "frames_dropped": stats["frames_dropped_source"],
+        "latency_ms": stats["latency_ms"]["end_to_end"], "stage_latency_ms": stats["latency_ms"],
+        "out_of_body_frames": int(np.sum(collector.oob)),
+        "models": {k: {"name": m.name, "version": m.version, "sha256": m.sha256} for k, m in models.manifests.items()},
+        "events": [{"kind": e.kind, "message": e.message, "seq": e.seq} for e in collector.events],
+        "complete": not errors,
+    }
+    names = tuple(lab.name for lab in models.manifests["phase"].labels)
+    if truth is not None:
+        keep = seq < len(truth)
+        t, p = truth[seq[keep]], pred[keep]
+        window = int(round(RELAXED_WINDOW_S * fps))
+        summary["phase_metrics"] = {
+            "labels": str(item.labels), "relaxed_window_s": RELAXED_WINDOW_S,
+            "strict": phase_scores(t, p, names), "relaxed": phase_scores(t, relax_boundaries(t, p, window), names)}
+    if collector.mask_frames:
+        class_names = [lab.name for lab in models.manifests["segmentation"].labels]
+        iou, dice = per_class_iou(collector.conf), per_class_dice(collector.conf)
+        present = collector.conf.sum(1) > 0
+        summary["anatomy_metrics"] = {
+            "masks": str(item.masks), "frames": collector.mask_frames, "miou": round(mean_iou_present(collector.conf), 4),
+            "per_class": {class_names[c]: {"iou": round(float(iou[c]), 4), "dice": round(float(dice[c]), 4)}
+                          for c in np.flatnonzero(present)}}
+    truth_aligned = truth[:len(pred)] if truth is not None else None
+    colours = [tuple(lab.color) for lab in models.manifests["phase"].labels]
+    write_png(out_dir / "phase_ribbon.png", phase_ribbon(pred, truth_aligned, names, colours, fps))
+    class_names = [lab.name for lab in models.manifests["segmentation"].labels]
+    atomic_write_text(out_dir / "timeline.csv", _timeline_csv(collector.rows, names, class_names, truth))
+    atomic_write_text(out_dir / "timeline.json", json.dumps({"video": str(video), "fps": fps, "phases": names,
+                                                             "classes": class_names, "rows": collector.rows}) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_html_report(out_dir / "report.html", summary, "phase_ribbon.png", video.name)
+    return summary
+
+
+def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks: str | None = None,
+               paced: bool = False, anatomy_every: int = 1, models_dir=None) -> int:
+    out_root = Path(out)
+    if out_root.exists() and not out_root.is_dir():
+        raise InputError(f"{out_root}: exists and is not a directory")
+    items = expand_inputs(paths, labels, masks)
+    models = ReplayModels(models_dir)
+    failed = 0
+    try:
+        for i, item in enumerate(items, start=1):
+            label = f"[{i}/{len(items)}] {item.video.name}"
+            try:
+                s = replay_one(item, out_root, models, paced, anatomy_every, label)
+            except OrAgentError as exc:
+                failed += 1
+                print(f"FAILED {item.video}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - one video's failure must not stop the others
+                failed += 1
+                print(f"FAILED {item.video}: internal error: {type(exc).__name__}: {exc}")
+                continue
+            parts = [f"{s['frames']} frames at {s['fps_processed']:.0f} fps"]
+            if "phase_metrics" in s:
+                parts.append(f"phase accuracy {100 * s['phase_metrics']['strict']['accuracy']:.1f} % "
+                             f"(relaxed {100 * s['phase_metrics']['relaxed']['accuracy']:.1f} %)")
+            if "anatomy_metrics" in s:
+                parts.append(f"anatomy mIoU {s['anatomy_metrics']['miou']:.3f}")
+            if not s["complete"]:
+                parts.append("INCOMPLETE: " + "; ".join(e["message"] for e in s["events"] if e["kind"] == "error"))
+            print(f"ok     {item.video} -> {out_root / item.video.stem}/report.html: " + ", ".join(parts))
+    finally:
+        models.close()
+    print(f"{len(items) - failed} of {len(items)} videos replayed" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0

@@ -1,0 +1,97 @@
+"""What a clinical team reviews after a replay: the phase ribbon picture and the HTML summary."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from pipelines.files import atomic_path, atomic_write_text
+from pipelines.overlay import format_duration
+
+
+def phase_ribbon(pred: np.ndarray, truth: np.ndarray | None, names: Sequence[str],
+                 colours_rgb: Sequence[tuple[int, int, int]], fps: float, width: int = 1200) -> np.ndarray:
+    """Prediction (and ground truth below it) as coloured bands over time, with a legend."""
+    n = len(pred)
+    rows = [("AI", pred)] + ([("truth", truth[:n])] if truth is not None else [])
+    band_h, left, legend_h = 36, 70, 28 + 22 * ((len(names) + 2) // 3)
+    img = np.full((20 + len(rows) * (band_h + 10) + 30 + legend_h, left + width + 20, 3), 255, np.uint8)
+    lut = np.array([c[::-1] for c in colours_rgb] + [(200, 200, 200)], np.uint8)  # last: unknown
+    cols = np.minimum((np.arange(width) * n / width).astype(int), max(0, n - 1))
+    for r, (label, seq) in enumerate(rows):
+        y = 20 + r * (band_h + 10)
+        s = np.where((seq >= 0) & (seq < len(names)), seq, len(names))
+        img[y:y + band_h, left:left + width] = lut[s[cols]][None, :, :]
+        cv2.putText(img, label, (8, y + band_h - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    y_axis = 20 + len(rows) * (band_h + 10) + 12
+    duration = n / fps
+    for k in range(6):
+        x = left + int(k * (width - 1) / 5)
+        cv2.line(img, (x, y_axis - 8), (x, y_axis - 2), (0, 0, 0), 1)
+        cv2.putText(img, format_duration(duration * k / 5), (x - 18, y_axis + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    y0 = y_axis + 30
+    for i, name in enumerate(names):
+        x = left + (i % 3) * (width // 3)
+        y = y0 + (i // 3) * 22
+        cv2.rectangle(img, (x, y - 12), (x + 16, y + 2), tuple(int(v) for v in lut[i]), -1)
+        cv2.putText(img, name, (x + 22, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def write_png(path: Path, img: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), img):
+            raise OSError(f"cannot write {path}")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f} %"
+
+
+def write_html_report(path: Path, summary: dict, ribbon_name: str, video_name: str) -> None:
+    """One self-explaining page: the figures, the ribbon, what went wrong."""
+    s = summary
+    parts = [f"<h1>Replay of {html.escape(video_name)}</h1>",
+             "<p class='warn'>Reference models trained on synthetic data: not for clinical use.</p>",
+             _table(["frames", "duration", "processed at", "capture&rarr;publish p50 / p99", "dropped"],
+                    [[s["frames"], format_duration(s["duration_s"]), f"{s['fps_processed']:.1f} fps",
+                      f"{s['latency_ms']['p50_ms']:.1f} / {s['latency_ms']['p99_ms']:.1f} ms", s["frames_dropped"]]]),
+             f"<h2>Phase timeline</h2><img src='{html.escape(ribbon_name)}' alt='phase ribbon'>"]
+    ph = s.get("phase_metrics")
+    if ph:
+        parts.append(f"<p>Frame accuracy {_pct(ph['strict']['accuracy'])}; with the &plusmn;{ph['relaxed_window_s']:g} s "
+                     f"relaxed boundary {_pct(ph['relaxed']['accuracy'])}.</p>")
+        rows = []
+        for name, m in ph["strict"]["per_phase"].items():
+            r = ph["relaxed"]["per_phase"].get(name, {})
+            rows.append([name, m["frames"], _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), _pct(m["jaccard"]),
+                         _pct(r.get("precision")), _pct(r.get("recall")), _pct(r.get("f1")), _pct(r.get("jaccard"))])
+        parts.append(_table(["phase", "frames", "precision", "recall", "F1", "Jaccard",
+                             "precision (relaxed)", "recall (relaxed)", "F1 (relaxed)", "Jaccard (relaxed)"], rows))
+    else:
+        parts.append("<p>No phase labels given: no phase accuracy.</p>")
+    an = s.get("anatomy_metrics")
+    if an:
+        parts.append(f"<h2>Anatomy</h2><p>Mean IoU over the classes present: {_pct(an['miou'])} "
+                     f"({an['frames']} annotated frames).</p>")
+        parts.append(_table(["class", "IoU", "Dice"], [[k, _pct(v["iou"]), _pct(v["dice"])] for k, v in an["per_class"].items()]))
+    if s.get("events"):
+        parts.append("<h2>Source events</h2>" + _table(["kind", "message"], [[e["kind"], e["message"]] for e in s["events"]]))
+    parts.append("<h2>All figures</h2><pre>" + html.escape(json.dumps(s, indent=1)) + "</pre>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right} th{background:#eee}"
+             "td:first-child{text-align:left} img{max-width:100%} .warn{color:#a00}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Replay {html.escape(video_name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    atomic_write_text(path, page)

@@ -1,0 +1,35 @@
+"""Atomic file output: a file either appears complete under its name, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def part_path(path: Path) -> Path:
+    """The temporary name a file is written under; keeps the suffix so writers pick the format."""
+    return path.with_name(f"{path.stem}.part{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary path to write; renamed onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    tmp = part_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

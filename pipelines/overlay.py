@@ -1,0 +1,145 @@
+"""Drawing what the agent concluded onto the frame: shared by replay and the OR display.
+
+Anatomy is drawn as translucent masks in the manifest's colours, each labelled at its
+centre; the phase as a banner with its confidence and time in phase; alerts as banners
+coloured by severity. When there is nothing current to show (camera out of the body, results
+stale, AI unavailable) the frame is dimmed and says so in large letters, so a surgeon can never
+mistake an old overlay for a live one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from pipelines.manifest import Label
+from pipelines.messages import FrameResult
+from pipelines.stages import AnatomyEstimate
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+SEVERITY_COLOURS = {"info": (160, 110, 30), "warning": (0, 150, 230), "critical": (20, 20, 210)}  # BGR
+
+
+@dataclass(frozen=True)
+class AlertBanner:
+    severity: str  # info, warning, critical
+    message: str
+
+    def __post_init__(self):
+        if self.severity not in SEVERITY_COLOURS:
+            raise ValueError(f"unknown severity {self.severity!r}")
+
+
+def _text(img, text, org, scale, colour=(255, 255, 255), thickness=1, background=None, pad=4):
+    (tw, th), base = cv2.getTextSize(text, FONT, scale, thickness)
+    x, y = int(org[0]), int(org[1])
+    if background is not None:
+        cv2.rectangle(img, (x - pad, y - th - pad), (x + tw + pad, y + base + pad), background, -1)
+    cv2.putText(img, text, (x, y), FONT, scale, colour, thickness, cv2.LINE_AA)
+    return tw, th + base
+
+
+def format_duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s // 60:02d}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class OverlayRenderer:
+    def __init__(self, anatomy_labels: Sequence[Label], alpha: float = 0.4, min_label_fraction: float = 0.004,
+                 hidden_classes: Sequence[int] = (0,)):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.min_label_fraction = min_label_fraction
+        self.names = [lab.name for lab in anatomy_labels]
+        lut = np.zeros((256, 3), np.uint8)
+        for lab in anatomy_labels:
+            lut[lab.id] = lab.color[::-1]  # manifests give RGB
+        self.lut = lut
+        self.hidden = np.zeros(256, bool)
+        self.hidden[list(hidden_classes)] = True
+
+    def draw(self, image: np.ndarray, result: FrameResult | None, alerts: Sequence[AlertBanner] = (),
+             paused_reason: str | None = None) -> np.ndarray:
+        """A copy of ``image`` with the overlay. ``paused_reason`` (e.g. "results stale") forces
+        the paused state; out-of-body results and a missing result pause it on their own."""
+        out = image.copy()
+        if paused_reason is None:
+            if result is None:
+                paused_reason = "no AI result"
+            elif result.out_of_body:
+                paused_reason = "camera out of body"
+        if paused_reason is not None:
+            self._paused(out, paused_reason)
+        else:
+            if result.anatomy is not None:
+                self._anatomy(out, result.anatomy)
+            if result.phase is not None:
+                self._phase_banner(out, result)
+            if result.visibility is not None and result.visibility.low_visibility:
+                h = out.shape[0]
+                _text(out, "LOW VISIBILITY", (10, h - 12 - 34 * len(alerts)), h / 900, (0, 220, 255), 2, (0, 0, 0))
+        self._alerts(out, alerts)
+        return out
+
+    def _anatomy(self, out: np.ndarray, est: AnatomyEstimate) -> None:
+        area = est.area
+        w, h = area.crop_size
+        cmap = cv2.resize(est.class_map, (w, h), interpolation=cv2.INTER_NEAREST)
+        roi = out[area.y0:area.y1, area.x0:area.x1]
+        show = ~self.hidden[cmap]
+        colour = self.lut[cmap]
+        blended = cv2.addWeighted(roi, 1.0 - self.alpha, colour, self.alpha, 0.0)
+        roi[show] = blended[show]
+        # Outline each region so boundaries stay readable where colours are close.
+        edges = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+        roi[edges & show] = colour[edges & show]
+        scale_x, scale_y = w / est.class_map.shape[1], h / est.class_map.shape[0]
+        ys, xs = np.indices(est.class_map.shape)
+        flat = est.class_map.ravel()
+        counts = np.bincount(flat, minlength=len(self.names))
+        cx = np.bincount(flat, xs.ravel(), minlength=len(self.names))
+        cy = np.bincount(flat, ys.ravel(), minlength=len(self.names))
+        fs = max(0.35, out.shape[0] / 1400)
+        for c in np.flatnonzero(counts > self.min_label_fraction * flat.size):
+            if c >= len(self.names) or self.hidden[c]:
+                continue
+            x = area.x0 + cx[c] / counts[c] * scale_x
+            y = area.y0 + cy[c] / counts[c] * scale_y
+            _text(out, self.names[c], (x - 30, y), fs, (255, 255, 255), 1, (40, 40, 40), pad=2)
+
+    def _phase_banner(self, out: np.ndarray, result: FrameResult) -> None:
+        p = result.phase
+        h = out.shape[0]
+        fs = max(0.45, h / 1000)
+        text = f"{p.name}  {100 * p.confidence:.0f}%  {format_duration(p.time_in_phase_s)}"
+        _text(out, text, (12, 12 + 26 * fs * 1.2), fs, (255, 255, 255), max(1, int(fs * 2)), (60, 40, 0))
+
+    def _alerts(self, out: np.ndarray, alerts: Sequence[AlertBanner]) -> None:
+        h, w = out.shape[:2]
+        fs = max(0.45, h / 1000)
+        row = int(34 * fs * 1.3)
+        for i, alert in enumerate(alerts):
+            y = h - 10 - i * row
+            cv2.rectangle(out, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[alert.severity], -1)
+            cv2.putText(out, f"{alert.severity.upper()}: {alert.message}", (10, y - 6), FONT, fs, (255, 255, 255),
+                        max(1, int(fs * 2)), cv2.LINE_AA)
+
+    def _paused(self, out: np.ndarray, reason: str) -> None:
+        h, w = out.shape[:2]
+        out[:] = (out.astype(np.uint16) * 2 // 5).astype(np.uint8)  # dim: nothing on screen is current
+        stripe = min(max(6, h // 60), max(1, h // 4))
+        for y0, y1 in ((0, stripe), (h - stripe, h)):
+            band = out[y0:y1]
+            xs = np.arange(w)[None, :] + np.arange(band.shape[0])[:, None]
+            band[(xs // (2 * stripe)) % 2 == 0] = (0, 210, 255)
+            band[(xs // (2 * stripe)) % 2 == 1] = (0, 0, 0)
+        fs = max(0.8, h / 300)
+        (tw, th), _ = cv2.getTextSize("AI PAUSED", FONT, fs, max(2, int(fs * 2)))
+        _text(out, "AI PAUSED", ((w - tw) / 2, h / 2), fs, (0, 210, 255), max(2, int(fs * 2)), (0, 0, 0), pad=10)
+        fs2 = fs / 2.5
+        (tw2, _), _ = cv2.getTextSize(reason, FONT, fs2, 1)
+        _text(out, reason, ((w - tw2) / 2, h / 2 + th + 20), fs2, (255, 255, 255), max(1, int(fs2 * 2)), (0, 0, 0))

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from pipelines.metrics import (confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores,
+                               relax_boundaries, recall)
+
+
+def test_iou_and_dice_on_known_masks():
+    t = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    p = np.array([[0, 1, 1, 1], [0, 0, 1, 2]])
+    conf = confusion(t, p, 3)
+    iou = per_class_iou(conf)
+    assert iou[0] == pytest.approx(3 / 4) and iou[1] == pytest.approx(3 / 5) and iou[2] == 0.0
+    assert per_class_dice(conf)[1] == pytest.approx(2 * 3 / (4 + 4))
+    assert mean_iou_present(conf) == pytest.approx((3 / 4 + 3 / 5) / 2)  # class 2 is absent from the truth
+
+
+def test_phase_scores_per_phase():
+    names = ("A", "B", "C")
+    t = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    p = np.array([0, 0, 1, 1, 1, 1, 2, 0])
+    s = phase_scores(t, p, names)
+    assert s["accuracy"] == pytest.approx(6 / 8)
+    assert s["per_phase"]["B"] == {"precision": 0.75, "recall": 1.0, "f1": pytest.approx(0.8571, abs=1e-4),
+                                   "jaccard": 0.75, "frames": 3}
+
+
+def test_relaxed_boundary_forgives_only_neighbouring_phases_near_a_change():
+    t = np.array([0] * 10 + [1] * 10)
+    p = t.copy()
+    p[8:10] = 1  # early switch, within the window: forgiven
+    p[12] = 2  # a third phase near the boundary: not forgiven
+    p[19] = 0  # far from the boundary (window 3): not forgiven
+    r = relax_boundaries(t, p, window=3)
+    assert list(r[8:10]) == [0, 0] and r[12] == 2 and r[19] == 0
+
+
+def test_recall():
+    assert recall([1, 1, 0, 1], [1, 0, 0, 1]) == pytest.approx(2 / 3)

@@ -1,0 +1,52 @@
+import numpy as np
+
+from pipelines.manifest import find_model
+from pipelines.messages import FrameResult
+from pipelines.overlay import AlertBanner, OverlayRenderer
+from pipelines.preprocess import ContentArea
+from pipelines.stages import AnatomyEstimate, PhaseEstimate, VisibilityEstimate
+from tests.conftest import ROOT
+
+MARKS = {"capture": 0, "preprocess": 1, "inference": 2, "postprocess": 3}
+
+
+def _result(oob=False, anatomy=None):
+    phase = PhaseEstimate(1, "CalotTriangleDissection", 0.9, (0.05, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01), 1, 75.0)
+    return FrameResult(seq=3, media_ms=120.0, frame_size=(320, 240), marks_ns=MARKS,
+                       visibility=VisibilityEstimate(0.9 if oob else 0.01, 0.01), phase=phase, anatomy=anatomy)
+
+
+def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
+    labels = find_model("segmentation", ROOT / "models").labels
+    img = np.full((240, 320, 3), 100, np.uint8)
+    cmap = np.zeros((60, 80), np.uint8)
+    cmap[:, 40:] = 2  # liver on the right half
+    est = AnatomyEstimate(cmap, ContentArea.whole_frame(320, 240), (0.5, 0, 0.5) + (0,) * 10, (1, 0, 1) + (0,) * 10)
+    out = OverlayRenderer(labels, alpha=0.5).draw(img, _result(anatomy=est))
+    liver_bgr = np.array(labels[2].color[::-1])
+    right = out[120:200, 200:300].reshape(-1, 3).mean(0)
+    left = out[120:200, 20:120].reshape(-1, 3).mean(0)
+    assert np.allclose(right, 0.5 * 100 + 0.5 * liver_bgr, atol=3)
+    assert np.allclose(left, 100, atol=1), "background class is not painted"
+    assert (out[5:40, :200] != 100).any(), "phase banner drawn at the top"
+
+
+def test_out_of_body_frame_is_paused_not_overlaid():
+    img = np.full((240, 320, 3), 200, np.uint8)
+    out = OverlayRenderer(find_model("segmentation", ROOT / "models").labels).draw(img, _result(oob=True))
+    assert out[60:180].mean() < 120, "the frame is dimmed"
+    yellow = (out[..., 2] > 200) & (out[..., 1] > 180) & (out[..., 0] < 60)
+    assert yellow.sum() > 200, "AI PAUSED is written in large yellow letters"
+
+
+def test_no_result_and_stale_results_pause_too():
+    r = OverlayRenderer(find_model("segmentation", ROOT / "models").labels)
+    img = np.full((240, 320, 3), 200, np.uint8)
+    assert r.draw(img, None).mean() < 150
+    assert r.draw(img, _result(), paused_reason="results stale").mean() < 150
+
+
+def test_alert_banner_in_severity_colour():
+    r = OverlayRenderer(find_model("segmentation", ROOT / "models").labels)
+    out = r.draw(np.zeros((240, 320, 3), np.uint8), _result(), alerts=[AlertBanner("critical", "bleeding")])
+    assert (np.abs(out[-12].astype(int) - (20, 20, 210)).sum(1) < 10).mean() > 0.5

@@ -1,0 +1,142 @@
+"""The runtime: every frame through every stage, in order, timed, with nothing unbounded."""
+
+import json
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipelines.backends import InferenceBackend
+from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from pipelines.errors import ModelError
+from pipelines.manifest import find_model
+from pipelines.messages import STAGE_MARKS
+from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.sources import VideoFileSource
+from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from synth.dataset import read_phase_file
+from tests.conftest import ROOT
+
+MODELS = ROOT / "models"
+
+
+def stages():
+    return (AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", MODELS))),
+            PhaseStage(OnnxRuntimeBackend(find_model("phase", MODELS))),
+            VisibilityStage(OnnxRuntimeBackend(find_model("visibility", MODELS))))
+
+
+def test_every_frame_in_order_with_stage_timestamps(small_dataset):
+    results = []
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages(), PipelineConfig(anatomy_every=2))
+    p.subscribe(results.append)
+    p.run()
+    meta = json.loads((small_dataset / "video01.json").read_text())
+    assert [r.seq for r in results] == list(range(meta["frames"]))
+    for r in results:
+        ts = [r.marks_ns[m] for m in STAGE_MARKS]
+        assert ts == sorted(ts), "stage boundaries are crossed in order"
+    stats = p.stats()
+    assert stats["frames_out"] == meta["frames"] and stats["frames_dropped_source"] == 0
+    assert stats["latency_ms"]["end_to_end"]["count"] == meta["frames"]
+    assert set(stats["latency_ms"]) == {"capture->preprocess", "preprocess->inference", "inference->postprocess",
+                                        "postprocess->publish", "end_to_end"}
+    # phase steps at 5 Hz of media time, anatomy on every 2nd in-body frame
+    steps = sum(r.phase_fresh for r in results)
+    in_body = sum(not r.out_of_body for r in results)
+    assert abs(steps - in_body / 5) <= 3
+    assert all(r.anatomy is None for r in results if r.out_of_body)
+    assert all(r.anatomy_fresh == (r.seq % 2 == 0) for r in results if not r.out_of_body)
+
+
+def test_pipeline_results_match_ground_truth(small_dataset):
+    results = []
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    p.subscribe(results.append)
+    p.run()
+    truth = read_phase_file(small_dataset / "video01-phase.txt")
+    flags = np.loadtxt(small_dataset / "video01-flags.csv", delimiter=",", skiprows=1, dtype=int)
+    pred = np.array([r.phase.phase if r.phase else -1 for r in results])
+    assert (pred == truth).mean() > 0.8
+    oob = np.array([r.out_of_body for r in results])
+    assert (oob == flags[:, 2].astype(bool)).mean() > 0.97
+
+
+class _Exploding(InferenceBackend):
+    name = "exploding"
+
+    def __init__(self, inner, after):
+        super().__init__(inner.manifest)
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def run(self, inputs):
+        self.calls += 1
+        if self.calls > self.after:
+            raise ModelError("anatomy: inference failed (simulated device loss)")
+        return self.inner.run(inputs)
+
+
+def test_a_failing_stage_stops_the_run_with_its_error_and_no_thread_left(small_dataset):
+    anatomy, phase, vis = stages()
+    anatomy = AnatomyStage(_Exploding(anatomy.backend, after=10))
+    before = threading.active_count()
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), anatomy, phase, vis)
+    t0 = time.monotonic()
+    with pytest.raises(ModelError, match="simulated device loss"):
+        p.run()
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.3)
+    assert threading.active_count() <= before
+
+
+def test_stop_midway_returns_promptly_and_twice(small_dataset):
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    seen = []
+    p.subscribe(seen.append)
+    p.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    p.stop()
+    p.stop()
+    assert time.monotonic() - t0 < 3 and 0 < len(seen)
+
+
+def test_no_unbounded_queue(small_dataset):
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages(), PipelineConfig(queue_size=3))
+    p.start()
+    try:
+        assert p._queues and all(isinstance(q, queue.Queue) and q.maxsize == 3 for q in p._queues)
+    finally:
+        p.stop()
+
+
+def test_slow_subscriber_never_loses_a_frame_from_a_recording(small_dataset):
+    from pipelines.sinks import QueuedSubscriber
+
+    got = []
+
+    def slow(r):
+        time.sleep(0.002)
+        got.append(r.seq)
+
+    sink = QueuedSubscriber(slow, maxsize=2).start()
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    p.subscribe(sink)
+    p.run()
+    sink.stop()
+    assert got == list(range(p.frames_out))
+
+
+def test_live_style_subscriber_drops_oldest_and_counts():
+    from pipelines.sinks import QueuedSubscriber
+
+    release = threading.Event()
+    got = []
+    sink = QueuedSubscriber(lambda x: (release.wait(), got.append(x)), maxsize=2, drop_oldest=True).start()
+    for i in range(10):
+        sink(i)
+    release.set()
+    sink.stop()
+    assert sink.dropped >= 6 and got[-1] == 9 and got == sorted(got)

@@ -1,0 +1,135 @@
+"""``or-agent replay`` end to end: outputs, figures against ground truth, and bad input."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _file(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _write_video(path, w, h, n=10, fps=25, grey=False):
+    # OpenCV's own MJPEG writer keeps odd sizes exactly (FFmpeg's would round them down).
+    # (it cannot write grey frames, so those go through FFmpeg at an even size).
+    if grey:
+        wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h), False)
+    else:
+        wr = cv2.VideoWriter(str(path), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h), True)
+    for i in range(n):
+        img = np.full((h, w) if grey else (h, w, 3), (i * 20) % 255, np.uint8)
+        wr.write(img)
+    wr.release()
+    return path
+
+
+def test_replay_writes_every_output_with_figures(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), "--out", str(out), check=True)
+    d = out / "video01"
+    for name in ("annotated.mp4", "timeline.csv", "timeline.json", "phase_ribbon.png", "report.html", "summary.json"):
+        assert (d / name).is_file() and (d / name).stat().st_size > 0, name
+    assert not list(out.rglob("*.part*"))
+    s = json.loads((d / "summary.json").read_text())
+    meta = json.loads((small_dataset / "video01.json").read_text())
+    assert s["frames"] == meta["frames"] and s["complete"]
+    ph = s["phase_metrics"]  # labels found next to the video (video01-phase.txt)
+    assert ph["strict"]["accuracy"] > 0.8 and ph["relaxed"]["accuracy"] >= ph["strict"]["accuracy"]
+    assert set(ph["strict"]["per_phase"]["CalotTriangleDissection"]) == {"precision", "recall", "f1", "jaccard", "frames"}
+    an = s["anatomy_metrics"]  # masks found in masks/video01/
+    assert an["frames"] == len(list((small_dataset / "masks" / "video01").glob("*.png")))
+    assert an["miou"] > 0.6 and 0 <= an["per_class"]["Liver"]["dice"] <= 1
+    cap = cv2.VideoCapture(str(d / "annotated.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == meta["frames"]
+    cap.release()
+    rows = (d / "timeline.csv").read_text().splitlines()
+    assert rows[0].startswith("frame,time_s,phase,phase_id,confidence") and rows[0].endswith("true_phase")
+    assert len(rows) > meta["frames"] / 5 * 0.8
+    assert "phase accuracy" in proc.stdout and "1 of 1 videos replayed" in proc.stdout
+    html = (d / "report.html").read_text()
+    assert "phase_ribbon.png" in html and "Jaccard (relaxed)" in html and "Mean IoU" in html
+
+
+def test_one_bad_video_is_reported_and_the_rest_continue(small_dataset, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(small_dataset / "video01.mp4", folder / "good.mp4")
+    (folder / "bad.mp4").write_text("this is not a video\n")
+    proc = run_cli("replay", str(folder), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert f"FAILED {folder / 'bad.mp4'}: {folder / 'bad.mp4'}: not a video OpenCV can decode" in proc.stdout
+    assert "ok     " in proc.stdout and "1 of 2 videos replayed, 1 failed" in proc.stdout
+    assert (tmp_path / "out" / "good" / "report.html").is_file()
+    assert not (tmp_path / "out" / "bad").exists()
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing.mp4", "{p}: no such file or directory"),
+    (lambda d: _file(d / "empty.mp4", b""), "{p}: file is empty"),
+    (lambda d: _file(d / "notes.mp4", b"hello, this is text\n"), "{p}: not a video OpenCV can decode"),
+    (lambda d: _file(d / "noise.mp4", bytes(range(256)) * 64), "{p}: not a video OpenCV can decode"),
+])
+def test_bad_files_fail_with_one_line(tmp_path, make, expected):
+    p = make(tmp_path)
+    proc = run_cli("replay", str(p), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert expected.format(p=p) in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_directory_without_videos(tmp_path):
+    (tmp_path / "in").mkdir()
+    proc = run_cli("replay", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"or-agent: error: {tmp_path / 'in'}: directory has no video files")
+
+
+def test_truncated_video_is_replayed_up_to_the_damage_and_flagged(small_dataset, tmp_path):
+    data = (small_dataset / "video01.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    proc = run_cli("replay", str(cut), "--out", str(tmp_path / "out"))
+    out = proc.stdout
+    assert "Traceback" not in out + proc.stderr
+    if proc.returncode == 0:  # decodable head: replayed and marked incomplete
+        s = json.loads((tmp_path / "out" / "cut" / "summary.json").read_text())
+        assert not s["complete"] and any(e["kind"] == "error" for e in s["events"]) and "INCOMPLETE" in out
+    else:  # the index was lost with the tail: refused with a named reason
+        assert f"FAILED {cut}: {cut}:" in out
+
+
+@pytest.mark.parametrize("w, h, grey", [(1, 1, False), (721, 479, False), (320, 240, True), (3840, 2160, False)])
+def test_odd_sizes_are_handled(tmp_path, w, h, grey):
+    v = _write_video(tmp_path / f"v{w}x{h}.avi", w, h, n=4 if w > 2000 else 12, grey=grey)
+    proc = run_cli("replay", str(v), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads((tmp_path / "out" / v.stem / "summary.json").read_text())
+    assert s["frames"] == (4 if w > 2000 else 12)
+    annotated = next((tmp_path / "out" / v.stem).glob("annotated.*"))
+    cap = cv2.VideoCapture(str(annotated))
+    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (w, h)
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == s["frames"]
+
+
+def test_labels_for_many_videos_is_refused(small_dataset, tmp_path):
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), str(small_dataset / "video01.mp4"),
+                   "--labels", str(small_dataset / "video01-phase.txt"), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--labels names one phase file" in proc.stderr
+
+
+@pytest.mark.real_data
+def test_replay_runs_on_the_real_clips(real_data, tmp_path):
+    clip = real_data / "cholec80-video01-clip" / "video01_0000-0249.mp4"
+    if not clip.exists():
+        pytest.skip(f"{clip} absent")
+    proc = run_cli("replay", str(clip), "--labels", str(clip.with_name("video01_0000-0249-phase.csv")),
+                   "--out", str(tmp_path), check=True)
+    s = json.loads((tmp_path / clip.stem / "summary.json").read_text())
+    assert s["frames"] == 250 and s["complete"] and "phase_metrics" in s
+    assert "ok     " in proc.stdout
