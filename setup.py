@@ -21,8 +21,8 @@ setup(
         "numpy>=1.24,<3",
         "opencv-python>=4.8,<6",
         "onnxruntime>=1.17,<2",
-        "grpcio>=1.60,<2",
-        "protobuf>=4.25,<8",
+        "grpcio>=1.85.1,<2",  # the generated stubs check for at least this version
+        "protobuf>=7.35.1,<8",
     ],
     extras_require={
         # CUDA kernels and device buffers on the OR box (needs the CUDA toolkit to build).
@@ -31,7 +31,7 @@ setup(
         "tensorrt": ["tensorrt>=10.0"],
         # Training the reference models: the CPU build of torch 2.13, pinned.
         "train": ["torch==2.13.0", "onnx>=1.15,<2"],
-        "dev": ["pytest>=8,<10", "onnx>=1.15,<2"],
+        "dev": ["pytest>=8,<10", "onnx>=1.15,<2", "grpcio-tools==1.85.1"],  # tools pinned: stubs must regenerate byte for byte
     },
     entry_points={"console_scripts": ["or-agent=agent.cli:main"]},
     classifiers=[

@@ -1,7 +1,8 @@
-"""The quick-start job: a synthetic surgery, the three reference models over it, and what they saw.
+"""The quick-start job: a synthetic surgery, the pipeline and the three reference models over it.
 
-Prints the phase timeline the agent recognised next to the ground truth, the out-of-body
-spans it detected, and the mean area of each anatomy class, predicted and true.
+Prints the phase timeline the agent recognised beside the ground truth, the out-of-body spans it
+detected, and each anatomy class's mean area, predicted and true; the full replay outputs
+(annotated video, timeline, report) are written next to the surgery.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ import cv2
 import numpy as np
 
 from agent.progress import Progress
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from agent.replay import ReplayInputs, ReplayModels, replay_one
 from pipelines.errors import InputError
-from pipelines.manifest import find_model
-from pipelines.metrics import accuracy
-from pipelines.preprocess import ContentAreaTracker, paste_back
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from pipelines.surgery import ANATOMY_NAMES, PHASES
-from synth.dataset import SynthConfig, read_phase_file, write_dataset
+from synth.dataset import SynthConfig, write_dataset
 
-ANATOMY_EVERY = 5  # frames
+MASK_EVERY = 5  # frames with ground-truth masks in the demo surgery
 
 
 def segments(per_frame: np.ndarray) -> list[tuple[int, int, int]]:
@@ -36,14 +33,14 @@ def segments(per_frame: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def _ensure_surgery(out_dir: Path, seed: int, time_scale: float) -> tuple[Path, dict]:
-    cfg = SynthConfig(videos=1, seed=seed, time_scale=time_scale, mask_every=ANATOMY_EVERY)
+def _ensure_surgery(out_dir: Path, seed: int, time_scale: float) -> dict:
+    cfg = SynthConfig(videos=1, seed=seed, time_scale=time_scale, mask_every=MASK_EVERY)
     meta_path = out_dir / "video01.json"
-    if meta_path.exists():
+    if meta_path.exists() and (out_dir / "video01.mp4").exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("seed") == cfg.video_seed(1) and meta.get("time_scale") == time_scale and (out_dir / "video01.mp4").exists():
+        if meta.get("seed") == cfg.video_seed(1) and meta.get("time_scale") == time_scale:
             print(f"reusing the synthetic surgery in {out_dir}")
-            return out_dir / "video01.mp4", meta
+            return meta
     bar: list[Progress] = []
 
     def progress(_v, _n, frame, frames):
@@ -54,77 +51,62 @@ def _ensure_surgery(out_dir: Path, seed: int, time_scale: float) -> tuple[Path, 
     meta = write_dataset(out_dir, cfg, progress)[0]
     if bar:
         bar[0].close()
-    return out_dir / "video01.mp4", meta
+    return meta
+
+
+def _mean_true_areas(mask_dir: Path, in_body: np.ndarray) -> np.ndarray:
+    total = np.zeros(len(ANATOMY_NAMES))
+    n = 0
+    for path in sorted(mask_dir.glob("frame*.png")):
+        f = int(path.stem[5:])
+        if f < len(in_body) and in_body[f]:
+            m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            total += np.bincount(m.ravel(), minlength=len(ANATOMY_NAMES))[:len(ANATOMY_NAMES)] / m.size
+            n += 1
+    return total / max(1, n)
 
 
 def run_demo(out_dir: Path, seed: int, time_scale: float, models_dir=None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
-    models = {task: find_model(task, models_dir) for task in ("segmentation", "phase", "visibility")}
-    video, meta = _ensure_surgery(out_dir, seed, time_scale)
-    fps = meta["fps"]
-    phase = PhaseStage(OnnxRuntimeBackend(models["phase"], threads=1))
-    anatomy = AnatomyStage(OnnxRuntimeBackend(models["segmentation"], threads=1))
-    vis = VisibilityStage(OnnxRuntimeBackend(models["visibility"], threads=1))
-    stride = max(1, int(round(fps / models["phase"].extra.get("step_rate_hz", 5.0))))
-    cap = cv2.VideoCapture(str(video))
-    tracker = ContentAreaTracker()
-    frames = int(meta["frames"])
-    bar = Progress("running phase, anatomy and visibility models", frames)
-    pred_phase, pred_oob = [], []
-    areas_pred = np.zeros(len(ANATOMY_NAMES))
-    areas_true = np.zeros(len(ANATOMY_NAMES))
-    n_area = 0
-    current, oob = 0, False
-    f = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        area = tracker.update(frame)
-        if f % stride == 0:
-            v = vis(frame, area)
-            oob = v.out_of_body
-            current = phase(frame, area, f / fps).phase
-        if f % ANATOMY_EVERY == 0 and not oob:
-            est = anatomy(frame, area)
-            full = paste_back(est.class_map, area, frame.shape[1], frame.shape[0])
-            truth = cv2.imread(str(out_dir / "masks" / "video01" / f"frame{f:06d}.png"), cv2.IMREAD_UNCHANGED)
-            areas_pred += np.bincount(full.ravel(), minlength=len(ANATOMY_NAMES)) / full.size
-            if truth is not None:
-                areas_true += np.bincount(truth.ravel(), minlength=len(ANATOMY_NAMES)) / truth.size
-            n_area += 1
-        pred_phase.append(current)
-        pred_oob.append(oob)
-        f += 1
-        bar.update(f)
-    bar.close()
-    cap.release()
-    if f == 0:
-        raise InputError(f"{video}: no frame could be decoded")
-
-    truth_phase = read_phase_file(out_dir / "video01-phase.txt")[:f]
-    pred = np.array(pred_phase[:len(truth_phase)])
-    print(f"\nPhase timeline of {video} ({f} frames, {f / fps:.0f} s at {fps:g} fps)")
-    print(f"  {'from':>7} {'to':>7}  {'recognised phase':<26}")
+    models = ReplayModels(models_dir)
+    try:
+        meta = _ensure_surgery(out_dir, seed, time_scale)
+        video = out_dir / "video01.mp4"
+        item = ReplayInputs(video, out_dir / "video01-phase.txt", out_dir / "masks" / "video01")
+        result = replay_one(item, out_dir / "replay", models, paced=False, anatomy_every=1,
+                            progress_label="running the pipeline (phase, anatomy, visibility)")
+    finally:
+        models.close()
+    s, fps = result.summary, meta["fps"]
+    pred, truth = result.phase_per_frame, result.truth
+    print(f"\nPhase timeline of {video} ({s['frames']} frames, {s['duration_s']:.0f} s at {fps:g} fps; "
+          f"processed at {s['fps_processed']:.0f} fps, capture->publish p99 {s['latency_ms']['p99_ms']:.0f} ms)")
+    print(f"  {'from':>7} {'to':>7}  recognised phase")
     for p, a, b in segments(pred):
-        print(f"  {a / fps:6.1f}s {b / fps:6.1f}s  {PHASES[p]:<26}")
-    print("  ground truth:")
-    for p, a, b in segments(truth_phase):
-        print(f"  {a / fps:6.1f}s {b / fps:6.1f}s  {PHASES[p]:<26}")
-    print(f"  frame accuracy: {100 * accuracy(truth_phase, pred):.1f} %")
+        print(f"  {a / fps:6.1f}s {b / fps:6.1f}s  {PHASES[p] if p >= 0 else '(starting)'}")
+    print(f"  {'from':>7} {'to':>7}  ground truth")
+    for p, a, b in segments(truth):
+        print(f"  {a / fps:6.1f}s {b / fps:6.1f}s  {PHASES[p]}")
+    ph = s["phase_metrics"]
+    print(f"  frame accuracy {100 * ph['strict']['accuracy']:.1f} % "
+          f"({100 * ph['relaxed']['accuracy']:.1f} % with the +-{ph['relaxed_window_s']:g} s relaxed boundary)")
 
+    spans = [(a, b) for v, a, b in segments(result.out_of_body.astype(np.int64)) if v == 1]
     oob_true = [e for e in meta["events"] if e["kind"] == "out_of_body"]
-    spans = [(a, b) for v_, a, b in segments(np.array(pred_oob, np.int64)) if v_ == 1]
-    print("\nOut of body (no overlay, no alert):")
+    print("\nOut of body (overlay paused, no alert):")
     print("  detected: " + (", ".join(f"{a / fps:.1f}-{b / fps:.1f}s" for a, b in spans) or "none"))
     print("  truth:    " + (", ".join(f"{e['start'] / fps:.1f}-{e['end'] / fps:.1f}s" for e in oob_true) or "none"))
 
-    print(f"\nAnatomy: mean area per class over {n_area} in-body frames (% of frame)")
+    true_area = _mean_true_areas(item.masks, ~result.out_of_body)
+    print("\nAnatomy: mean area per class over the in-body frames (% of the frame)")
     print(f"  {'class':<24} {'predicted':>9} {'truth':>7}")
     for c, name in enumerate(ANATOMY_NAMES):
-        if areas_pred[c] > 0 or areas_true[c] > 0:
-            print(f"  {name:<24} {100 * areas_pred[c] / max(1, n_area):8.2f}% {100 * areas_true[c] / max(1, n_area):6.2f}%")
-    print("\nThese reference models are trained on synthetic data: they show the pipeline working "
+        if result.mean_area[c] > 0 or true_area[c] > 0:
+            print(f"  {name:<24} {100 * result.mean_area[c]:8.2f}% {100 * true_area[c]:6.2f}%")
+    if "anatomy_metrics" in s:
+        print(f"  mean IoU over the classes present: {s['anatomy_metrics']['miou']:.3f}")
+    print(f"\nReplay outputs (annotated video, timeline, report): {out_dir / 'replay' / 'video01'}")
+    print("These reference models are trained on synthetic data: they show the pipeline working "
           "and are not for clinical use.")
     return 0

@@ -108,11 +108,20 @@ class _Collector:
         self.conf = np.zeros((n_classes, n_classes), np.int64)
         self.mask_frames = 0
         self.events: list[SourceEvent] = []
+        self.area_sum = np.zeros(n_classes)
+        self.area_frames = 0
 
     def on_result(self, r: FrameResult) -> None:
         self.seq.append(r.seq)
         self.phase.append(-1 if r.phase is None else r.phase.phase)
         self.oob.append(r.out_of_body)
+        if r.anatomy is not None and r.anatomy_fresh:
+            # fraction of the whole frame: the crop's fractions scaled by the crop's share of the frame
+            cw, ch = r.anatomy.area.crop_size
+            share = (cw * ch) / (r.frame_size[0] * r.frame_size[1])
+            self.area_sum += np.asarray(r.anatomy.area_fraction) * share
+            self.area_sum[0] += 1.0 - share  # outside the crop is the scope's black border
+            self.area_frames += 1
         if r.phase_fresh or (r.out_of_body and r.seq % 5 == 0):
             row = {"frame": r.seq, "time_s": round(r.media_ms / 1000.0, 3),
                    "phase": r.phase.name if r.phase else "", "phase_id": r.phase.phase if r.phase else -1,
@@ -195,8 +204,17 @@ def _timeline_csv(rows: list[dict], phase_names: Sequence[str], class_names: Seq
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class ReplayResult:
+    summary: dict
+    phase_per_frame: np.ndarray  # filtered phase id per frame (-1 before the first step)
+    out_of_body: np.ndarray  # per frame
+    truth: np.ndarray | None  # phase labels, when known
+    mean_area: np.ndarray  # per class, mean fraction of the frame over in-body frames
+
+
 def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: bool, anatomy_every: int,
-               progress_label: str) -> dict:
+               progress_label: str) -> ReplayResult:
     video = item.video
     truth = read_phase_file(item.labels) if item.labels else None
     source = VideoFileSource(video, paced=paced)
@@ -274,7 +292,8 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
                                                              "classes": class_names, "rows": collector.rows}) + "\n")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_html_report(out_dir / "report.html", summary, "phase_ribbon.png", video.name)
-    return summary
+    return ReplayResult(summary, pred, np.array(collector.oob), truth_aligned,
+                        collector.area_sum / max(1, collector.area_frames))
 
 
 def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks: str | None = None,
@@ -289,7 +308,7 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
         for i, item in enumerate(items, start=1):
             label = f"[{i}/{len(items)}] {item.video.name}"
             try:
-                s = replay_one(item, out_root, models, paced, anatomy_every, label)
+                s = replay_one(item, out_root, models, paced, anatomy_every, label).summary
             except OrAgentError as exc:
                 failed += 1
                 print(f"FAILED {item.video}: {exc}")

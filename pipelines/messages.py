@@ -72,6 +72,7 @@ class FrameResult:
     phase_fresh: bool = False  # the phase model stepped on this very frame
     anatomy_fresh: bool = False
     image: np.ndarray | None = field(default=None, repr=False)  # the frame, when the subscriber asked for it
+    polygons: dict[int, list[np.ndarray]] | None = field(default=None, repr=False)  # anatomy outlines, frame pixels
 
     def __post_init__(self):
         missing = [m for m in STAGE_MARKS[:-1] if m not in self.marks_ns]

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.errors import ModelError, OrAgentError
+from pipelines.masks import anatomy_polygons
 from pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
 from pipelines.preprocess import ContentArea, ContentAreaTracker
 from pipelines.stages import AnatomyStage, PhaseEstimate, PhaseStage, VisibilityEstimate, VisibilityStage
@@ -40,6 +41,7 @@ class PipelineConfig:
     queue_size: int = 2
     content_every: int = 25  # re-estimate the endoscope's circle every N frames
     keep_images: bool = True  # attach the frame to each result (drawing, recording, JPEG stream)
+    encode_polygons: bool = False  # outline anatomy as frame-coordinate polygons (for the wire)
 
     def __post_init__(self):
         if self.phase_rate_hz <= 0:
@@ -274,11 +276,13 @@ class Pipeline:
             w.anatomy_fresh = True
         else:
             anatomy = self._last_anatomy
+        polygons = anatomy_polygons(anatomy) if (self.config.encode_polygons and anatomy is not None) else None
         w.marks["postprocess"] = time.monotonic_ns()
         w.result = FrameResult(
             seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,
             visibility=w.visibility, phase=w.phase, anatomy=anatomy, phase_fresh=w.phase_fresh,
-            anatomy_fresh=w.anatomy_fresh, image=w.frame.image if self.config.keep_images else None)
+            anatomy_fresh=w.anatomy_fresh, image=w.frame.image if self.config.keep_images else None,
+            polygons=polygons)
 
     def _publish(self, w: _Work) -> None:
         self._forward_source_events()

@@ -139,12 +139,15 @@ class AnatomyStage(_Stage):
     def post_process(self, logits: np.ndarray, area: ContentArea) -> AnatomyEstimate:
         lg = np.asarray(logits)[0]
         class_map = lg.argmax(0).astype(np.uint8)
-        # Winning probability per pixel = 1 / sum(exp(l - l_max)); cheaper than a full softmax.
-        top = np.take_along_axis(lg, class_map[None].astype(np.int64), 0)[0]
-        p_win = 1.0 / np.exp(lg - top[None]).sum(0)
         counts = np.bincount(class_map.ravel(), minlength=self.classes)
-        sums = np.bincount(class_map.ravel(), weights=p_win.ravel(), minlength=self.classes)
-        conf = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        # Confidence on a 4x4-subsampled grid: the mean winning probability of a region barely
+        # changes, and the exponentials cost 16x less.
+        sub, sub_map = lg[:, ::4, ::4], class_map[::4, ::4]
+        top = np.take_along_axis(sub, sub_map[None].astype(np.int64), 0)[0]
+        p_win = 1.0 / np.exp(sub - top[None]).sum(0)  # = max softmax probability
+        sub_counts = np.bincount(sub_map.ravel(), minlength=self.classes)
+        sums = np.bincount(sub_map.ravel(), weights=p_win.ravel(), minlength=self.classes)
+        conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
         return AnatomyEstimate(class_map, area, tuple((counts / class_map.size).tolist()), tuple(conf.tolist()))
 
     def __call__(self, frame: np.ndarray, area: ContentArea) -> AnatomyEstimate:

@@ -50,3 +50,23 @@ def test_alert_banner_in_severity_colour():
     r = OverlayRenderer(find_model("segmentation", ROOT / "models").labels)
     out = r.draw(np.zeros((240, 320, 3), np.uint8), _result(), alerts=[AlertBanner("critical", "bleeding")])
     assert (np.abs(out[-12].astype(int) - (20, 20, 210)).sum(1) < 10).mean() > 0.5
+
+
+def test_polygons_are_in_frame_coordinates_and_rasterise_back():
+    from pipelines.masks import anatomy_polygons, rasterise
+
+    cmap = np.zeros((64, 112), np.uint8)
+    cmap[10:40, 20:60] = 2
+    cmap[45:60, 70:100] = 8
+    area = ContentArea(cx=400, cy=240, radius=300, x0=120, y0=0, x1=680, y1=480)  # crop 560x480
+    est = AnatomyEstimate(cmap, area, (0.0,) * 13, (0.0,) * 13)
+    polys = anatomy_polygons(est)
+    assert set(polys) == {2, 8}
+    xs, ys = polys[2][0][:, 0], polys[2][0][:, 1]
+    assert 120 + 20 * 5 - 3 <= xs.min() and xs.max() <= 120 + 60 * 5 + 3  # 560/112 = 5 px per model px
+    assert 10 * 7.5 - 4 <= ys.min() and ys.max() <= 40 * 7.5 + 4
+    back = rasterise(polys, 800, 480)
+    truth = np.zeros((480, 800), np.uint8)
+    truth[75:300, 220:420] = 2
+    inter = ((back == 2) & (truth == 2)).sum()
+    assert inter / ((back == 2) | (truth == 2)).sum() > 0.95

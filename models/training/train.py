@@ -63,6 +63,21 @@ def export(torch, net, args, names_in, names_out, path: Path) -> None:
                       opset_version=17, do_constant_folding=True, dynamo=False)
 
 
+def fit(torch, params, steps: int, lr: float, batch_loss, label: str, report_every: int = 50) -> None:
+    """AdamW with a one-cycle schedule; ``batch_loss(step)`` draws a batch and returns its loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    t0 = time.time()
+    for step in range(steps):
+        loss = batch_loss(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % report_every == 0 or step == steps - 1:
+            print(f"  {label} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+
 def train_anatomy(torch, videos, steps: int, seed: int = 0):
     from torch.nn import functional as F
     from models.training.nets import AnatomyNet
@@ -74,25 +89,19 @@ def train_anatomy(torch, videos, steps: int, seed: int = 0):
     counts = np.bincount(Y.ravel(), minlength=len(ANATOMY_CLASSES)).astype(np.float64)
     weight = torch.tensor(np.clip((counts.sum() / np.maximum(counts, 1) / len(counts)) ** 0.5, 0.3, 10.0), dtype=torch.float32)
     net = AnatomyNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=4e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.15)
     ch, cw = ANATOMY_SIZE[0] // 2, ANATOMY_SIZE[1] // 2
     net.train()
-    t0 = time.time()
-    for step in range(steps):
+
+    def batch_loss(_step):
         idx = rng.integers(0, len(X), 16)
         y0, x0 = int(rng.integers(0, ANATOMY_SIZE[0] - ch + 1)), int(rng.integers(0, ANATOMY_SIZE[1] - cw + 1))
         xb = jitter(rng, X[idx, y0:y0 + ch, x0:x0 + cw])
         yb = Y[idx, y0:y0 + ch, x0:x0 + cw]
         if rng.random() < 0.5:
             xb, yb = xb[:, :, ::-1], yb[:, :, ::-1]
-        loss = F.cross_entropy(net(to_tensor(torch, xb)), torch.from_numpy(np.ascontiguousarray(yb)).long(), weight=weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"  anatomy step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        return F.cross_entropy(net(to_tensor(torch, xb)), torch.from_numpy(np.ascontiguousarray(yb)).long(), weight=weight)
+
+    fit(torch, net.parameters(), steps, 4e-3, batch_loss, "anatomy")
     return net
 
 
@@ -106,22 +115,17 @@ def train_phase(torch, videos, enc_steps: int, gru_epochs: int, seed: int = 0):
     X = np.concatenate([v.phase_x for v in videos])
     Y = np.concatenate([v.phase_y for v in videos])
     enc_params = list(net.encoder.parameters()) + list(net.frame_head.parameters())
-    opt = torch.optim.AdamW(enc_params, lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=enc_steps, pct_start=0.15)
     net.train()
-    t0 = time.time()
-    for step in range(enc_steps):
+
+    def batch_loss(_step):
         idx = rng.integers(0, len(X), 48)
         xb = jitter(rng, X[idx])
         if rng.random() < 0.5:
             xb = xb[:, :, ::-1]
-        loss = F.cross_entropy(net.frame_head(net.encoder(to_tensor(torch, xb))), torch.from_numpy(Y[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == enc_steps - 1:
-            print(f"  phase encoder step {step + 1}/{enc_steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        return F.cross_entropy(net.frame_head(net.encoder(to_tensor(torch, xb))), torch.from_numpy(Y[idx]))
+
+    fit(torch, enc_params, enc_steps, 3e-3, batch_loss, "phase encoder")
+    t0 = time.time()
     # The recurrent part learns on frozen per-step features of whole surgeries, from a zero state,
     # exactly as the agent streams them.
     net.eval()
@@ -166,20 +170,14 @@ def train_visibility(torch, videos, steps: int, seed: int = 0):
     pos = Y.mean(0)
     pos_weight = torch.tensor(np.clip((1 - pos) / np.maximum(pos, 1e-3), 1, 20), dtype=torch.float32)
     net = VisibilityNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
     net.train()
-    t0 = time.time()
-    for step in range(steps):
+
+    def batch_loss(_step):
         idx = rng.integers(0, len(X), 64)
         xb = jitter(rng, X[idx])
-        loss = F.binary_cross_entropy_with_logits(net(to_tensor(torch, xb)), torch.from_numpy(Y[idx]), pos_weight=pos_weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  visibility step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+        return F.binary_cross_entropy_with_logits(net(to_tensor(torch, xb)), torch.from_numpy(Y[idx]), pos_weight=pos_weight)
+
+    fit(torch, net.parameters(), steps, 3e-3, batch_loss, "visibility", report_every=100)
     return net
 
 

@@ -1,0 +1,158 @@
+"""The agent's configuration file (TOML), validated with errors that name the key.
+
+Every key, its meaning and its default is in ``agent/agent.example.toml``; a key that is not
+known is an error (a typo must not silently fall back to a default in an operating room).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    tls_cert: str = ""  # server certificate (PEM); required beyond loopback unless insecure
+    tls_key: str = ""
+    tls_ca: str = ""  # CA that signs the displays' client certificates
+    require_client_auth: bool = True  # mutual TLS; only effective with TLS
+    insecure: bool = False  # allow plaintext beyond loopback (logged as a warning at start)
+    max_subscribers: int = 16
+    max_receive_message_bytes: int = 64 * 1024  # requests are small; anything bigger is refused
+    max_send_message_bytes: int = 16 * 1024 * 1024
+    keepalive_time_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+    subscriber_queue: int = 8  # overlays buffered per display before the oldest is dropped
+    behind_limit_s: float = 5.0  # a display dropping overlays this long is told RESOURCE_EXHAUSTED
+    alert_history: int = 1000  # alert events kept for reconnecting displays
+    shutdown_grace_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class CaseConfig:
+    source: str = ""  # started at launch when set: file, camera index, /dev/videoN, rtsp:// URL
+    case_id: str = ""
+    paced: bool = True  # files replay at their native rate, as a live feed would arrive
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    models_dir: str = ""  # default: the bundled models
+    phase_rate_hz: float = 5.0
+    anatomy_every: int = 1
+    stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    case: CaseConfig = field(default_factory=CaseConfig)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+
+    def with_overrides(self, **dotted: Any) -> "AgentConfig":
+        """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given."""
+        cfg = self
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, name = key.split(".")
+            cfg = replace(cfg, **{section: _check(replace(getattr(cfg, section), **{name: value}), section)})
+        return validate(cfg)
+
+
+def listen_host(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise InputError(f"server.listen: expected HOST:PORT such as 127.0.0.1:50051, got {listen!r}")
+    return host.strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check(section_obj, section: str):
+    for f in fields(section_obj):
+        value = getattr(section_obj, f.name)
+        expected = type(f.default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            section_obj = replace(section_obj, **{f.name: value})
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise InputError(f"{section}.{f.name}: must be {expected.__name__}, got {value!r}")
+        if expected in (int, float) and value < 0:
+            raise InputError(f"{section}.{f.name}: must not be negative, got {value}")
+    return section_obj
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    s = cfg.server
+    host = listen_host(s.listen)
+    for key in ("max_subscribers", "subscriber_queue", "alert_history", "max_receive_message_bytes", "max_send_message_bytes"):
+        if getattr(s, key) < 1:
+            raise InputError(f"server.{key}: must be at least 1, got {getattr(s, key)}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise InputError("server.tls_cert and server.tls_key: give both or neither")
+    if not s.tls_cert and not is_loopback(host) and not s.insecure:
+        raise InputError(f"server.listen: {s.listen} is beyond loopback, so TLS is required: set server.tls_cert, "
+                         "server.tls_key and server.tls_ca (see `or-agent certs`), or server.insecure = true")
+    if s.tls_cert and s.require_client_auth and not s.tls_ca:
+        raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
+    if cfg.case.case_id and not NAME_RE.match(cfg.case.case_id):
+        raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
+    if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
+        raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
+    return cfg
+
+
+SECTIONS = {"server": ServerConfig, "case": CaseConfig, "pipeline": PipelineSettings}
+
+
+def load_config(path: str | Path | None) -> AgentConfig:
+    if path is None:
+        return validate(AgentConfig())
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    parts = {}
+    for section, value in doc.items():
+        if section not in SECTIONS:
+            raise InputError(f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise InputError(f"{path}: {section}: must be a table")
+        known = {f.name for f in fields(SECTIONS[section])}
+        for key in value:
+            if key not in known:
+                raise InputError(f"{path}: {section}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        try:
+            parts[section] = _check(SECTIONS[section](**value), section)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    try:
+        return validate(AgentConfig(**parts))
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None

@@ -1,0 +1,120 @@
+"""A case: one source, one pipeline run, from start to stop, on the models loaded at launch.
+
+The session owns its source and pipeline and always releases them in ``stop()``. It reports the
+pipeline's state for the status call and health: RUNNING while fresh results flow, STALLED when
+none arrived within ``stale_after_s``, SOURCE_LOST while a live source reconnects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from agent.config import NAME_RE, PipelineSettings
+from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from pipelines.errors import InputError
+from pipelines.manifest import ModelManifest, find_model
+from pipelines.messages import FrameResult, SourceEvent
+from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.sources import open_source
+from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+
+TASKS = ("segmentation", "phase", "visibility")
+
+
+class LoadedModels:
+    """The three stages, verified and loaded once per agent process."""
+
+    def __init__(self, models_dir: str | None = None, threads: int = 1):
+        self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
+        self.anatomy = AnatomyStage(OnnxRuntimeBackend(self.manifests["segmentation"], threads=threads))
+        self.phase = PhaseStage(OnnxRuntimeBackend(self.manifests["phase"], threads=threads))
+        self.visibility = VisibilityStage(OnnxRuntimeBackend(self.manifests["visibility"], threads=threads))
+
+    def backend_name(self, task: str) -> str:
+        stage = {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]
+        return stage.backend.name
+
+    def close(self) -> None:
+        for s in (self.anatomy, self.phase, self.visibility):
+            s.backend.close()
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    source: str
+    case_id: str
+    paced: bool = True
+
+    def __post_init__(self):
+        if not self.source.strip():
+            raise InputError("source: empty (give a video file, camera index, /dev/videoN or stream URL)")
+        if not NAME_RE.match(self.case_id):
+            raise InputError(f"case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {self.case_id!r}")
+
+
+class CaseSession:
+    def __init__(self, spec: CaseSpec, models: LoadedModels, settings: PipelineSettings,
+                 on_result: Callable[[FrameResult], None], on_event: Callable[[SourceEvent], None]):
+        self.spec = spec
+        self.settings = settings
+        self.started_unix_ms = 0
+        self.stopped_unix_ms = 0
+        self.last_result_ns = 0
+        self.source_lost = False
+        self._on_result = on_result
+        self._on_event = on_event
+        self.source = open_source(spec.source, paced=spec.paced)
+        self.pipeline = Pipeline(self.source, models.anatomy, models.phase, models.visibility,
+                                 PipelineConfig(phase_rate_hz=settings.phase_rate_hz, anatomy_every=settings.anatomy_every,
+                                                keep_images=True, encode_polygons=True))
+        self.pipeline.subscribe(self._result)
+        self.pipeline.subscribe_events(self._event)
+        self._lock = threading.Lock()
+        self._started_ns = 0
+
+    def _result(self, r: FrameResult) -> None:
+        self.last_result_ns = time.monotonic_ns()
+        self._on_result(r)
+
+    def _event(self, e: SourceEvent) -> None:
+        if e.kind == "disconnected":
+            self.source_lost = True
+        elif e.kind in ("reconnected", "opened"):
+            self.source_lost = False
+        self._on_event(e)
+
+    def start(self) -> None:
+        """Open the source and start the pipeline; bad sources raise InputError here."""
+        self.started_unix_ms = int(time.time() * 1000)
+        self._started_ns = time.monotonic_ns()
+        self.pipeline.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if not self.stopped_unix_ms:
+                self.stopped_unix_ms = int(time.time() * 1000)
+                self.pipeline.stop()
+
+    @property
+    def finished(self) -> bool:
+        """The source ended (a file played out) or the pipeline failed."""
+        return self.pipeline.wait(0) or self.pipeline.error is not None
+
+    def state(self) -> str:
+        if self.stopped_unix_ms:
+            return "IDLE"
+        if self.pipeline.error is not None:
+            return "FAILED"
+        if self.source_lost:
+            return "SOURCE_LOST"
+        now = time.monotonic_ns()
+        stale_ns = self.settings.stale_after_s * 1e9
+        if self.last_result_ns == 0:
+            return "STARTING" if now - self._started_ns < max(stale_ns, 5e9) else "STALLED"
+        return "RUNNING" if now - self.last_result_ns <= stale_ns else "STALLED"
+
+    def result_age_s(self) -> float | None:
+        return None if not self.last_result_ns else (time.monotonic_ns() - self.last_result_ns) / 1e9
