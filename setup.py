@@ -16,13 +16,17 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["agent*", "pipelines*", "proto*", "calibration*", "synth*", "models*"]),
-    package_data={"models": ["*/manifest.json", "*/model.onnx", "README.md"]},
+    package_data={"models": ["*/manifest.json", "*/model.onnx", "README.md"], "agent": ["agent.example.toml"]},
     install_requires=[
         "numpy>=1.24,<3",
         "opencv-python>=4.8,<6",
         "onnxruntime>=1.17,<2",
         "grpcio>=1.85.1,<2",  # the generated stubs check for at least this version
         "protobuf>=7.35.1,<8",
+        "grpcio-health-checking>=1.85.1,<2",
+        "grpcio-reflection>=1.85.1,<2",
+        "cryptography>=42,<60",  # local CA and certificates for mutual TLS
+        "tomli>=2; python_version < '3.11'",
     ],
     extras_require={
         # CUDA kernels and device buffers on the OR box (needs the CUDA toolkit to build).

@@ -47,6 +47,7 @@ class ActiveAlert:
     message: str
     acknowledged: bool = False
     acknowledged_by: str = ""
+    announced_mono: float = 0.0  # when it was last raised or re-announced
 
 
 class AlertLog:
@@ -87,7 +88,7 @@ class AlertLog:
             if existing is None:
                 self._counter += 1
                 alert_id = f"{rule}-{self._counter}"
-                self._active[alert_id] = ActiveAlert(alert_id, rule, severity, message)
+                self._active[alert_id] = ActiveAlert(alert_id, rule, severity, message, announced_mono=time.monotonic())
                 kind = "raised"
             else:
                 alert_id, kind = existing.alert_id, "updated"
@@ -115,6 +116,18 @@ class AlertLog:
             a.acknowledged, a.acknowledged_by = True, client_id
         return self._emit(alert_id=alert_id, rule=a.rule, severity=a.severity, kind="acknowledged",
                           message=f"{a.message} (acknowledged by {client_id})", acknowledged_by=client_id)
+
+    def reannounce_due(self, interval_s: float) -> list[AlertRecord]:
+        """Announce again every unacknowledged critical alert not announced for ``interval_s``."""
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            for a in self._active.values():
+                if a.severity == "critical" and not a.acknowledged and now - a.announced_mono >= interval_s:
+                    a.announced_mono = now
+                    due.append(a)
+        return [self._emit(alert_id=a.alert_id, rule=a.rule, severity=a.severity, kind="reannounced",
+                           message=f"{a.message} (not yet acknowledged)") for a in due]
 
     def since(self, after_sequence: int) -> tuple[list[AlertRecord], bool]:
         """Events after ``after_sequence``, and whether some of them have left the history."""

@@ -75,7 +75,8 @@ def cmd_models(args) -> int:
 def cmd_demo(args) -> int:
     from agent.demo import run_demo
 
-    return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir)
+    return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir,
+                    headless=args.headless)
 
 
 def cmd_replay(args) -> int:
@@ -84,7 +85,60 @@ def cmd_replay(args) -> int:
     if args.anatomy_every < 1:
         raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
     return run_replay(args.videos, args.out, labels=args.labels, masks=args.masks, paced=args.paced,
-                      anatomy_every=args.anatomy_every, models_dir=args.models_dir)
+                      anatomy_every=args.anatomy_every, models_dir=args.models_dir, rules_file=args.rules,
+                      time_scale=args.time_scale)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from agent.config import load_config
+    from agent.server import serve_forever
+
+    _setup_logging(True)
+    cfg = load_config(args.config).with_overrides(**{
+        "server.listen": args.listen, "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key,
+        "server.tls_ca": args.tls_ca, "server.insecure": True if args.insecure else None,
+        "case.source": args.source, "case.case_id": args.case_id, "case.paced": args.paced,
+        "pipeline.models_dir": args.models_dir})
+    return asyncio.run(serve_forever(cfg))
+
+
+def _client_credentials(args):
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise InputError("--tls-cert/--tls-key need --tls-ca (the CA that signed the agent's certificate)")
+        return None
+    from agent.certs import channel_credentials
+
+    return channel_credentials(Path(args.tls_ca), Path(args.tls_cert) if args.tls_cert else None,
+                               Path(args.tls_key) if args.tls_key else None)
+
+
+def cmd_display(args) -> int:
+    import asyncio
+
+    from agent.display import Display, has_screen
+
+    _setup_logging(args.verbose)
+    headless = args.headless
+    if headless is None and not has_screen():
+        headless = str(Path("out") / f"display-{args.client_id}.mp4")
+        Path(headless).parent.mkdir(parents=True, exist_ok=True)
+        print(f"no screen found: running headless, writing what the display shows to {headless}")
+    d = Display(args.target, client_id=args.client_id, video=args.video, headless=headless, stale_ms=args.stale_ms,
+                credentials=_client_credentials(args), duration_s=args.duration)
+    code = asyncio.run(d.run())
+    if headless:
+        print(f"wrote {d.frames_shown} frames to {headless}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,13 +170,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paced", action="store_true", help="replay at the video's own frame rate, as if live")
     p.add_argument("--anatomy-every", type=int, default=1, help="run the anatomy model on every k-th frame (default 1)")
     p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    p.add_argument("--rules", help="decision-support rules file (TOML; default: the built-in cholecystectomy set)")
+    p.add_argument("--time-scale", type=float, help="the video's time compression, for phase-duration limits "
+                   "(default: from <name>.json next to a synthetic video, else 1)")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("demo", help="generate a synthetic surgery and run the models over it (the quick start)")
+    p = sub.add_parser("serve", help="run the agent: source, pipeline and gRPC server")
+    p.add_argument("--config", help="configuration file (TOML; see agent/agent.example.toml)")
+    p.add_argument("--listen", help="HOST:PORT to listen on (config server.listen; default 127.0.0.1:50051)")
+    p.add_argument("--source", help="start a case on this source at launch: video file, camera index, /dev/videoN, rtsp:// URL")
+    p.add_argument("--case-id", help="case identifier, no patient data (default: case-<date>-<time>)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--paced", dest="paced", action="store_true", default=None, help="replay files at their native rate (default)")
+    pace.add_argument("--unpaced", dest="paced", action="store_false", help="process files as fast as possible")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-ca", help="CA of the displays' client certificates (mutual TLS)")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext beyond loopback (logged as a warning)")
+    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("display", help="the reference OR display: overlays from a running agent, full screen")
+    p.add_argument("--target", required=True, help="the agent's HOST:PORT")
+    p.add_argument("--client-id", default="display", help="this display's name, for logs and acknowledgements")
+    p.add_argument("--video", help="a local copy of the video: draw overlays on it, matched by media timestamp")
+    p.add_argument("--headless", metavar="OUT.mp4", help="write what would be shown to a video file instead of a window")
+    p.add_argument("--stale-ms", type=float, default=250.0, help="show AI OFF when the newest overlay is older (default 250)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until q or Esc)")
+    p.add_argument("--tls-ca", help="CA that signed the agent's certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="this display's client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="this display's client key")
+    p.add_argument("--verbose", action="store_true", help="log connection changes")
+    p.set_defaults(func=cmd_display)
+
+    from agent.certs import add_arguments as add_cert_arguments
+
+    add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
+
+    p = sub.add_parser("demo", help="the quick start: a synthetic surgery played live through the agent to the display")
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic surgery (default 7)")
-    p.add_argument("--time-scale", type=float, default=25.0, help="time scale of the synthetic surgery (default 25)")
+    p.add_argument("--time-scale", type=float, default=40.0, help="time scale of the synthetic surgery (default 40: about 1 minute)")
     p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    p.add_argument("--headless", metavar="OUT.mp4", help="record the display to a file instead of a window (automatic without a screen)")
     p.set_defaults(func=cmd_demo)
     return ap
 

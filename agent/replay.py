@@ -7,6 +7,7 @@ Per video, in ``OUT/<video name>/``:
 - ``timeline.csv`` / ``timeline.json``  one row per phase step: phase, probabilities, visibility,
   anatomy areas (and the true phase when labels are known)
 - ``phase_ribbon.png``  recognised phases over time, above the ground truth when labels are known
+- ``alerts.csv``  every alert the decision-support rules raised and cleared, with its evidence
 - ``report.html`` / ``summary.json``  the figures: phase accuracy, per-phase precision, recall, F1
   and Jaccard (strict and with the +-10 s relaxed boundary), per-class IoU and Dice with masks,
   throughput and latency, source events
@@ -22,6 +23,7 @@ import csv
 import io
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +39,8 @@ from pipelines.files import atomic_write_text, part_path
 from pipelines.manifest import ModelManifest, find_model
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, relax_boundaries
-from pipelines.overlay import OverlayRenderer
+from pipelines.overlay import AlertBanner, OverlayRenderer
+from pipelines.rules import AlertTransition, Rule, RulesEngine, SystemHealth, load_rules
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource
@@ -147,6 +150,16 @@ class _Collector:
                     self.mask_frames += 1
 
 
+def _alerts_csv(events: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["frame", "time_s", "rule", "severity", "event", "message", "evidence"])
+    for e in events:
+        w.writerow([e["frame"], e["time_s"], e["rule"], e["severity"], e["event"], e["message"],
+                    "; ".join(f"{k}={v}" for k, v in e["evidence"].items())])
+    return buf.getvalue()
+
+
 class AnnotatedVideo:
     """The overlaid video, written under a temporary name and renamed when complete.
 
@@ -213,8 +226,47 @@ class ReplayResult:
     mean_area: np.ndarray  # per class, mean fraction of the frame over in-body frames
 
 
+def _rules_for(video: Path, rules_file: str | None, time_scale: float | None) -> list[Rule]:
+    """The rules, with the phase-duration limits scaled for a time-compressed (synthetic) video: from
+    ``time_scale`` if given, else from the video's generator metadata (``<name>.json``)."""
+    if time_scale is None:
+        meta = video.with_suffix(".json")
+        try:
+            time_scale = float(json.loads(meta.read_text()).get("time_scale", 1.0)) if meta.is_file() else 1.0
+        except (ValueError, OSError, AttributeError):
+            time_scale = 1.0
+    return load_rules(rules_file, overrides={"phase_too_long": {"time_scale": time_scale}})
+
+
+class _AlertTimeline:
+    """Rule transitions during a replay, and the banners active at each frame."""
+
+    def __init__(self, rules: list[Rule]):
+        self.engine = RulesEngine(rules, self._on)
+        self.events: list[dict] = []
+        self.active: dict[str, AlertBanner] = {}
+        self._seqs: deque[int] = deque(maxlen=50)
+
+    def _on(self, t: AlertTransition) -> None:
+        self.events.append({"frame": t.seq, "time_s": round(t.t_s, 3), "rule": t.rule, "severity": t.severity,
+                            "event": t.kind, "message": t.message, "evidence": t.evidence})
+        if t.kind == "raised":
+            self.active[t.rule] = AlertBanner(t.severity, t.message)
+        else:
+            self.active.pop(t.rule, None)
+
+    def on_result(self, r: FrameResult) -> None:
+        self._seqs.append(r.seq)
+        offered = self._seqs[-1] - self._seqs[0] + 1
+        self.engine.on_result(r, SystemHealth(frame_drop_rate=1.0 - len(self._seqs) / offered))
+
+    def banners(self) -> list[AlertBanner]:
+        order = {"critical": 0, "warning": 1, "info": 2}
+        return sorted(self.active.values(), key=lambda b: order[b.severity])
+
+
 def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: bool, anatomy_every: int,
-               progress_label: str) -> ReplayResult:
+               progress_label: str, rules_file: str | None = None, time_scale: float | None = None) -> ReplayResult:
     video = item.video
     truth = read_phase_file(item.labels) if item.labels else None
     source = VideoFileSource(video, paced=paced)
@@ -228,16 +280,19 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
                                        anatomy_every=anatomy_every))
     overlay = OverlayRenderer(models.manifests["segmentation"].labels)
     collector = _Collector(len(models.manifests["segmentation"].labels), item.masks)
+    alerts = _AlertTimeline(_rules_for(video, rules_file, time_scale))
     bar = Progress(progress_label, total or 1)
     recording = AnnotatedVideo(out_dir / "annotated", fps)
 
-    def record(r: FrameResult) -> None:
-        recording.write(overlay.draw(r.image, r))
+    def record(item) -> None:
+        r, banners = item
+        recording.write(overlay.draw(r.image, r, banners))
         bar.update(r.seq + 1)
 
     recorder = QueuedSubscriber(record, maxsize=4, name="recorder").start()
+    pipeline.subscribe(alerts.on_result)  # first: the frame's banners include what it raised
     pipeline.subscribe(collector.on_result)
-    pipeline.subscribe(recorder)
+    pipeline.subscribe(lambda r: recorder((r, alerts.banners())))
     pipeline.subscribe_events(collector.events.append)
     ok = False
     try:
@@ -266,6 +321,7 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
         "models": {k: {"name": m.name, "version": m.version, "sha256": m.sha256} for k, m in models.manifests.items()},
         "events": [{"kind": e.kind, "message": e.message, "seq": e.seq} for e in collector.events],
         "complete": not errors,
+        "alerts": alerts.events,
     }
     names = tuple(lab.name for lab in models.manifests["phase"].labels)
     if truth is not None:
@@ -289,7 +345,9 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
     class_names = [lab.name for lab in models.manifests["segmentation"].labels]
     atomic_write_text(out_dir / "timeline.csv", _timeline_csv(collector.rows, names, class_names, truth))
     atomic_write_text(out_dir / "timeline.json", json.dumps({"video": str(video), "fps": fps, "phases": names,
-                                                             "classes": class_names, "rows": collector.rows}) + "\n")
+                                                             "classes": class_names, "rows": collector.rows,
+                                                             "alerts": alerts.events}) + "\n")
+    atomic_write_text(out_dir / "alerts.csv", _alerts_csv(alerts.events))
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_html_report(out_dir / "report.html", summary, "phase_ribbon.png", video.name)
     return ReplayResult(summary, pred, np.array(collector.oob), truth_aligned,
@@ -297,18 +355,20 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
 
 
 def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks: str | None = None,
-               paced: bool = False, anatomy_every: int = 1, models_dir=None) -> int:
+               paced: bool = False, anatomy_every: int = 1, models_dir=None, rules_file: str | None = None,
+               time_scale: float | None = None) -> int:
     out_root = Path(out)
     if out_root.exists() and not out_root.is_dir():
         raise InputError(f"{out_root}: exists and is not a directory")
     items = expand_inputs(paths, labels, masks)
+    load_rules(rules_file)  # a bad rules file is one error up front, not one per video
     models = ReplayModels(models_dir)
     failed = 0
     try:
         for i, item in enumerate(items, start=1):
             label = f"[{i}/{len(items)}] {item.video.name}"
             try:
-                s = replay_one(item, out_root, models, paced, anatomy_every, label).summary
+                s = replay_one(item, out_root, models, paced, anatomy_every, label, rules_file, time_scale).summary
             except OrAgentError as exc:
                 failed += 1
                 print(f"FAILED {item.video}: {exc}")
@@ -323,6 +383,8 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
                              f"(relaxed {100 * s['phase_metrics']['relaxed']['accuracy']:.1f} %)")
             if "anatomy_metrics" in s:
                 parts.append(f"anatomy mIoU {s['anatomy_metrics']['miou']:.3f}")
+            raised = [a for a in s["alerts"] if a["event"] == "raised"]
+            parts.append(f"{len(raised)} alerts")
             if not s["complete"]:
                 parts.append("INCOMPLETE: " + "; ".join(e["message"] for e in s["events"] if e["kind"] == "error"))
             print(f"ok     {item.video} -> {out_root / item.video.stem}/report.html: " + ", ".join(parts))

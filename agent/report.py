@@ -86,6 +86,12 @@ def write_html_report(path: Path, summary: dict, ribbon_name: str, video_name: s
         parts.append(f"<h2>Anatomy</h2><p>Mean IoU over the classes present: {_pct(an['miou'])} "
                      f"({an['frames']} annotated frames).</p>")
         parts.append(_table(["class", "IoU", "Dice"], [[k, _pct(v["iou"]), _pct(v["dice"])] for k, v in an["per_class"].items()]))
+    alerts = s.get("alerts", [])
+    parts.append(f"<h2>Alerts</h2><p>{sum(a['event'] == 'raised' for a in alerts)} raised by the decision-support rules.</p>")
+    if alerts:
+        parts.append(_table(["time", "frame", "rule", "severity", "event", "message", "evidence"],
+                            [[format_duration(a["time_s"]), a["frame"], a["rule"], a["severity"], a["event"], a["message"],
+                              "; ".join(f"{k}={v}" for k, v in a["evidence"].items())] for a in alerts]))
     if s.get("events"):
         parts.append("<h2>Source events</h2>" + _table(["kind", "message"], [[e["kind"], e["message"]] for e in s["events"]]))
     parts.append("<h2>All figures</h2><pre>" + html.escape(json.dumps(s, indent=1)) + "</pre>")

@@ -73,10 +73,13 @@ def relax_boundaries(truth: np.ndarray, pred: np.ndarray, window: int) -> np.nda
 
 
 def phase_scores(truth: np.ndarray, pred: np.ndarray, names: tuple[str, ...]) -> dict:
-    """Accuracy and per-phase precision, recall, F1 and Jaccard (phases absent from both are left out)."""
+    """Accuracy and per-phase precision, recall, F1 and Jaccard (phases absent from both are left out).
+
+    A prediction of -1 (no phase shown yet) counts as wrong for every phase."""
     t = np.asarray(truth, np.int64)
     p = np.asarray(pred, np.int64)
-    conf = confusion(t, p, len(names))
+    p = np.where((p < 0) | (p >= len(names)), len(names), p)
+    conf = confusion(t, p, len(names) + 1)
     tp = np.diag(conf).astype(float)
     per = {}
     for i, name in enumerate(names):

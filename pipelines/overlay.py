@@ -4,7 +4,8 @@ Anatomy is drawn as translucent masks in the manifest's colours, each labelled a
 centre; the phase as a banner with its confidence and time in phase; alerts as banners
 coloured by severity. When there is nothing current to show (camera out of the body, results
 stale, AI unavailable) the frame is dimmed and says so in large letters, so a surgeon can never
-mistake an old overlay for a live one.
+mistake an old overlay for a live one. Out-of-body frames show the operating room and its staff,
+so they are redacted (blacked out) rather than drawn: nothing of them reaches a recording or a stream.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ class OverlayRenderer:
              paused_reason: str | None = None) -> np.ndarray:
         """A copy of ``image`` with the overlay. ``paused_reason`` (e.g. "results stale") forces
         the paused state; out-of-body results and a missing result pause it on their own."""
+        if result is not None and result.out_of_body:
+            # The room and the staff must not appear in anything recorded or streamed.
+            out = np.zeros_like(image)
+            self._paused(out, "camera out of body - frame redacted")
+            self._alerts(out, alerts)
+            return out
         out = image.copy()
-        if paused_reason is None:
-            if result is None:
-                paused_reason = "no AI result"
-            elif result.out_of_body:
-                paused_reason = "camera out of body"
+        if paused_reason is None and result is None:
+            paused_reason = "no AI result"
         if paused_reason is not None:
             self._paused(out, paused_reason)
         else:

@@ -36,3 +36,15 @@ def small_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth-small")
     write_dataset(out, SynthConfig(videos=1, seed=5, time_scale=60.0, mask_every=10))
     return out
+
+
+@pytest.fixture(scope="session")
+def held_out_video(tmp_path_factory) -> Path:
+    """The first held-out surgery the models were measured on (time scale 1/25), regenerated
+    bit-for-bit from its seed; about 100 s of video with masks every 25 frames."""
+    from models.training.data import HELD_OUT
+    from synth.dataset import write_video
+
+    out = tmp_path_factory.mktemp("held-out")
+    write_video(out, 1, HELD_OUT)
+    return out

@@ -37,3 +37,8 @@ def test_relaxed_boundary_forgives_only_neighbouring_phases_near_a_change():
 
 def test_recall():
     assert recall([1, 1, 0, 1], [1, 0, 0, 1]) == pytest.approx(2 / 3)
+
+
+def test_phase_scores_count_no_prediction_as_wrong():
+    s = phase_scores(np.array([0, 0, 1, 1]), np.array([-1, 0, 1, 1]), ("A", "B"))
+    assert s["accuracy"] == 0.75 and s["per_phase"]["A"]["recall"] == 0.5 and s["per_phase"]["A"]["precision"] == 1.0

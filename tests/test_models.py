@@ -7,13 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from models.training.data import HELD_OUT
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.errors import ModelError
 from pipelines.manifest import discover, find_model, load_manifest
 from pipelines.preprocess import ContentArea
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from synth.dataset import write_video
 from tests.conftest import ROOT
 
 MODELS = ROOT / "models"
@@ -66,14 +64,6 @@ def test_phase_model_is_causal_and_carries_state():
 def test_stage_refuses_a_model_of_another_task():
     with pytest.raises(ModelError, match="a phase stage needs a task 'phase' model"):
         PhaseStage(OnnxRuntimeBackend(find_model("visibility", MODELS)))
-
-
-@pytest.fixture(scope="session")
-def held_out_video(tmp_path_factory):
-    """The first held-out video, regenerated bit-for-bit from its seed."""
-    out = tmp_path_factory.mktemp("held-out")
-    write_video(out, 1, HELD_OUT)
-    return out
 
 
 def test_models_reach_their_recorded_accuracy_on_held_out_surgery(held_out_video):

@@ -31,10 +31,10 @@ def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
     assert (out[5:40, :200] != 100).any(), "phase banner drawn at the top"
 
 
-def test_out_of_body_frame_is_paused_not_overlaid():
+def test_out_of_body_frame_is_redacted_and_paused():
     img = np.full((240, 320, 3), 200, np.uint8)
     out = OverlayRenderer(find_model("segmentation", ROOT / "models").labels).draw(img, _result(oob=True))
-    assert out[60:180].mean() < 120, "the frame is dimmed"
+    assert (out[20:60] == 0).all() and (out[200:220] == 0).all(), "the room is blacked out, not dimmed"
     yellow = (out[..., 2] > 200) & (out[..., 1] > 180) & (out[..., 0] < 60)
     assert yellow.sum() > 200, "AI PAUSED is written in large yellow letters"
 

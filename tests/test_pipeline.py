@@ -51,15 +51,15 @@ def test_every_frame_in_order_with_stage_timestamps(small_dataset):
     assert all(r.anatomy_fresh == (r.seq % 2 == 0) for r in results if not r.out_of_body)
 
 
-def test_pipeline_results_match_ground_truth(small_dataset):
+def test_pipeline_results_match_ground_truth(held_out_video):
     results = []
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    p = Pipeline(VideoFileSource(held_out_video / "video01.mp4"), *stages())
     p.subscribe(results.append)
     p.run()
-    truth = read_phase_file(small_dataset / "video01-phase.txt")
-    flags = np.loadtxt(small_dataset / "video01-flags.csv", delimiter=",", skiprows=1, dtype=int)
+    truth = read_phase_file(held_out_video / "video01-phase.txt")
+    flags = np.loadtxt(held_out_video / "video01-flags.csv", delimiter=",", skiprows=1, dtype=int)
     pred = np.array([r.phase.phase if r.phase else -1 for r in results])
-    assert (pred == truth).mean() > 0.8
+    assert (pred == truth).mean() > 0.9  # the phase model's held-out figure is 0.955
     oob = np.array([r.out_of_body for r in results])
     assert (oob == flags[:, 2].astype(bool)).mean() > 0.97
 

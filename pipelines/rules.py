@@ -1,0 +1,396 @@
+"""Decision-support rules: transparent conditions on typed inputs, with hysteresis and evidence.
+
+Rules are declared in a TOML file (``[[rules]]`` tables; the built-in set for laparoscopic
+cholecystectomy is ``pipelines/rules_cholecystectomy.toml``, every rule documented with its
+rationale). Each rule has an id, a severity, a condition of one of the kinds below, enter and exit
+hysteresis (seconds of media time), a cooldown after it clears, the states that suppress it (out of
+body, low visibility), a message template filled from its evidence, and it records the values that
+made it fire, the frame's sequence number and media time.
+
+Condition kinds (``kind = ...``):
+
+- ``distance_below``: two classes' masks closer than ``threshold_px`` (frame pixels), optionally only
+  in some ``phases``. Evidence: ``distance_px``.
+- ``structures_not_seen_before``: on entering ``phase``, some ``required`` class was not seen
+  (area at least ``min_area``) for ``min_seen_s`` during ``during_phase``; with two or more required
+  classes they must also have been seen at the same time at least ``min_separation_px`` apart (seen
+  *separately*). The critical-view-of-safety proxy; advisory.
+- ``area_growth``: a class's area (fraction of the frame) grew by at least ``growth`` within
+  ``window_s`` and is at least ``min_area``, optionally only in some ``phases``. Bleeding.
+- ``phase_duration_over``: the current phase has lasted longer than its limit: ``limits_s`` per
+  phase, or the real Cholec80 90th percentile divided by ``time_scale``.
+- ``state``: a boolean input (``low_visibility``, ``out_of_body``, ``stale``, ``source_lost``,
+  ``model_error``) is true; or ``frame_drop_rate`` above ``threshold``.
+
+The engine only evaluates and reports transitions (raised, updated, cleared); who records them, asks
+for acknowledgement and re-announces them is the agent's business. No rule ever acts on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from pipelines.errors import InputError
+from pipelines.messages import FrameResult
+from pipelines.surgery import ANATOMY_NAMES, PHASE_DURATIONS, PHASES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SEVERITIES = ("info", "warning", "critical")
+KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "state")
+STATES = ("low_visibility", "out_of_body", "stale", "source_lost", "model_error", "frame_drop_rate")
+SUPPRESSORS = ("out_of_body", "low_visibility")
+BUILTIN_RULES = Path(__file__).with_name("rules_cholecystectomy.toml")
+
+
+@dataclass(frozen=True)
+class SystemHealth:
+    """What the agent knows about itself, beside the models' outputs."""
+
+    stale: bool = False
+    source_lost: bool = False
+    model_error: bool = False
+    frame_drop_rate: float = 0.0  # dropped / offered over the recent window
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """Typed inputs to every rule, derived from one pipeline result."""
+
+    seq: int
+    t_s: float  # media time
+    phase: int | None
+    phase_confidence: float
+    time_in_phase_s: float
+    out_of_body: bool
+    low_visibility: bool
+    areas: tuple[float, ...]  # per anatomy class, fraction of the frame
+    class_map: np.ndarray | None = field(default=None, repr=False)  # model-sized, for distances
+    px_per_cell: float = 1.0  # frame pixels per class-map cell
+    system: SystemHealth = SystemHealth()
+
+    @classmethod
+    def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> "RuleInputs":
+        areas = (0.0,) * len(ANATOMY_NAMES)
+        cmap, scale = None, 1.0
+        if r.anatomy is not None and not r.out_of_body:
+            a = r.anatomy
+            cw, ch = a.area.crop_size
+            share = cw * ch / (r.frame_size[0] * r.frame_size[1])
+            areas = tuple(v * share for v in a.area_fraction)
+            cmap = a.class_map
+            scale = math.sqrt((cw / cmap.shape[1]) * (ch / cmap.shape[0]))
+        p = r.phase
+        return cls(seq=r.seq, t_s=r.media_ms / 1000.0, phase=None if p is None else p.phase,
+                   phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
+                   out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
+                   areas=areas, class_map=cmap, px_per_cell=scale, system=system)
+
+    def distance_px(self, a: int, b: int) -> float:
+        """Smallest distance between any pixel of class a and any of class b (inf if either is absent)."""
+        if self.class_map is None:
+            return math.inf
+        ma, mb = self.class_map == a, self.class_map == b
+        if not ma.any() or not mb.any():
+            return math.inf
+        # distance from every cell to the nearest b cell, read at the a cells
+        dist = cv2.distanceTransform((~mb).astype(np.uint8), cv2.DIST_L2, 3)
+        return float(dist[ma].min()) * self.px_per_cell
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    severity: str
+    kind: str
+    message: str
+    params: dict[str, Any]
+    enter_s: float = 0.0
+    exit_s: float = 0.0
+    cooldown_s: float = 0.0
+    suppress_when: tuple[str, ...] = ("out_of_body",)
+    rationale: str = ""
+
+    def __post_init__(self):
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {self.severity!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for s in self.suppress_when:
+            if s not in SUPPRESSORS:
+                raise ValueError(f"suppress_when: unknown state {s!r} (known: {', '.join(SUPPRESSORS)})")
+        if min(self.enter_s, self.exit_s, self.cooldown_s) < 0:
+            raise ValueError("enter_s, exit_s and cooldown_s must not be negative")
+
+
+@dataclass(frozen=True)
+class AlertTransition:
+    """A rule's state change: what the agent turns into an alert event."""
+
+    rule: str
+    severity: str
+    kind: str  # raised, updated, cleared
+    message: str
+    evidence: dict[str, str]
+    seq: int
+    t_s: float
+
+
+def _class_id(name: str, where: str) -> int:
+    if name not in ANATOMY_NAMES:
+        raise InputError(f"{where}: unknown anatomy class {name!r} (known: {', '.join(ANATOMY_NAMES)})")
+    return ANATOMY_NAMES.index(name)
+
+
+def _phase_id(name: str, where: str) -> int:
+    if name not in PHASES:
+        raise InputError(f"{where}: unknown phase {name!r} (known: {', '.join(PHASES)})")
+    return PHASES.index(name)
+
+
+class _Condition:
+    """Evaluates a rule's condition; returns (true?, evidence)."""
+
+    def __init__(self, rule: Rule, where: str):
+        self.rule = rule
+        p = rule.params
+        k = rule.kind
+
+        def need(key, types, default=None):
+            if key not in p:
+                if default is None:
+                    raise InputError(f"{where}.{key}: missing (needed by kind {k!r})")
+                return default
+            v = p[key]
+            if isinstance(v, int) and not isinstance(v, bool) and float in (types if isinstance(types, tuple) else (types,)):
+                v = float(v)
+            if not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+                raise InputError(f"{where}.{key}: wrong type {type(v).__name__}")
+            return v
+
+        if k == "distance_below":
+            classes = need("classes", list)
+            if len(classes) != 2:
+                raise InputError(f"{where}.classes: give exactly two class names")
+            self.a, self.b = (_class_id(c, f"{where}.classes") for c in classes)
+            self.threshold = need("threshold_px", float)
+            self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
+        elif k == "structures_not_seen_before":
+            self.at = _phase_id(need("phase", str), f"{where}.phase")
+            self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
+            self.required = [_class_id(c, f"{where}.required") for c in need("required", list)]
+            if not self.required:
+                raise InputError(f"{where}.required: name at least one class")
+            self.min_area = need("min_area", float, 0.002)
+            self.min_seen_s = need("min_seen_s", float, 2.0)
+            self.min_sep = need("min_separation_px", float, 10.0)
+            self.seen_s = [0.0] * len(self.required)
+            self.together_s = 0.0
+            self.last_t: float | None = None
+            self.prev_phase: int | None = None
+            self.fired_for_entry = False
+        elif k == "area_growth":
+            self.cls = _class_id(need("class", str), f"{where}.class")
+            self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
+            self.growth = need("growth", float)
+            self.window_s = need("window_s", float)
+            self.min_area = need("min_area", float, 0.0)
+            self.history: deque[tuple[float, float]] = deque(maxlen=4096)
+        elif k == "phase_duration_over":
+            scale = need("time_scale", float, 1.0)
+            if scale <= 0:
+                raise InputError(f"{where}.time_scale: must be positive")
+            limits = {PHASES.index(n): s.p90_s / scale for n, s in PHASE_DURATIONS.items()}
+            for name, v in need("limits_s", dict, {}).items():
+                limits[_phase_id(name, f"{where}.limits_s")] = float(v)
+            self.limits = limits
+        elif k == "state":
+            self.state = need("state", str)
+            if self.state not in STATES:
+                raise InputError(f"{where}.state: unknown state {self.state!r} (known: {', '.join(STATES)})")
+            self.threshold = need("threshold", float, 0.0)
+
+    def __call__(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
+        k = self.rule.kind
+        if k == "distance_below":
+            if self.phases and x.phase not in self.phases:
+                return False, {}
+            d = x.distance_px(self.a, self.b)
+            return d < self.threshold, {"distance_px": round(d, 1) if math.isfinite(d) else "none",
+                                        "threshold_px": self.threshold, "phase": PHASES[x.phase] if x.phase is not None else ""}
+        if k == "structures_not_seen_before":
+            return self._cvs(x)
+        if k == "area_growth":
+            area = x.areas[self.cls]
+            self.history.append((x.t_s, area))
+            while self.history and self.history[0][0] < x.t_s - self.window_s:
+                self.history.popleft()
+            if self.phases and x.phase not in self.phases:
+                return False, {}
+            base = min(a for _, a in self.history)
+            grew = area - base
+            return (area >= self.min_area and grew >= self.growth), {
+                "area_pct": round(100 * area, 2), "growth_pct": round(100 * grew, 2), "window_s": self.window_s}
+        if k == "phase_duration_over":
+            if x.phase is None:
+                return False, {}
+            limit = self.limits[x.phase]
+            return x.time_in_phase_s > limit, {"phase": PHASES[x.phase], "time_in_phase_s": round(x.time_in_phase_s, 1),
+                                               "limit_s": round(limit, 1)}
+        # state
+        if self.state == "frame_drop_rate":
+            return x.system.frame_drop_rate > self.threshold, {"frame_drop_rate": round(x.system.frame_drop_rate, 3),
+                                                                "threshold": self.threshold}
+        value = getattr(x, self.state) if self.state in ("low_visibility", "out_of_body") else getattr(x.system, self.state)
+        return bool(value), {self.state: bool(value)}
+
+    def _cvs(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
+        dt = 0.0 if self.last_t is None else max(0.0, x.t_s - self.last_t)
+        self.last_t = x.t_s
+        if x.phase == self.during and not x.out_of_body:
+            seen = [x.areas[c] >= self.min_area for c in self.required]
+            for i, s in enumerate(seen):
+                self.seen_s[i] += dt if s else 0.0
+            if len(self.required) > 1 and all(seen):
+                sep = min(x.distance_px(a, b) for i, a in enumerate(self.required) for b in self.required[i + 1:])
+                self.together_s += dt if sep >= self.min_sep else 0.0
+        entered = x.phase == self.at and self.prev_phase is not None and self.prev_phase != self.at
+        if x.phase is not None:
+            self.prev_phase = x.phase
+        evidence = {ANATOMY_NAMES[c] + "_seen_s": round(s, 1) for c, s in zip(self.required, self.seen_s)}
+        if len(self.required) > 1:
+            evidence["seen_separately_s"] = round(self.together_s, 1)
+        evidence["min_seen_s"] = self.min_seen_s
+        if entered:
+            ok = all(s >= self.min_seen_s for s in self.seen_s) and (len(self.required) == 1 or self.together_s >= self.min_seen_s)
+            self.fired_for_entry = not ok
+        elif x.phase != self.at:
+            self.fired_for_entry = False
+        return self.fired_for_entry, evidence
+
+
+class _RuleState:
+    def __init__(self, rule: Rule, condition: _Condition):
+        self.rule = rule
+        self.condition = condition
+        self.active = False
+        self.true_since: float | None = None
+        self.false_since: float | None = None
+        self.cleared_at: float | None = None
+        self.last_evidence: dict[str, Any] = {}
+
+
+class RulesEngine:
+    def __init__(self, rules: list[Rule], on_transition: Callable[[AlertTransition], None] | None = None):
+        ids = [r.id for r in rules]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise InputError(f"rules: duplicate rule id {sorted(dup)[0]!r}")
+        self.rules = rules
+        self._states = [_RuleState(r, _Condition(r, f"rules.{r.id}")) for r in rules]
+        self._on_transition = on_transition
+        self.transitions: deque[AlertTransition] = deque(maxlen=10000)  # the recent record, for replay reports
+
+    def evaluate(self, x: RuleInputs) -> list[AlertTransition]:
+        out = []
+        for st in self._states:
+            rule = st.rule
+            suppressed = any(getattr(x, s) for s in rule.suppress_when)
+            cond, evidence = (False, {}) if suppressed else st.condition(x)
+            if suppressed and rule.kind == "structures_not_seen_before":
+                st.condition.last_t = x.t_s  # time out of view does not count as seen
+            if cond:
+                st.false_since = None
+                if st.true_since is None:
+                    st.true_since = x.t_s
+                st.last_evidence = evidence
+                cooling = st.cleared_at is not None and x.t_s - st.cleared_at < rule.cooldown_s
+                if not st.active and not cooling and x.t_s - st.true_since >= rule.enter_s:
+                    st.active = True
+                    out.append(self._transition(st, "raised", x, evidence))
+            else:
+                st.true_since = None
+                if st.active:
+                    if st.false_since is None:
+                        st.false_since = x.t_s
+                    if x.t_s - st.false_since >= rule.exit_s:
+                        st.active = False
+                        st.cleared_at = x.t_s
+                        out.append(self._transition(st, "cleared", x, st.last_evidence))
+        for t in out:
+            self.transitions.append(t)
+            if self._on_transition is not None:
+                self._on_transition(t)
+        return out
+
+    def on_result(self, r: FrameResult, system: SystemHealth = SystemHealth()) -> list[AlertTransition]:
+        return self.evaluate(RuleInputs.from_result(r, system))
+
+    @staticmethod
+    def _transition(st: _RuleState, kind: str, x: RuleInputs, evidence: dict) -> AlertTransition:
+        ev = {k: str(v) for k, v in evidence.items()}
+        try:
+            message = st.rule.message.format(**evidence)
+        except (KeyError, ValueError, IndexError):
+            message = st.rule.message
+        if kind == "cleared":
+            message = f"{message} - cleared"
+        return AlertTransition(st.rule.id, st.rule.severity, kind, message, ev, x.seq, x.t_s)
+
+    def active(self) -> list[str]:
+        return [st.rule.id for st in self._states if st.active]
+
+
+RULE_KEYS = {"id", "severity", "kind", "message", "enter_s", "exit_s", "cooldown_s", "suppress_when", "rationale"}
+
+
+def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> list[Rule]:
+    """Rules from a TOML file (default: the built-in cholecystectomy set), validated; errors name the rule and key."""
+    path = Path(path) if path is not None else BUILTIN_RULES
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such rules file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    tables = doc.get("rules")
+    if not isinstance(tables, list) or not tables:
+        raise InputError(f"{path}: no [[rules]] tables")
+    extra = set(doc) - {"rules"}
+    if extra:
+        raise InputError(f"{path}: unknown top-level key {sorted(extra)[0]!r} (only [[rules]] tables)")
+    rules = []
+    for i, t in enumerate(tables):
+        rid = t.get("id")
+        where = f"{path}: rules.{rid}" if isinstance(rid, str) and rid else f"{path}: rules[{i}]"
+        if not isinstance(rid, str) or not rid:
+            raise InputError(f"{where}.id: missing")
+        t = {**t, **((overrides or {}).get(rid, {}))}
+        params = {k: v for k, v in t.items() if k not in RULE_KEYS}
+        try:
+            for key in ("severity", "kind", "message"):
+                if key not in t:
+                    raise ValueError(f"{key}: missing")
+            rule = Rule(id=rid, severity=t["severity"], kind=t["kind"], message=t["message"], params=params,
+                        enter_s=float(t.get("enter_s", 0.0)), exit_s=float(t.get("exit_s", 0.0)),
+                        cooldown_s=float(t.get("cooldown_s", 0.0)),
+                        suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+        try:
+            _Condition(rule, f"{where}")
+        except InputError:
+            raise
+        rules.append(rule)
+    RulesEngine(rules)  # duplicate ids
+    return rules
