@@ -141,6 +141,12 @@ def cmd_display(args) -> int:
     return code
 
 
+def cmd_audit_verify(args) -> int:
+    from agent.audit import cmd_audit_verify as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="or-agent", description="Surgical video decision-support edge agent.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -206,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.certs import add_arguments as add_cert_arguments
 
     add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
+
+    p = sub.add_parser("audit", help="the audit trail: verify its hash chain")
+    audit_sub = p.add_subparsers(dest="audit_command", metavar="ACTION")
+    audit_sub.required = True
+    v = audit_sub.add_parser("verify", help="check the hash chain; report the first broken record (exit 0 intact, 1 broken)")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="audit directory, or audit-*.jsonl files in order")
+    v.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("demo", help="the quick start: a synthetic surgery played live through the agent to the display")
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
