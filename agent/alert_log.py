@@ -71,11 +71,15 @@ class AlertLog:
         with self._lock:
             return [ActiveAlert(**vars(a)) for a in self._active.values()]
 
-    def _emit(self, **kw) -> AlertRecord:
-        with self._lock:
-            self._seq += 1
-            rec = AlertRecord(sequence=self._seq, unix_ms=int(time.time() * 1000), **kw)
-            self._history.append(rec)
+    def _record(self, **kw) -> AlertRecord:
+        """Number and keep the next event. The caller holds the lock from its change of the active
+        alerts to here, so the numbers follow the order in which the alerts changed."""
+        self._seq += 1
+        rec = AlertRecord(sequence=self._seq, unix_ms=int(time.time() * 1000), **kw)
+        self._history.append(rec)
+        return rec
+
+    def _notify(self, rec: AlertRecord) -> AlertRecord:
         for cb in self._listeners:
             cb(rec)
         return rec
@@ -83,6 +87,8 @@ class AlertLog:
     def raise_alert(self, rule: str, severity: str, message: str, evidence: dict | None = None,
                     frame_sequence: int = 0, frame_media_ms: float = 0.0) -> AlertRecord:
         """Raise (or, if this rule's alert is active, update) an alert."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {severity!r}")
         with self._lock:
             existing = next((a for a in self._active.values() if a.rule == rule), None)
             if existing is None:
@@ -93,9 +99,10 @@ class AlertLog:
             else:
                 alert_id, kind = existing.alert_id, "updated"
                 existing.message, existing.severity = message, severity
-        return self._emit(alert_id=alert_id, rule=rule, severity=severity, kind=kind, message=message,
-                          evidence={k: str(v) for k, v in (evidence or {}).items()},
-                          frame_sequence=frame_sequence, frame_media_ms=frame_media_ms)
+            rec = self._record(alert_id=alert_id, rule=rule, severity=severity, kind=kind, message=message,
+                               evidence={k: str(v) for k, v in (evidence or {}).items()},
+                               frame_sequence=frame_sequence, frame_media_ms=frame_media_ms)
+        return self._notify(rec)
 
     def clear(self, rule: str, message: str = "", frame_sequence: int = 0, frame_media_ms: float = 0.0) -> AlertRecord | None:
         with self._lock:
@@ -103,9 +110,10 @@ class AlertLog:
             if existing is None:
                 return None
             del self._active[existing.alert_id]
-        return self._emit(alert_id=existing.alert_id, rule=rule, severity=existing.severity, kind="cleared",
-                          message=message or f"{existing.message} (cleared)", frame_sequence=frame_sequence,
-                          frame_media_ms=frame_media_ms, acknowledged_by=existing.acknowledged_by)
+            rec = self._record(alert_id=existing.alert_id, rule=rule, severity=existing.severity, kind="cleared",
+                               message=message or f"{existing.message} (cleared)", frame_sequence=frame_sequence,
+                               frame_media_ms=frame_media_ms, acknowledged_by=existing.acknowledged_by)
+        return self._notify(rec)
 
     def acknowledge(self, alert_id: str, client_id: str) -> AlertRecord | None:
         """Record who acknowledged; None when no such alert is active."""
@@ -114,8 +122,9 @@ class AlertLog:
             if a is None:
                 return None
             a.acknowledged, a.acknowledged_by = True, client_id
-        return self._emit(alert_id=alert_id, rule=a.rule, severity=a.severity, kind="acknowledged",
-                          message=f"{a.message} (acknowledged by {client_id})", acknowledged_by=client_id)
+            rec = self._record(alert_id=alert_id, rule=a.rule, severity=a.severity, kind="acknowledged",
+                               message=f"{a.message} (acknowledged by {client_id})", acknowledged_by=client_id)
+        return self._notify(rec)
 
     def reannounce_due(self, interval_s: float) -> list[AlertRecord]:
         """Announce again every unacknowledged critical alert not announced for ``interval_s``."""
@@ -125,9 +134,9 @@ class AlertLog:
             for a in self._active.values():
                 if a.severity == "critical" and not a.acknowledged and now - a.announced_mono >= interval_s:
                     a.announced_mono = now
-                    due.append(a)
-        return [self._emit(alert_id=a.alert_id, rule=a.rule, severity=a.severity, kind="reannounced",
-                           message=f"{a.message} (not yet acknowledged)") for a in due]
+                    due.append(self._record(alert_id=a.alert_id, rule=a.rule, severity=a.severity, kind="reannounced",
+                                            message=f"{a.message} (not yet acknowledged)"))
+        return [self._notify(rec) for rec in due]
 
     def since(self, after_sequence: int) -> tuple[list[AlertRecord], bool]:
         """Events after ``after_sequence``, and whether some of them have left the history."""

@@ -135,6 +135,7 @@ class Display:
         self._writer: cv2.VideoWriter | None = None
         self._writer_tmp: Path | None = None
         self.frames_shown = 0
+        self.overlays_matched = 0  # --video: local frames drawn with the overlay of their media timestamp
         self._labels: dict[int, tuple[int, int, int]] = {}
         self._channel: grpc.aio.Channel | None = None
 
@@ -197,6 +198,7 @@ class Display:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # the agent restarted: its numbering did too
                     self.state.last_alert_seq = 0
+                    self.state.alerts.clear()  # the old agent's alerts; the new one's history restores its own
             finally:
                 await channel.close()
             try:
@@ -242,6 +244,7 @@ class Display:
                 off = "no overlay for this frame"
             if ov is not None:
                 img = overlay_on_video(local_frame, ov, self._labels)
+                self.overlays_matched += 1
         elif s.newest_jpeg is not None:
             img = s.newest_jpeg.copy()
             if off is not None:

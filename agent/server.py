@@ -121,7 +121,7 @@ class AgentServer:
         await self._set_health(False)
         for sub in list(self.service.subscribers):
             sub.offer(_SHUTDOWN)  # each overlay stream ends with OK after what it had queued
-        self.service._alert_wakeup.set()
+        self.service.wake_alert_streams()
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.server.stop(self.config.server.shutdown_grace_s)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import cv2
 import grpc
@@ -86,7 +87,9 @@ class _Subscriber:
     dropped: int = 0
     sent: int = 0
     behind_since: float | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def over_limit(self, limit_s: float) -> bool:
+        return self.behind_since is not None and time.monotonic() - self.behind_since > limit_s
 
     def offer(self, payload) -> None:
         """On the event loop: enqueue, dropping the oldest overlay when full."""
@@ -123,11 +126,14 @@ class AgentService:
         self.renderer = OverlayRenderer(models.manifests["segmentation"].labels)
         self._jpeg_worker: QueuedSubscriber | None = None
         self.published = 0
+        self._published_at: deque[float] = deque(maxlen=1024)  # monotonic times of recent results
+        self._case_started = 0.0
 
     # ----- from the pipeline's publish thread -------------------------------------------------
     def on_result(self, r: FrameResult) -> None:
         subs = list(self.subscribers)
         self.published += 1
+        self._published_at.append(time.monotonic())
         if not subs:
             return
         active = [pb.ActiveAlert(alert_id=a.alert_id, rule=a.rule, severity=SEVERITY_PB[a.severity], message=a.message,
@@ -162,6 +168,8 @@ class AgentService:
         self.loop.call_soon_threadsafe(self._deliver, deliveries)
 
     def _deliver(self, deliveries) -> None:
+        if self.shutting_down:
+            return  # each stream's queue ends with the shutdown marker; nothing may push it out
         for s, data in deliveries:
             if s in self.subscribers:
                 s.offer(data)
@@ -180,7 +188,21 @@ class AgentService:
             self.alerts.raise_alert("source_error", "warning", e.message, {"source": e.source}, e.seq or 0)
 
     def _alert_recorded(self, _rec: AlertRecord) -> None:
-        self.loop.call_soon_threadsafe(self._alert_wakeup.set)
+        self.loop.call_soon_threadsafe(self.wake_alert_streams)
+
+    def wake_alert_streams(self) -> None:
+        """On the event loop: wake every alert stream. Each waits on the event that was current when
+        it last read the log, so none can miss a wakeup another stream has already consumed."""
+        wakeup, self._alert_wakeup = self._alert_wakeup, asyncio.Event()
+        wakeup.set()
+
+    def recent_fps(self, window_s: float = 2.0) -> float:
+        """Results published per second over the last ``window_s`` of the current case."""
+        now = time.monotonic()
+        span = min(window_s, now - self._case_started)
+        if span <= 0:
+            return 0.0
+        return sum(1 for t in list(self._published_at) if now - t <= span) / span
 
     # ----- case lifecycle -------------------------------------------------------------------
     async def start_case(self, spec: CaseSpec) -> CaseSession:
@@ -188,6 +210,7 @@ class AgentService:
             if self.session is not None and not self.session.stopped_unix_ms:
                 raise RuntimeError(f"case {self.session.spec.case_id!r} is running; stop it first")
             session = CaseSession(spec, self.models, self.config.pipeline, self.on_result, self.on_source_event)
+            self._case_started = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(None, session.start)
             self.session = session
             return session
@@ -226,7 +249,7 @@ class AgentService:
             stats = s.pipeline.stats()
             lat = stats["latency_ms"]["end_to_end"]
             st.source, st.case_id = s.source.name, s.spec.case_id
-            st.frames_per_second = stats["fps_out"]
+            st.frames_per_second = self.recent_fps()  # recent, as the contract says: a stall shows at once
             st.frames_processed, st.frames_dropped = stats["frames_out"], stats["frames_dropped_source"]
             st.capture_to_publish.CopyFrom(pb.LatencyPercentiles(p50_ms=lat["p50_ms"], p95_ms=lat["p95_ms"],
                                                                  p99_ms=lat["p99_ms"], max_ms=lat["max_ms"], count=lat["count"]))
@@ -280,18 +303,44 @@ class OrAgentHandlers:
                 payload = await sub.queue.get()
                 if payload is _SHUTDOWN:
                     return
-                if sub.behind_since is not None:
-                    if sub.queue.empty():
-                        sub.behind_since = None
-                    elif time.monotonic() - sub.behind_since > cfg.behind_limit_s:
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                            f"display {sub.client_id} fell behind: {sub.dropped} overlays dropped, "
-                                            f"still behind after {cfg.behind_limit_s:g} s; reconnect")
-                yield payload
+                if sub.behind_since is not None and sub.queue.empty():
+                    sub.behind_since = None
+                if sub.over_limit(cfg.behind_limit_s) or not await self._write(sub, context, payload, cfg.behind_limit_s):
+                    await self._end_behind(sub, context, cfg.behind_limit_s)
+                    return
                 sub.sent += 1
         finally:
             self.s.subscribers.discard(sub)
             log.info("display %s unsubscribed (%d sent, %d dropped)", sub.client_id, sub.sent, sub.dropped)
+
+    @staticmethod
+    async def _write(sub: _Subscriber, context, payload, limit_s: float) -> bool:
+        """Send one overlay; False if the display's transport stayed full until it fell behind the limit.
+
+        A display that reads slowly first fills gRPC's flow-control window; the write then waits
+        for it, and only a watch beside the write can tell that the display stayed behind."""
+        write = asyncio.ensure_future(context.write(payload))
+        try:
+            while not write.done():
+                await asyncio.wait((write,), timeout=0.25)
+                if not write.done() and sub.over_limit(limit_s):
+                    return False
+            write.result()
+            return True
+        finally:
+            if not write.done():
+                write.cancel()
+
+    @staticmethod
+    async def _end_behind(sub: _Subscriber, context, limit_s: float) -> None:
+        log.warning("display %s (%s) fell behind: %d overlays dropped; ending its stream", sub.client_id, sub.peer, sub.dropped)
+        try:
+            # The status goes out after what the display's transport still holds; don't wait for it.
+            await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                 f"display {sub.client_id} fell behind: {sub.dropped} overlays dropped, "
+                                                 f"still behind after {limit_s:g} s; reconnect"), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
 
     async def StreamAlerts(self, request, context):
         await _reject_malformed(request, context)
@@ -302,6 +351,7 @@ class OrAgentHandlers:
                                 f"after_sequence {cursor} is beyond the newest alert ({self.s.alerts.last_sequence}); "
                                 "the agent restarted? resubscribe from 0")
         while not self.s.shutting_down:
+            wakeup = self.s._alert_wakeup  # before reading: an event recorded after this sets it
             events, truncated = self.s.alerts.since(cursor)
             if truncated:
                 yield pb.AlertEvent(sequence=cursor, kind=pb.AlertEvent.HISTORY_TRUNCATED,
@@ -310,11 +360,10 @@ class OrAgentHandlers:
             for e in events:
                 yield alert_to_pb(e, self.s.model_info)
                 cursor = e.sequence
-            self.s._alert_wakeup.clear()
             if self.s.alerts.last_sequence > cursor:
                 continue
             try:
-                await asyncio.wait_for(self.s._alert_wakeup.wait(), timeout=1.0)
+                await asyncio.wait_for(wakeup.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
 

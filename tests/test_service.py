@@ -1,0 +1,875 @@
+"""The agent's gRPC service end to end: a real in-process ``AgentServer`` on 127.0.0.1, real clients.
+
+Every test runs its own server inside ``asyncio.run`` and stops it before returning; the clients
+are the generated stubs (``grpc.aio``), the reference display, and ``buf curl`` as an independent
+gRPC implementation over mutual TLS. Nothing here depends on what the models recognise: the
+alerts are raised through the service's own ``AlertLog``, and the overlays are only counted and
+timed. No test listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from agent.alert_log import AlertLog
+from agent.certs import channel_credentials, make_certificates
+from agent.config import load_config
+from agent.display import Display, ai_off_reason
+from agent.server import AgentServer
+from agent.session import LoadedModels
+from pipelines.errors import InputError, OrAgentError
+from proto.oragent.v1 import agent_pb2 as pb
+from proto.oragent.v1 import agent_pb2_grpc as pbg
+from tests.conftest import ROOT
+
+SERVICE = "oragent.v1.OrAgent"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+BUF_VERSION = "1.75.0"
+BUF_PREFIX = ROOT / ".cache" / "buf"
+
+
+# ----- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def video(small_dataset) -> str:
+    return str(small_dataset / "video01.mp4")
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak():
+    """Every server, pipeline, JPEG worker and executor thread a test started is gone when it ends
+    (gRPC's own process-wide poller thread is not the test's)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        extra = [t for t in threading.enumerate()
+                 if t not in before and t.is_alive() and "_poll_wrapper" not in t.name]
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not extra, f"threads left running: {[t.name for t in extra]}"
+
+
+def load_models() -> LoadedModels:
+    """The bundled models; they may be swapped by a retraining while we load, so try again briefly."""
+    for attempt in range(10):
+        try:
+            return LoadedModels()
+        except OrAgentError:
+            if attempt == 9:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+class Agent:
+    """An ``AgentServer`` on 127.0.0.1:0 for one scenario; ``stop`` runs once, whoever calls it."""
+
+    def __init__(self, **overrides):
+        cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", **overrides})
+        self.server = AgentServer(cfg, load_models())
+        self._stopped = False
+
+    async def __aenter__(self) -> "Agent":
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            await self.server.stop()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def alerts(self) -> AlertLog:
+        return self.server.service.alerts
+
+
+def channel(target: str, creds: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    # A channel-local subchannel pool: each client has its own connection (and flow-control window).
+    opts = [("grpc.use_local_subchannel_pool", 1)]
+    if creds is not None:
+        return grpc.aio.secure_channel(target, creds, options=opts)
+    return grpc.aio.insecure_channel(target, options=opts)
+
+
+async def eventually(predicate, timeout_s: float, what: str):
+    """Poll ``predicate`` (sync or async) until it is truthy; fail naming ``what`` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def rpc_error(awaitable, timeout_s: float = 10.0) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(awaitable, timeout_s)
+    return e.value
+
+
+async def read_n(call, n: int, timeout_s: float = 10.0) -> list:
+    out = []
+    for _ in range(n):
+        msg = await asyncio.wait_for(call.read(), timeout_s)
+        assert msg is not grpc.aio.EOF, f"stream ended after {len(out)} of {n} messages"
+        out.append(msg)
+    return out
+
+
+async def start_case(stub: pbg.OrAgentStub, video: str, case_id: str = "OR1-test-01") -> pb.CaseInfo:
+    return await stub.StartCase(pb.StartCaseRequest(source=video, case_id=case_id, paced=True), timeout=30)
+
+
+# ----- 1. health ------------------------------------------------------------------------------
+
+
+def test_health_follows_fresh_results(video):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = pbg.OrAgentStub(ch)
+
+            async def states():
+                return [(await health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5)).status
+                        for s in ("", SERVICE)]
+
+            assert await states() == [NOT_SERVING, NOT_SERVING]  # no case: no AI
+            assert (await stub.GetStatus(pb.StatusRequest())).state == pb.Status.IDLE
+            e = await rpc_error(health.Check(health_pb2.HealthCheckRequest(service="no.such.Service")))
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+
+            info = await start_case(stub, video)
+            assert info.case_id == "OR1-test-01" and info.started_unix_ms > 0 and info.stopped_unix_ms == 0
+            await eventually(lambda: _all(states(), SERVING), 15, "health SERVING once results flow")
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert st.state == pb.Status.RUNNING and st.frames_processed > 0 and st.case_id == "OR1-test-01"
+            assert st.source == video and len(st.models) == 3 and st.capture_to_publish.count > 0
+
+            info = await stub.StopCase(pb.StopCaseRequest(reason="end of test"))
+            assert info.stopped_unix_ms >= info.started_unix_ms > 0 and info.state == pb.Status.IDLE
+            await eventually(lambda: _all(states(), NOT_SERVING), 2, "health NOT_SERVING after StopCase")
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert st.state == pb.Status.IDLE
+            # The rate is the recent one: it falls to zero once no result comes.
+            await eventually(lambda: _fps_zero(stub), 4, "frames_per_second 0 after the case stopped")
+            e = await rpc_error(stub.StopCase(pb.StopCaseRequest()))
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(scenario())
+
+
+async def _all(states_coro, wanted) -> bool:
+    return all(s == wanted for s in await states_coro)
+
+
+async def _fps_zero(stub) -> bool:
+    return (await stub.GetStatus(pb.StatusRequest())).frames_per_second == 0.0
+
+
+# ----- 2. reflection --------------------------------------------------------------------------
+
+
+def test_reflection_lists_the_services_and_describes_the_contract():
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names = set()
+            async for resp in refl.ServerReflectionInfo([reflection_pb2.ServerReflectionRequest(list_services="")]):
+                names |= {s.name for s in resp.list_services_response.service}
+            assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+            req = reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)
+            methods = set()
+            async for resp in refl.ServerReflectionInfo([req]):
+                for raw in resp.file_descriptor_response.file_descriptor_proto:
+                    fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                    for svc in fd.service:
+                        if f"{fd.package}.{svc.name}" == SERVICE:
+                            methods |= {m.name for m in svc.method}
+            assert methods == {"StreamOverlays", "StreamAlerts", "GetStatus", "StartCase", "StopCase", "AcknowledgeAlert"}
+
+    asyncio.run(scenario())
+
+
+# ----- 3. buf curl over mutual TLS ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def buf() -> Path:
+    """buf's own gRPC client (Go), installed once into .cache/buf with npm."""
+    exe = BUF_PREFIX / "node_modules" / ".bin" / "buf"
+    if not exe.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is not on PATH: cannot install buf for the buf curl tests")
+        try:
+            proc = subprocess.run([npm, "install", "--no-save", "--prefix", str(BUF_PREFIX), f"@bufbuild/buf@{BUF_VERSION}"],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"npm install @bufbuild/buf@{BUF_VERSION} failed: {exc}")
+        if proc.returncode != 0 or not exe.exists():
+            pytest.skip(f"npm install @bufbuild/buf@{BUF_VERSION} failed ({proc.returncode}): "
+                        f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pki")
+    return (make_certificates(base / "box", box="or-box", displays=["disp1"]),
+            make_certificates(base / "other", box="other-box", displays=["disp1"]))
+
+
+def test_buf_curl_over_mutual_tls(buf, pki, tmp_path):
+    box, other = pki
+    crt, key = box.clients["disp1"]
+    overrides = {"server.tls_cert": str(box.server_cert), "server.tls_key": str(box.server_key),
+                 "server.tls_ca": str(box.ca_cert)}
+
+    async def curl(url: str, *args: str, cert: bool = True) -> subprocess.CompletedProcess:
+        tls = ["--cacert", str(box.ca_cert)] + (["--cert", str(crt), "--key", str(key)] if cert else [])
+        cmd = [str(buf), "curl", "--protocol", "grpc", *tls, "--connect-timeout", "10", *args, url]
+        env = {**os.environ, "BUF_CACHE_DIR": str(tmp_path / "buf-cache"), "NO_COLOR": "1"}
+        return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60, env=env)
+
+    async def scenario():
+        async with Agent(**overrides) as agent:
+            base = f"https://127.0.0.1:{agent.server.port}"
+            # (a) the services, by reflection
+            proc = await curl(base, "--list-services")
+            assert proc.returncode == 0, proc.stderr
+            services = set(proc.stdout.split())
+            assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+            proc = await curl(base, "--list-methods")
+            assert proc.returncode == 0, proc.stderr
+            assert f"{SERVICE}/StreamOverlays" in proc.stdout.split() and f"{SERVICE}/AcknowledgeAlert" in proc.stdout.split()
+            # (b) health: no case, so not serving
+            proc = await curl(f"{base}/grpc.health.v1.Health/Check", "--data", "{}")
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout) == {"status": "NOT_SERVING"}
+            # (c) the agent's status, as JSON
+            proc = await curl(f"{base}/{SERVICE}/GetStatus", "--data", "{}", "--emit-defaults")
+            assert proc.returncode == 0, proc.stderr
+            status = json.loads(proc.stdout)
+            assert status["state"] == "IDLE" and status["agentVersion"] and float(status["uptimeS"]) > 0
+            assert sorted(m["task"] for m in status["models"]) == ["phase", "segmentation", "visibility"]
+            assert all(len(m["sha256"]) == 64 for m in status["models"])
+
+            # Refused: buf without a client certificate, python with none, python with another CA's.
+            proc = await curl(f"{base}/{SERVICE}/GetStatus", "--data", "{}", cert=False)
+            assert proc.returncode != 0 and not proc.stdout.strip()
+            other_crt, other_key = other.clients["disp1"]
+            for creds in (channel_credentials(box.ca_cert), channel_credentials(box.ca_cert, other_crt, other_key)):
+                async with channel(agent.target, creds) as ch:
+                    e = await rpc_error(pbg.OrAgentStub(ch).GetStatus(pb.StatusRequest(), timeout=10), 15)
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE
+            # ... while the box's own display is served (python's TLS stack too).
+            async with channel(agent.target, channel_credentials(box.ca_cert, crt, key)) as ch:
+                assert (await pbg.OrAgentStub(ch).GetStatus(pb.StatusRequest(), timeout=10)).state == pb.Status.IDLE
+
+    asyncio.run(scenario())
+
+
+# ----- 4. a slow display --------------------------------------------------------------------------
+
+
+def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscriber(video):
+    async def scenario():
+        async with Agent(**{"server.behind_limit_s": 2.0, "server.subscriber_queue": 4}) as agent, \
+                channel(agent.target) as ch_a, channel(agent.target) as ch_b, channel(agent.target) as ch_c:
+            stub = pbg.OrAgentStub(ch_a)
+            await start_case(stub, video)
+            fast = stub.StreamOverlays(pb.SubscribeRequest(client_id="fast-display"))
+            # B asks for big messages (composited JPEG), so its flow-control window fills in seconds.
+            slow = pbg.OrAgentStub(ch_b).StreamOverlays(
+                pb.SubscribeRequest(client_id="slow-display", include_jpeg=True, jpeg_quality=95))
+            # C never reads at all: once its window is full the server's write to it never completes.
+            stuck = pbg.OrAgentStub(ch_c).StreamOverlays(
+                pb.SubscribeRequest(client_id="stuck-display", include_jpeg=True, jpeg_quality=95))
+            drain = asyncio.Event()
+            slow_read = [0]
+
+            async def slow_reader():
+                try:
+                    while True:
+                        msg = await slow.read()
+                        if msg is grpc.aio.EOF:
+                            return slow_read[0], None
+                        slow_read[0] += 1
+                        assert msg.composited_jpeg[:2] == b"\xff\xd8"
+                        if not drain.is_set():
+                            with contextlib.suppress(asyncio.TimeoutError):
+                                await asyncio.wait_for(drain.wait(), 1.0)  # one overlay a second
+                except grpc.aio.AioRpcError as exc:
+                    return slow_read[0], exc
+
+            fast_log = []  # (arrival, frame sequence) of every overlay the fast display got
+
+            async def fast_reader():
+                while (msg := await fast.read()) is not grpc.aio.EOF:
+                    fast_log.append((time.monotonic(), msg.sequence))
+
+            def fast_window(t_from: float, t_to: float) -> list[int]:
+                return [seq for t, seq in fast_log if t_from <= t < t_to]
+
+            slow_task = asyncio.create_task(slow_reader())
+            fast_task = asyncio.create_task(fast_reader())
+            slow_t0 = time.monotonic()
+            await eventually(lambda: fast_log, 15, "the first overlay")
+            statuses = []
+
+            async def sample_status():
+                while True:
+                    await asyncio.sleep(1.0)
+                    statuses.append(await stub.GetStatus(pb.StatusRequest()))
+
+            sampler = asyncio.create_task(sample_status())
+            t0 = time.monotonic()
+            await asyncio.sleep(6.0)
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            seqs = fast_window(t0, t0 + 6.0)
+            assert len(seqs) / 6.0 > 20, f"fast subscriber got {len(seqs) / 6.0:.1f} overlays/s beside a slow one"
+            # It kept up: it saw (nearly) every frame the pipeline published in the window.
+            assert seqs == sorted(seqs) and len(seqs) >= 0.9 * (seqs[-1] - seqs[0] + 1)
+            assert len(statuses) >= 4 and all(s.frames_per_second > 20 for s in statuses[1:]), \
+                [round(s.frames_per_second, 1) for s in statuses]
+
+            # The server ends the slow display by itself, while it still reads one overlay a second,
+            # and the stuck one, whose transport will take nothing more.
+            def subscribed(client_id: str) -> bool:
+                return any(s.client_id == client_id for s in agent.server.service.subscribers)
+
+            await eventually(lambda: not subscribed("slow-display") and not subscribed("stuck-display"),
+                             20, "the server to end the slow and the stuck displays' streams")
+            assert not slow_task.done()
+            read_slowly = slow_read[0]
+            assert read_slowly <= time.monotonic() - slow_t0 + 2  # it really read one a second
+            drain.set()  # now read what its transport still holds: the status comes after it
+            slow_n, err = await asyncio.wait_for(slow_task, 30)
+            assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert "fell behind" in err.details() and "overlays dropped" in err.details()
+            assert slow_n >= read_slowly
+
+            # The fast display is still served at the full rate after the slow ones were ended.
+            t1 = time.monotonic()
+            await asyncio.sleep(2.0)
+            assert len(fast_window(t1, t1 + 2.0)) / 2.0 > 20
+            assert (await stub.GetStatus(pb.StatusRequest())).subscribers == 1
+            assert not fast_task.done()
+            fast.cancel()
+            stuck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fast_task
+
+    asyncio.run(scenario())
+
+
+# ----- 5. alerts across reconnects -----------------------------------------------------------------
+
+
+def test_alert_stream_resumes_after_the_last_sequence_seen():
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            for i in range(5):
+                agent.alerts.raise_alert(f"rule{i}", "warning", f"alert {i}", {"i": i})
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            seen = await read_n(call, 2)
+            call.cancel()  # the display goes away
+            await eventually(lambda: call.done(), 5, "the first stream to end")
+
+            agent.alerts.clear("rule0", "gone")
+            agent.alerts.raise_alert("rule1", "critical", "alert 1, worse")  # an update
+            for i in range(5, 8):
+                agent.alerts.raise_alert(f"rule{i}", "info", f"alert {i}")
+            assert agent.alerts.last_sequence == 10
+
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=seen[-1].sequence))
+            seen += await read_n(call, 8)
+            # Nothing more, nothing twice...
+            pending = asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            assert not done, f"an extra event: {pending.result()}"
+            # ... and new events arrive live on the resumed stream.
+            agent.alerts.clear("rule7")
+            seen.append(await asyncio.wait_for(pending, 5))
+            call.cancel()
+
+            recorded, _ = agent.alerts.since(0)
+            assert [e.sequence for e in seen] == list(range(1, 12))
+            assert [(e.alert_id, e.kind) for e in seen] == [
+                (r.alert_id, {"raised": pb.AlertEvent.RAISED, "updated": pb.AlertEvent.UPDATED,
+                              "cleared": pb.AlertEvent.CLEARED}[r.kind]) for r in recorded]
+            assert seen[0].evidence == {"i": "0"} and seen[0].severity == pb.WARNING
+            assert seen[6].kind == pb.AlertEvent.UPDATED and seen[6].severity == pb.CRITICAL
+
+            # A cursor beyond the newest event (the agent restarted): told so, not left waiting.
+            e = await rpc_error(stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=999)).read())
+            assert e.code() == grpc.StatusCode.OUT_OF_RANGE
+
+    asyncio.run(scenario())
+
+
+def test_alert_gap_older_than_the_history_is_reported():
+    async def scenario():
+        async with Agent(**{"server.alert_history": 3}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            for i in range(6):
+                agent.alerts.raise_alert(f"rule{i}", "warning", f"alert {i}")  # 1..6; the history keeps 4..6
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=1))
+            events = await read_n(call, 4)
+            call.cancel()
+            assert events[0].kind == pb.AlertEvent.HISTORY_TRUNCATED and "4" in events[0].message
+            assert [e.sequence for e in events[1:]] == [4, 5, 6]
+
+            # A display that saw up to 3 misses nothing: no truncation notice.
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=3))
+            events = await read_n(call, 3)
+            call.cancel()
+            assert [(e.kind, e.sequence) for e in events] == [(pb.AlertEvent.RAISED, s) for s in (4, 5, 6)]
+
+    asyncio.run(scenario())
+
+
+def test_alert_numbering_follows_the_order_of_changes_under_concurrency():
+    """Raise and clear the same rule from several threads: the numbered events must tell a
+    consistent story (raised, updates, cleared, raised...), and end in the state the log is in."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for _ in range(8):
+            log = AlertLog(history=100_000)
+
+            def work(raising: bool):
+                for _ in range(1500):
+                    if raising:
+                        log.raise_alert("r", "warning", "x")
+                    else:
+                        log.clear("r")
+
+            threads = [threading.Thread(target=work, args=(i % 2 == 0,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            events, _ = log.since(0)
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            active = False
+            for e in events:
+                assert (e.kind == "raised") == (not active), f"{e.kind} #{e.sequence} while active={active}"
+                active = e.kind != "cleared"
+            assert active == bool(log.active())
+    finally:
+        sys.setswitchinterval(old)
+    log = AlertLog()
+    with pytest.raises(ValueError, match="severity"):
+        log.raise_alert("r", "catastrophic", "x")
+    assert not log.active() and log.last_sequence == 0  # refused whole: nothing half-recorded
+
+
+class CuttableProxy:
+    """A TCP relay on 127.0.0.1 between a display and the agent. ``cut`` resets every connection
+    and refuses new ones (a pulled cable, as far as the display can tell); ``restore`` lets them in."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.up = True
+        self.accepted = 0
+        self._pairs: set = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self) -> "CuttableProxy":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.accepted += 1
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._pairs.discard(pair)
+
+    @staticmethod
+    async def _pipe(reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        self.up = False
+        for pair in list(self._pairs):
+            for w in pair:
+                w.transport.abort()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def close(self) -> None:
+        self.cut()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def test_reference_display_loses_no_alert_across_a_dropped_connection(tmp_path):
+    """The display's own resume logic: its connection to the agent is cut while alerts are raised;
+    when it comes back it must have every event exactly once, in order."""
+    async def scenario():
+        async with Agent() as agent:
+            proxy = await CuttableProxy(agent.server.port).start()
+            display = Display(f"127.0.0.1:{proxy.port}", client_id="disp1", headless=str(tmp_path / "d.mp4"),
+                              backoff_max_s=0.5)
+            run = asyncio.create_task(display.run())
+            try:
+                for i in range(3):
+                    agent.alerts.raise_alert(f"rule{i}", "warning", f"alert {i}")
+                await eventually(lambda: display.state.last_alert_seq == 3, 10, "the display to see alerts 1-3")
+                accepted = proxy.accepted
+
+                proxy.cut()
+                await asyncio.sleep(0.5)
+                agent.alerts.clear("rule0")
+                for i in range(3, 7):
+                    agent.alerts.raise_alert(f"rule{i}", "critical" if i == 3 else "info", f"alert {i}")
+                await asyncio.sleep(1.0)
+                assert display.state.last_alert_seq == 3  # it really was cut off
+                proxy.restore()
+
+                await eventually(lambda: display.state.last_alert_seq == 8, 15, "the display to catch up to alert 8")
+                agent.alerts.raise_alert("rule7", "warning", "after the reconnect")
+                await eventually(lambda: display.state.last_alert_seq == 9, 5, "a live alert after the reconnect")
+                assert proxy.accepted > accepted  # it did reconnect
+            finally:
+                display.stop()
+                await asyncio.wait_for(run, 10)
+                await proxy.close()
+            assert [e.sequence for e in display.state.alert_log] == list(range(1, 10))
+            assert all(e.kind != pb.AlertEvent.HISTORY_TRUNCATED for e in display.state.alert_log)
+            # Its idea of the active alerts is the agent's.
+            assert set(display.state.alerts) == {a.alert_id for a in agent.alerts.active()}
+            assert display.frames_shown > 0 and (tmp_path / "d.mp4").stat().st_size > 0
+
+    asyncio.run(scenario())
+
+
+def test_reference_display_follows_an_agent_restarted_on_the_same_port(tmp_path):
+    """A restarted agent numbers its alerts from 1 again: the display, whose cursor is now beyond
+    the newest event, is told so (OUT_OF_RANGE) and starts over from the new agent's history."""
+    async def scenario():
+        first = Agent()
+        await first.__aenter__()
+        port = first.server.port
+        display = Display(first.target, client_id="disp1", headless=str(tmp_path / "d.mp4"), backoff_max_s=0.5)
+        run = asyncio.create_task(display.run())
+        second = None
+        try:
+            for i in range(3):
+                first.alerts.raise_alert(f"rule{i}", "warning", f"alert {i}")
+            await eventually(lambda: display.state.last_alert_seq == 3, 10, "the display to see alerts 1-3")
+            await first.stop()
+            await asyncio.sleep(0.5)
+            second = Agent(**{"server.listen": f"127.0.0.1:{port}"})
+            await second.__aenter__()
+            assert second.server.port == port
+            rec = second.alerts.raise_alert("restarted", "critical", "after the restart")
+            await eventually(lambda: [e.sequence for e in display.state.alert_log] == [1, 2, 3, 1], 15,
+                             "the display to start over with the restarted agent's alerts")
+            assert display.state.alert_log[-1].alert_id == rec.alert_id
+            # Only the new agent's alert is on screen: the old agent's are gone with it.
+            assert set(display.state.alerts) == {rec.alert_id}
+        finally:
+            display.stop()
+            await asyncio.wait_for(run, 10)
+            await first.stop()
+            if second is not None:
+                await second.stop()
+
+    asyncio.run(scenario())
+
+
+# ----- 6. malformed and oversized requests -----------------------------------------------------------
+
+
+def test_bad_requests_are_refused_and_the_server_keeps_serving(video):
+    async def scenario():
+        async with Agent(**{"server.max_subscribers": 2}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+
+            async def code(awaitable) -> grpc.StatusCode:
+                return (await rpc_error(awaitable)).code()
+
+            for method in ("GetStatus", "StartCase", "AcknowledgeAlert"):
+                raw = ch.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+                e = await rpc_error(raw(b"\xff\xff\xff"))
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.details(), method
+            raw_stream = ch.unary_stream(f"/{SERVICE}/StreamOverlays", request_serializer=None, response_deserializer=None)
+            assert await code(raw_stream(b"\x0a\xff\xff").read()) == grpc.StatusCode.INVALID_ARGUMENT
+
+            e = await rpc_error(stub.StreamOverlays(pb.SubscribeRequest(client_id="has space")).read())
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "client_id" in e.details()
+            e = await rpc_error(stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="")).read())
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert await code(stub.StreamOverlays(pb.SubscribeRequest(
+                client_id="disp1", include_jpeg=True, jpeg_quality=500)).read()) == grpc.StatusCode.INVALID_ARGUMENT
+
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source="", case_id="c1")))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "source" in e.details()
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source=video, case_id="OR1/2026")))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "case_id" in e.details()
+            missing = str(Path(video).parent / "no-such-video.mp4")
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source=missing, case_id="c1")))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and missing in e.details()
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source="x" * 100_000, case_id="c1")))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            e = await rpc_error(stub.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id="no-such-alert", client_id="disp1")))
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+            assert await code(stub.StopCase(pb.StopCaseRequest())) == grpc.StatusCode.FAILED_PRECONDITION
+
+            # More overlay streams than the limit.
+            calls = [stub.StreamOverlays(pb.SubscribeRequest(client_id=f"disp{i}")) for i in range(2)]
+            await eventually(lambda: len(agent.server.service.subscribers) == 2, 5, "two subscribers")
+            e = await rpc_error(stub.StreamOverlays(pb.SubscribeRequest(client_id="disp9")).read())
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in e.details()
+            for c in calls:
+                c.cancel()
+            await eventually(lambda: not agent.server.service.subscribers, 5, "the subscribers to leave")
+
+            # Still serving, and a good case still starts.
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert st.state == pb.Status.IDLE and st.subscribers == 0
+            info = await start_case(stub, video, "OR1-after-garbage")
+            assert info.case_id == "OR1-after-garbage"
+            e = await rpc_error(start_case(stub, video, "OR1-second"))
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await stub.StopCase(pb.StopCaseRequest())
+
+    asyncio.run(scenario())
+
+
+# ----- 7. acknowledgement --------------------------------------------------------------------------
+
+
+def test_acknowledge_records_who_and_is_streamed():
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            rec = agent.alerts.raise_alert("bleeding", "critical", "bleeding in the field", {"area": "0.04"})
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            (raised,) = await read_n(call, 1)
+            assert raised.kind == pb.AlertEvent.RAISED and raised.alert_id == rec.alert_id
+
+            e = await rpc_error(stub.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=rec.alert_id, client_id="bad id")))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            resp = await stub.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=rec.alert_id, client_id="disp1"))
+            ev = resp.event
+            assert ev.kind == pb.AlertEvent.ACKNOWLEDGED and ev.acknowledged_by == "disp1"
+            assert ev.alert_id == rec.alert_id and ev.severity == pb.CRITICAL and ev.sequence == raised.sequence + 1
+            (streamed,) = await read_n(call, 1)
+            assert streamed == ev
+            call.cancel()
+            (active,) = agent.alerts.active()
+            assert active.acknowledged and active.acknowledged_by == "disp1"
+
+    asyncio.run(scenario())
+
+
+# ----- 8. graceful shutdown ----------------------------------------------------------------------
+
+
+def test_stop_ends_open_streams_with_a_status(video):
+    async def scenario():
+        # A long grace: the streams must end because the agent ends them, not because grace ran out.
+        agent = Agent(**{"server.shutdown_grace_s": 15.0})
+        async with agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            await start_case(stub, video)
+            overlays = stub.StreamOverlays(pb.SubscribeRequest(client_id="disp1"))
+            alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            await read_n(overlays, 3, 15)
+            agent.alerts.raise_alert("test", "info", "before shutdown")
+            await read_n(alerts, 1)
+
+            t0 = time.monotonic()
+            stopping = asyncio.create_task(agent.stop())
+
+            async def until_end(call):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+                return await call.code()
+
+            codes = await asyncio.wait_for(asyncio.gather(until_end(overlays), until_end(alerts)), 5)
+            assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK]
+            await asyncio.wait_for(stopping, 10)
+            assert time.monotonic() - t0 < 5
+            assert agent.server.service.session.stopped_unix_ms > 0
+
+    asyncio.run(scenario())
+
+
+# ----- 9. configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[server]\nlisen = "127.0.0.1:50051"\n', "server.lisen: unknown key (known: alert_history, behind_limit_s, "),
+    ("[server]\nmax_subscribers = \"many\"\n", "server.max_subscribers: must be int, got 'many'"),
+    ("[pipeline]\nstale_after_s = true\n", "pipeline.stale_after_s: must be float, got True"),
+    ('[server]\nlisten = "0.0.0.0:50051"\n', "server.listen: 0.0.0.0:50051 is beyond loopback, so TLS is required: "
+                                              "set server.tls_cert, server.tls_key and server.tls_ca"),
+    ("[servers]\n", "unknown section [servers] (known: server, case, pipeline)"),
+])
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_example_config_is_the_defaults():
+    from dataclasses import asdict
+
+    assert asdict(load_config(ROOT / "agent" / "agent.example.toml")) == asdict(load_config(None))
+
+
+def test_serve_beyond_loopback_without_tls_is_refused():
+    # As tests.conftest.run_cli, with a short timeout: were the check broken, the server would serve.
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--listen", "0.0.0.0:0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("or-agent: error: server.listen: 0.0.0.0:0 is beyond loopback"), proc.stderr
+
+
+# ----- 10. the reference display ----------------------------------------------------------------
+
+
+def _yellow_in_centre(img: np.ndarray) -> int:
+    """Pixels of the "AI OFF" yellow in the middle of the picture, where the display writes it."""
+    h, w = img.shape[:2]
+    centre = img[h // 2 - 60:h // 2 + 10, w // 2 - 160:w // 2 + 160].astype(int)
+    b, g, r = centre[..., 0], centre[..., 1], centre[..., 2]
+    return int(((b < 60) & (g > 180) & (r > 200)).sum())
+
+
+def _read_video(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+def test_display_shows_ai_off_when_the_agent_goes_away(video, tmp_path):
+    out = tmp_path / "display.mp4"
+
+    async def scenario():
+        agent = Agent()
+        async with agent, channel(agent.target) as ch:
+            await start_case(pbg.OrAgentStub(ch), video)
+            display = Display(agent.target, client_id="disp1", headless=str(out), backoff_max_s=0.5)
+            run = asyncio.create_task(display.run())
+            try:
+                await eventually(lambda: display.state.connected and display.state.newest_jpeg is not None, 15,
+                                 "the display to receive composited frames")
+                samples = []  # (frames written so far, why AI is off or None), while the agent serves
+                for _ in range(25):
+                    await asyncio.sleep(0.1)
+                    samples.append((display.frames_shown, ai_off_reason(display.state, display.stale_s, time.monotonic())))
+                assert display.state.connected and time.monotonic() - display.state.newest_at < display.stale_s
+                shown_live = display.frames_shown
+
+                await agent.stop()
+                await eventually(lambda: ai_off_reason(display.state, display.stale_s, time.monotonic()) is not None,
+                                 3, "the display to say AI OFF")
+                await asyncio.sleep(1.5)  # frames written while the agent is gone
+                assert not display.state.connected
+                assert ai_off_reason(display.state, display.stale_s, time.monotonic()) is not None
+                assert display.frames_shown > shown_live + 20
+            finally:
+                display.stop()
+                await asyncio.wait_for(run, 10)
+            return samples, shown_live, display.frames_shown
+
+    samples, shown_live, shown = asyncio.run(scenario())
+    frames = _read_video(out)
+    assert abs(len(frames) - shown) <= 2 and frames[0].shape == (480, 854, 3)
+    # While the agent served, the picture is the agent's video (not a blank screen), without AI OFF
+    # wherever the display had a current overlay (the model may call some frames out of body: AI paused).
+    assert frames[shown_live // 2].mean() > 20
+    live = [i for (a, ra), (b, rb) in zip(samples, samples[1:]) if ra is None and rb is None for i in range(a + 1, b - 1)]
+    assert all(_yellow_in_centre(frames[i]) < 100 for i in live), [_yellow_in_centre(frames[i]) for i in live]
+    # ... and after it went away the last frames say AI OFF in the middle, in yellow.
+    assert all(_yellow_in_centre(f) > 100 for f in frames[-10:]), [_yellow_in_centre(f) for f in frames[-10:]]
+
+
+def test_display_matches_overlays_to_the_local_video_by_media_time(video, tmp_path):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            await start_case(pbg.OrAgentStub(ch), video)
+            await eventually(lambda: agent.server.service.published > 0, 15, "the first result")
+            await asyncio.sleep(1.0)  # the local copy plays a little behind the agent, as on a real display
+            display = Display(agent.target, client_id="disp1", video=video, headless=str(tmp_path / "v.mp4"),
+                              duration_s=3.0)
+            await asyncio.wait_for(display.run(), 20)
+            return display
+
+    display = asyncio.run(scenario())
+    assert display.frames_shown >= 40
+    # Some local frames were drawn with the overlay of their own media time (not all: none before the
+    # stream is up, and none where the agent says AI paused, e.g. frames its model calls out of body).
+    assert display.overlays_matched >= 10, (display.overlays_matched, display.frames_shown)
+    assert display.state.by_media_ms
