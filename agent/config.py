@@ -57,10 +57,25 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    rules_file: str = ""  # decision-support rules (TOML); default: the built-in cholecystectomy set
+    time_scale: float = 1.0  # divides the phase-duration limits (for time-compressed synthetic videos)
+    reannounce_s: float = 30.0  # an unacknowledged critical alert is announced again this often
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    directory: str = "audit"  # the hash-chained audit trail; "" turns it off (not for clinical use)
+    max_bytes: int = 10 * 1024 * 1024  # rotate files at this size
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     case: CaseConfig = field(default_factory=CaseConfig)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def with_overrides(self, **dotted: Any) -> "AgentConfig":
         """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given."""
@@ -120,10 +135,15 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
     if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
         raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
+    if cfg.alerts.time_scale <= 0 or cfg.alerts.reannounce_s <= 0:
+        raise InputError("alerts: time_scale and reannounce_s must be positive")
+    if cfg.audit.max_bytes < 4096:
+        raise InputError(f"audit.max_bytes: must be at least 4096, got {cfg.audit.max_bytes}")
     return cfg
 
 
-SECTIONS = {"server": ServerConfig, "case": CaseConfig, "pipeline": PipelineSettings}
+SECTIONS = {"server": ServerConfig, "case": CaseConfig, "pipeline": PipelineSettings, "alerts": AlertSettings,
+            "audit": AuditSettings}
 
 
 def load_config(path: str | Path | None) -> AgentConfig:

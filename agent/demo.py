@@ -86,7 +86,8 @@ async def _record(target: str, frames: int, record: dict, done: asyncio.Event) -
 async def _live(video: Path, frames: int, fps: float, headless: str | None, models_dir) -> tuple[dict, Display]:
     cfg = load_config(None).with_overrides(**{
         "server.listen": "127.0.0.1:0", "case.source": str(video), "case.case_id": "demo", "case.paced": True,
-        "pipeline.models_dir": models_dir})
+        "pipeline.models_dir": models_dir, "audit.directory": str(video.parent / "audit"),
+        "alerts.time_scale": _time_scale(video)})
     server = AgentServer(cfg)
     port = await server.start()
     target = f"127.0.0.1:{port}"
@@ -106,6 +107,10 @@ async def _live(video: Path, frames: int, fps: float, headless: str | None, mode
     finally:
         await server.stop()
     return record, display
+
+
+def _time_scale(video: Path) -> float:
+    return float(json.loads(video.with_suffix(".json").read_text()).get("time_scale", 1.0))
 
 
 def _true_areas(mask_dir: Path, frames: list[int]) -> np.ndarray:

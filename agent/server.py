@@ -92,26 +92,47 @@ class AgentServer:
         await self.health.set(SERVICE_NAME, status)
 
     async def _watch(self) -> None:
-        """Health follows the freshness of results; stalls become a system alert."""
+        """The fail-safe: health follows the freshness of results; a stall or a lost source makes the
+        AI explicitly unavailable on every display and raises a system alert; when results resume the
+        gap is recorded. Also re-announces unacknowledged critical alerts."""
+        svc = self.service
         serving = False
-        stalled = False
+        unavailable_since: float | None = None
+        last_notice = 0.0
         while True:
-            state = self.service.state_name()
+            state = svc.state_name()
             now_serving = state == "RUNNING"
             if now_serving != serving:
                 await self._set_health(now_serving)
                 serving = now_serving
-            session = self.service.session
-            if state == "STALLED" and not stalled:
-                age = session.result_age_s() if session else None
-                self.service.alerts.raise_alert("ai_stalled", "critical", "AI unavailable: no fresh result"
-                                                + (f" for {age:.1f} s" if age else ""), {"state": state})
-                stalled = True
-            elif state != "STALLED" and stalled:
-                self.service.alerts.clear("ai_stalled", "AI results flowing again")
-                stalled = False
+            session = svc.session
+            if state in ("STALLED", "SOURCE_LOST"):
+                now = time.monotonic()
+                if unavailable_since is None:
+                    unavailable_since = now
+                    age = session.result_age_s() if session else None
+                    reason = "no fresh AI result" + (f" for {age:.1f} s" if age else "") if state == "STALLED" else "video source lost"
+                    if state == "STALLED":
+                        svc.alerts.raise_alert("ai_stalled", "critical", f"AI unavailable: {reason}", {"state": state})
+                    svc.audit("failsafe", {"state": "ai_unavailable", "reason": reason})
+                if now - last_notice >= 0.2:
+                    svc.publish_unavailable("AI unavailable: " + ("stalled" if state == "STALLED" else "video source lost"))
+                    last_notice = now
+            elif unavailable_since is not None and state == "RUNNING":
+                gap = time.monotonic() - unavailable_since
+                svc.alerts.clear("ai_stalled", f"AI results flowing again after {gap:.1f} s")
+                svc.audit("failsafe", {"state": "ai_available", "gap_s": round(gap, 3)})
+                unavailable_since = None
+            if svc.decision is not None:
+                svc.decision.tick()
             if session is not None and not session.stopped_unix_ms and session.finished:
-                await self.service.stop_case()  # the file played out, or the pipeline failed
+                if session.pipeline.error is not None:
+                    svc.alerts.raise_alert("model_error", "critical", f"AI stopped: {session.pipeline.error}",
+                                           {"case_id": session.spec.case_id})
+                await svc.stop_case()  # the file played out, or the pipeline failed
+                if unavailable_since is not None:
+                    svc.alerts.clear("ai_stalled", "case ended")
+                    unavailable_since = None
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
@@ -124,6 +145,10 @@ class AgentServer:
         self.service.wake_alert_streams()
         if self._watchdog is not None:
             self._watchdog.cancel()
+            try:
+                await self._watchdog  # it may be stopping a case: let that finish before we do
+            except asyncio.CancelledError:
+                pass
         await self.server.stop(self.config.server.shutdown_grace_s)
         await self.service.stop_case()
         self.service.stop_workers()

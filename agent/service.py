@@ -15,8 +15,12 @@ Health: ``grpc.health.v1`` says SERVING only while fresh results flow (checked e
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
+from dataclasses import asdict
+from pathlib import Path
 from collections import deque
 from dataclasses import dataclass
 
@@ -25,11 +29,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agent.alert_log import AlertLog, AlertRecord
-from agent.config import NAME_RE, AgentConfig
+from agent.decision import DecisionSupport
+from agent.config import NAME_RE, AgentConfig, is_loopback, listen_host
 from agent.session import CaseSession, CaseSpec, LoadedModels
 from pipelines.errors import OrAgentError
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.overlay import AlertBanner, OverlayRenderer
+from pipelines.rules import load_rules
 from pipelines.sinks import QueuedSubscriber
 from proto.oragent.v1 import agent_pb2 as pb
 
@@ -104,6 +110,19 @@ class _Subscriber:
         self.queue.put_nowait(payload)
 
 
+def source_kind(spec: str) -> str:
+    """What kind of source, without its path or URL (either may carry a patient's name)."""
+    if spec.isdigit() or spec.startswith("/dev/"):
+        return "camera"
+    if "://" in spec:
+        return "stream"
+    return "image folder" if Path(spec).is_dir() else "file"
+
+
+def config_digest(config: AgentConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+
+
 class AgentService:
     """State shared by the RPC handlers: the models, the case, subscribers, alerts, health."""
 
@@ -127,10 +146,16 @@ class AgentService:
         self._jpeg_worker: QueuedSubscriber | None = None
         self.published = 0
         self._published_at: deque[float] = deque(maxlen=1024)  # monotonic times of recent results
+        self.rules = load_rules(config.alerts.rules_file or None, overrides={"phase_too_long": {"time_scale": config.alerts.time_scale}})
+        self.decision: DecisionSupport | None = None
+        self._audit_writer: QueuedSubscriber | None = None
+        self._audit_log = None
         self._case_started = 0.0
 
     # ----- from the pipeline's publish thread -------------------------------------------------
     def on_result(self, r: FrameResult) -> None:
+        if self.decision is not None:
+            self.decision.on_result(r)  # first, so the alerts this frame raised are on its overlay
         subs = list(self.subscribers)
         self.published += 1
         self._published_at.append(time.monotonic())
@@ -166,6 +191,15 @@ class AgentService:
                 encoded[s.jpeg_key] = pb.Overlay(composited_jpeg=buf.tobytes()).SerializeToString() if ok else b""
             deliveries.append((s, payload[s.include_anatomy] + encoded[s.jpeg_key]))
         self.loop.call_soon_threadsafe(self._deliver, deliveries)
+
+    def publish_unavailable(self, reason: str) -> None:
+        """On the event loop: tell every display, explicitly, that there is no current AI result.
+        Sent while the pipeline is stalled or the source lost, so no display keeps an old overlay."""
+        active = [pb.ActiveAlert(alert_id=a.alert_id, rule=a.rule, severity=SEVERITY_PB[a.severity], message=a.message,
+                                 acknowledged=a.acknowledged) for a in self.alerts.active()]
+        data = pb.Overlay(ai_paused=True, paused_reason=reason, capture_unix_ms=int(time.time() * 1000),
+                          active_alerts=active, models=self.model_info).SerializeToString()
+        self._deliver([(s, data) for s in self.subscribers])
 
     def _deliver(self, deliveries) -> None:
         if self.shutting_down:
@@ -211,8 +245,14 @@ class AgentService:
                 raise RuntimeError(f"case {self.session.spec.case_id!r} is running; stop it first")
             session = CaseSession(spec, self.models, self.config.pipeline, self.on_result, self.on_source_event)
             self._case_started = time.monotonic()
+            self.decision = DecisionSupport(self.alerts, self.rules, self.config.alerts.reannounce_s)
             await asyncio.get_running_loop().run_in_executor(None, session.start)
             self.session = session
+            self.audit("session_start", {"case_id": spec.case_id, "source_kind": source_kind(spec.source),
+                                         "paced": spec.paced, "config_sha256": config_digest(self.config),
+                                         "models": [{"task": t, "model": m.name, "version": m.version, "sha256": m.sha256}
+                                                    for t, m in self.models.manifests.items()],
+                                         "rules": [r.id for r in self.rules]})
             return session
 
     async def stop_case(self) -> CaseSession | None:
@@ -222,10 +262,45 @@ class AgentService:
                 return None
             await asyncio.get_running_loop().run_in_executor(None, session.stop)
             self.last_case = session
+            stats = session.pipeline.stats()
+            self.audit("session_stop", {"case_id": session.spec.case_id, "frames_processed": stats["frames_out"],
+                                        "frames_dropped": stats["frames_dropped_source"],
+                                        "error": str(session.pipeline.error or "")})
             return session
+
+    # ----- the audit trail ------------------------------------------------------------------
+    def audit(self, kind: str, data: dict) -> None:
+        """Queue an audit record; written (and fsynced) on the audit thread, never dropped."""
+        if self._audit_writer is not None:
+            self._audit_writer((kind, data))
+
+    def _write_audit(self, item) -> None:
+        kind, data = item
+        try:
+            self._audit_log.append(kind, data)
+        except OSError:
+            # The record may or may not be on disk; the chain stays verifiable and the next append
+            # continues it. The agent keeps serving and says so loudly.
+            log.exception("audit trail write failed (%s)", kind)
+
+    def _audit_alert(self, rec: AlertRecord) -> None:
+        self.audit(f"alert_{rec.kind}", {"alert_sequence": rec.sequence, "alert_id": rec.alert_id, "rule": rec.rule,
+                                         "severity": rec.severity, "message": rec.message, "evidence": rec.evidence,
+                                         "frame_sequence": rec.frame_sequence, "frame_media_ms": rec.frame_media_ms,
+                                         "acknowledged_by": rec.acknowledged_by})
 
     def start_workers(self) -> None:
         self._jpeg_worker = QueuedSubscriber(self._compose_jpegs, maxsize=1, drop_oldest=True, name="jpeg").start()
+        if self.config.audit.directory:
+            from agent.audit import AuditLog
+
+            self._audit_log = AuditLog(Path(self.config.audit.directory), max_bytes=self.config.audit.max_bytes).open()
+            self._audit_writer = QueuedSubscriber(self._write_audit, maxsize=1024, name="audit").start()
+            self.alerts.listen(self._audit_alert)
+            self.audit("config", {"config_sha256": config_digest(self.config), "agent_version": VERSION,
+                                  "listen_loopback": is_loopback(listen_host(self.config.server.listen)),
+                                  "tls": bool(self.config.server.tls_cert),
+                                  "mutual_tls": bool(self.config.server.tls_cert and self.config.server.require_client_auth)})
 
     def stop_workers(self) -> None:
         if self._jpeg_worker is not None:
@@ -233,6 +308,10 @@ class AgentService:
                 self._jpeg_worker.stop(timeout_s=2.0)
             except Exception:  # noqa: BLE001 - shutting down; the failure was already logged
                 log.exception("JPEG worker failed")
+        if self._audit_writer is not None:
+            self._audit_writer.stop(timeout_s=30.0)  # every queued record reaches the disk
+            self._audit_log.close()
+            self._audit_writer = None
 
     def state_name(self) -> str:
         if self.shutting_down:

@@ -54,7 +54,8 @@ async def _run(video: Path, subs: int, seconds: float) -> tuple[float, list[floa
     from agent.config import load_config
     from agent.server import AgentServer
 
-    cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "server.max_subscribers": 32})
+    cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "server.max_subscribers": 32,
+                                              "audit.directory": tempfile.mkdtemp(prefix="or-agent-audit-")})
     server = AgentServer(cfg)
     port = await server.start()
     q: mp.Queue = mp.get_context("spawn").Queue()

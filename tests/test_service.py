@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,9 @@ class Agent:
     """An ``AgentServer`` on 127.0.0.1:0 for one scenario; ``stop`` runs once, whoever calls it."""
 
     def __init__(self, **overrides):
-        cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", **overrides})
+        audit = tempfile.mkdtemp(prefix="or-agent-audit-")  # never the working directory's audit/
+        cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "audit.directory": audit, **overrides})
+        self.audit_dir = Path(audit)
         self.server = AgentServer(cfg, load_models())
         self._stopped = False
 
@@ -873,3 +876,144 @@ def test_display_matches_overlays_to_the_local_video_by_media_time(video, tmp_pa
     # stream is up, and none where the agent says AI paused, e.g. frames its model calls out of body).
     assert display.overlays_matched >= 10, (display.overlays_matched, display.frames_shown)
     assert display.state.by_media_ms
+
+
+# ----- decision support and fail-safe end to end (issue 5) -------------------------------------
+
+
+class _StallingBackend:
+    """Wraps a real backend; on its ``stall_at``-th call it hangs for ``stall_s`` (a stuck GPU, a
+    deadlocked driver), then carries on."""
+
+    def __init__(self, inner, stall_at: int, stall_s: float):
+        self.inner, self.stall_at, self.stall_s, self.calls = inner, stall_at, stall_s, 0
+        self.manifest, self.name = inner.manifest, inner.name
+
+    def run(self, inputs):
+        self.calls += 1
+        if self.calls == self.stall_at:
+            time.sleep(self.stall_s)
+        return self.inner.run(inputs)
+
+    def close(self):
+        self.inner.close()
+
+
+def _audit_records(audit_dir: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(audit_dir.glob("audit-*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_a_stalled_stage_makes_the_ai_unavailable_then_records_the_gap(video):
+    from agent.audit import verify
+
+    async def scenario():
+        agent = Agent(**{"pipeline.stale_after_s": 0.5})
+        models = agent.server.models
+        models.anatomy.backend = _StallingBackend(models.anatomy.backend, stall_at=40, stall_s=2.5)
+        async with agent:
+            async with channel(agent.target) as ch:
+                stub, health = pbg.OrAgentStub(ch), health_pb2_grpc.HealthStub(ch)
+                alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+                overlays = stub.StreamOverlays(pb.SubscribeRequest(client_id="disp1"))
+                await start_case(stub, video)
+                await eventually(lambda: _status(health, SERVING), 10, "SERVING before the stall")
+                paused, t_first_paused = [], None
+                async for ov in overlays:  # until the first explicit AI-unavailable overlay
+                    if ov.ai_paused and ov.paused_reason.startswith("AI unavailable"):
+                        paused.append(ov)
+                        t_first_paused = time.monotonic()
+                        break
+                assert not paused[0].HasField("phase") and not paused[0].anatomy, "no stale result is sent as current"
+                assert await _status(health, NOT_SERVING)
+                events = []
+                async for ev in alerts:
+                    events.append(ev)
+                    if ev.rule == "ai_stalled" and ev.kind == pb.AlertEvent.CLEARED:
+                        break
+                stalled = [e for e in events if e.rule == "ai_stalled"]
+                assert [e.kind for e in stalled] == [pb.AlertEvent.RAISED, pb.AlertEvent.CLEARED]
+                assert stalled[0].severity == pb.CRITICAL and "after" in stalled[1].message
+                assert time.monotonic() - t_first_paused < 4.0
+                await eventually(lambda: _status(health, SERVING), 5, "SERVING again after the stall")
+                overlays.cancel()
+                alerts.cancel()
+        return agent.audit_dir
+
+    audit_dir = asyncio.run(scenario())
+    failsafe = [r["data"] for r in _audit_records(audit_dir) if r["kind"] == "failsafe"]
+    assert failsafe[0]["state"] == "ai_unavailable" and failsafe[1]["state"] == "ai_available"
+    assert 1.0 < failsafe[1]["gap_s"] < 4.0
+    kinds = [r["kind"] for r in _audit_records(audit_dir)]
+    assert kinds[:2] == ["config", "session_start"] and "alert_raised" in kinds and kinds[-1] == "session_stop"
+    assert verify([audit_dir]).ok
+
+
+async def _status(health, wanted) -> bool:
+    return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == wanted
+
+
+def test_unacknowledged_critical_alert_is_reannounced_until_acknowledged(video):
+    async def scenario():
+        async with Agent(**{"alerts.reannounce_s": 0.3}) as agent:
+            async with channel(agent.target) as ch:
+                stub = pbg.OrAgentStub(ch)
+                await start_case(stub, video)
+                agent.alerts.raise_alert("bleeding", "critical", "Bleeding: test", {"area_pct": "1.2"})
+                agent.alerts.raise_alert("phase_too_long", "info", "long phase")  # info: never re-announced
+                alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+                seen = []
+                async for ev in alerts:
+                    seen.append(ev)
+                    if sum(e.kind == pb.AlertEvent.REANNOUNCED for e in seen) == 2:
+                        break
+                bleeding = next(e for e in seen if e.rule == "bleeding")
+                ack = await stub.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=bleeding.alert_id, client_id="or3-main"))
+                assert ack.event.acknowledged_by == "or3-main"
+                n_before = len(agent.alerts.since(0)[0])
+                await asyncio.sleep(1.0)
+                after = [e for e in agent.alerts.since(0)[0][n_before:] if e.kind == "reannounced"]
+                alerts.cancel()
+                assert after == [], "an acknowledged alert is not announced again"
+                assert all(e.rule == "bleeding" for e in seen if e.kind == pb.AlertEvent.REANNOUNCED)
+        return agent.audit_dir
+
+    audit_dir = asyncio.run(scenario())
+    acks = [r["data"] for r in _audit_records(audit_dir) if r["kind"] == "alert_acknowledged"]
+    assert acks and acks[0]["acknowledged_by"] == "or3-main"
+    assert sum(r["kind"] == "alert_reannounced" for r in _audit_records(audit_dir)) >= 2
+
+
+def test_rules_fire_on_the_live_stream_with_evidence_and_on_the_overlay(held_out_video):
+    """The held-out synthetic surgery through the live agent: its scripted bleeding and the L-hook
+    working at the duct raise critical alerts, with evidence, on the stream and on the overlays."""
+    video = str(held_out_video / "video01.mp4")
+
+    async def scenario():
+        async with Agent(**{"alerts.time_scale": 25.0, "pipeline.anatomy_every": 1}) as agent:
+            async with channel(agent.target) as ch:
+                stub = pbg.OrAgentStub(ch)
+                alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+                overlays = stub.StreamOverlays(pb.SubscribeRequest(client_id="disp1"))
+                info = await stub.StartCase(pb.StartCaseRequest(source=video, case_id="OR1-rules", paced=False))
+                assert info.case_id == "OR1-rules"
+                raised = []
+                async for ev in alerts:
+                    if ev.kind == pb.AlertEvent.RAISED:
+                        raised.append(ev)
+                    if {"bleeding", "energy_near_cystic_duct"} <= {e.rule for e in raised}:
+                        break
+                marked = None
+                async for ov in overlays:
+                    if ov.active_alerts:
+                        marked = ov
+                        break
+                alerts.cancel()
+                overlays.cancel()
+                return raised, marked
+
+    raised, marked = asyncio.run(asyncio.wait_for(scenario(), 240))
+    bleed = next(e for e in raised if e.rule == "bleeding")
+    assert bleed.severity == pb.CRITICAL and float(bleed.evidence["growth_pct"]) >= 0.3 and bleed.frame_sequence > 0
+    hook = next(e for e in raised if e.rule == "energy_near_cystic_duct")
+    assert float(hook.evidence["distance_px"]) < 20 and hook.models
+    assert marked is not None and marked.active_alerts[0].rule in {e.rule for e in raised}
