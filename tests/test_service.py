@@ -768,7 +768,7 @@ def test_stop_ends_open_streams_with_a_status(video):
     ("[pipeline]\nstale_after_s = true\n", "pipeline.stale_after_s: must be float, got True"),
     ('[server]\nlisten = "0.0.0.0:50051"\n', "server.listen: 0.0.0.0:50051 is beyond loopback, so TLS is required: "
                                               "set server.tls_cert, server.tls_key and server.tls_ca"),
-    ("[servers]\n", "unknown section [servers] (known: server, case, pipeline)"),
+    ("[servers]\n", "unknown section [servers] (known: server, case, pipeline, alerts, audit)"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "agent.toml"
