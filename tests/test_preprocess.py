@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from pipelines.preprocess import ContentArea, ContentAreaTracker, InputSpec, crop_resize, detect_content_area, normalise, paste_back
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_fast_normalise_equals_the_definition(order):
+    spec = InputSpec(64, 112, order, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+    img = np.random.default_rng(0).integers(0, 256, (64, 112, 3), dtype=np.uint8)
+    x = img[..., ::-1] if order == "RGB" else img
+    expected = ((x.astype(np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32))
+    assert np.allclose(normalise(img, spec)[0], expected.transpose(2, 0, 1), atol=1e-5)
+    assert np.allclose(normalise(img[None], spec), normalise(img, spec), atol=1e-5)
+
+
+def _scope(w=854, h=480, cx=430, cy=245, r=300, level=140):
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.zeros((h, w, 3), np.uint8)
+    img[np.hypot(xx - cx, yy - cy) <= r] = level
+    return img
+
+
+def test_content_area_of_a_clipped_circle():
+    a = detect_content_area(_scope())
+    assert abs(a.cx - 430) < 4 and abs(a.cy - 245) < 6 and abs(a.radius - 300) < 6
+    assert (a.x0, a.y0, a.x1, a.y1) == (int(np.floor(a.cx - a.radius)), 0, int(np.ceil(a.cx + a.radius)), 480)
+
+
+def test_dark_frames_keep_the_previous_estimate():
+    t = ContentAreaTracker(every=1)
+    first = t.update(_scope())
+    assert detect_content_area(np.zeros((480, 854, 3), np.uint8)) is None
+    assert t.update(np.zeros((480, 854, 3), np.uint8)) == first  # the light went off: keep what we knew
+    assert t.update(np.zeros((240, 320, 3), np.uint8)) == ContentArea.whole_frame(320, 240)  # new source size
+
+
+def test_crop_and_paste_back_round_trip():
+    area = ContentArea(400, 240, 300, 100, 0, 700, 480)
+    img = np.zeros((480, 854, 3), np.uint8)
+    img[:, 400:] = 255
+    small = crop_resize(img, area, 64, 112)
+    cmap = (small[..., 0] > 127).astype(np.uint8)
+    full = paste_back(cmap, area, 854, 480)
+    assert full[:, :100].max() == 0 and full[:, 700:].max() == 0
+    assert full[200, 420] == 1 and full[200, 380] == 0
