@@ -35,6 +35,8 @@ setup(
         "tensorrt": ["tensorrt>=10.0"],
         # Training the reference models: the CPU build of torch 2.13, pinned.
         "train": ["torch==2.13.0", "onnx>=1.15,<2"],
+        # Producing INT8 (Q/DQ) and FP16 models with `or-agent calibrate`.
+        "calibrate": ["onnx>=1.15,<2"],
         "dev": ["pytest>=8,<10", "onnx>=1.15,<2", "grpcio-tools==1.85.1"],  # tools pinned: stubs must regenerate byte for byte
     },
     entry_points={"console_scripts": ["or-agent=agent.cli:main"]},

@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH", help="audit directory, or audit-*.jsonl files in order")
     v.set_defaults(func=cmd_audit_verify)
 
+    from calibration.cli import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(sub)
+
     p = sub.add_parser("demo", help="the quick start: a synthetic surgery played live through the agent to the display")
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic surgery (default 7)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.backends import InferenceBackend
-from pipelines.errors import ModelError
+from pipelines.errors import ManifestError, ModelError
 from pipelines.phase_filter import PhaseFilter
 from pipelines.preprocess import ContentArea, crop_resize, normalise
 
@@ -100,6 +100,12 @@ class PhaseStage(_Stage):
         self.filter = phase_filter or PhaseFilter(smoothing=cfg.get("smoothing", 0.5), hold=cfg.get("hold_steps", 2),
                                                   margin=cfg.get("margin", 0.05))
         self.names = tuple(label.name for label in self.manifest.labels)
+        # Confidence calibration (temperature scaling, fitted by `or-agent calibrate temperature`).
+        cal = self.manifest.extra.get("calibration")
+        t = cal.get("temperature", 1.0) if isinstance(cal, dict) else 1.0
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ManifestError(f"{self.manifest.path}: calibration.temperature: must be a positive number, got {t!r}")
+        self.temperature = float(t)
         self.reset()
 
     def reset(self) -> None:
@@ -115,7 +121,7 @@ class PhaseStage(_Stage):
         return self._single_output(out)
 
     def post_process(self, logits: np.ndarray, t_s: float) -> PhaseEstimate:
-        probs = softmax(np.asarray(logits, np.float64).ravel())
+        probs = softmax(np.asarray(logits, np.float64).ravel() / self.temperature)
         f = self.filter.update(probs)
         if f.phase != self._phase:
             self._phase, self._entered_s = f.phase, t_s

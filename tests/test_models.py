@@ -96,3 +96,18 @@ def test_stages_produce_valid_typed_results(small_dataset):
     assert 0 <= v.p_out_of_body <= 1
     p = PhaseStage(OnnxRuntimeBackend(find_model("phase", MODELS)))(frame, area, 0.0)
     assert p.name in ("Preparation", "CalotTriangleDissection") and p.time_in_phase_s == 0.0
+
+
+def test_phase_stage_applies_the_manifest_temperature(tmp_path):
+    import shutil
+
+    from calibration.temperature import apply_temperature
+    from pipelines.stages import softmax
+
+    shutil.copytree(MODELS / "phase", tmp_path / "phase")
+    apply_temperature(tmp_path / "phase" / "manifest.json", 2.0, 0.05, 0.02)
+    hot = PhaseStage(OnnxRuntimeBackend(load_manifest(tmp_path / "phase")))
+    assert hot.temperature == 2.0
+    logits = np.array([[4.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0]], np.float32)
+    est = hot.post_process(logits, 0.0)
+    assert np.allclose(est.probabilities, softmax(logits[0] / 2.0))
