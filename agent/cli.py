@@ -107,7 +107,7 @@ def cmd_serve(args) -> int:
         "server.listen": args.listen, "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key,
         "server.tls_ca": args.tls_ca, "server.insecure": True if args.insecure else None,
         "case.source": args.source, "case.case_id": args.case_id, "case.paced": args.paced,
-        "pipeline.models_dir": args.models_dir})
+        "pipeline.models_dir": args.models_dir, "pipeline.backend": args.backend})
     return asyncio.run(serve_forever(cfg))
 
 
@@ -139,6 +139,33 @@ def cmd_display(args) -> int:
     if headless:
         print(f"wrote {d.frames_shown} frames to {headless}")
     return code
+
+
+def cmd_doctor(args) -> int:
+    from agent.doctor import run_doctor
+
+    return run_doctor(models_dir=args.models_dir, cache_dir=args.cache_dir, audit_dir=args.audit_dir,
+                      probe_capture=not args.no_capture_probe)
+
+
+def cmd_build_engines(args) -> int:
+    from pipelines.backends import tensorrt as trt_backend
+    from pipelines.manifest import discover, load_manifest
+
+    cache = trt_backend.EngineCache(Path(args.cache_dir) if args.cache_dir else trt_backend.default_cache_dir())
+    gpu, version = trt_backend.gpu_info(), trt_backend.tensorrt_version()  # DependencyError: one line, exit 5
+    manifests = [load_manifest(p) for p in discover(args.models_dir)]
+    for m in manifests:
+        m.verify_file()
+        key = trt_backend.EngineKey.for_model(m, gpu, version)
+        if cache.has(key) and not args.force:
+            print(f"ok    {m.name}: {cache.path_for(key).name}")
+            continue
+        timing = Path(args.timing_cache) if args.timing_cache else cache.dir / "timing.cache"
+        print(f"built {m.name}: {trt_backend.build_engine(m, cache, key, timing).name}", flush=True)
+    for p in cache.prune([m.sha256 for m in manifests], remove=args.prune):
+        print(("removed " if args.prune else "stale   ") + p.name)
+    return 0
 
 
 def cmd_audit_verify(args) -> int:
@@ -194,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA of the displays' client certificates (mutual TLS)")
     p.add_argument("--insecure", action="store_true", help="allow plaintext beyond loopback (logged as a warning)")
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("display", help="the reference OR display: overlays from a running agent, full screen")
@@ -212,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.certs import add_arguments as add_cert_arguments
 
     add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
+
+    p = sub.add_parser("doctor", help="check this box: GPU, drivers, TensorRT, ONNX Runtime, cameras, engines, disk, clock")
+    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    p.add_argument("--cache-dir", help="TensorRT engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
+    p.add_argument("--audit-dir", default="audit", help="audit trail directory, for its free disk space (default audit)")
+    p.add_argument("--no-capture-probe", action="store_true", help="do not try to open the capture devices")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("build-engines", help="build a TensorRT engine per model for this GPU (before a case, never during)")
+    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    p.add_argument("--cache-dir", help="engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
+    p.add_argument("--timing-cache", help="persisted TensorRT timing cache (default: <cache>/timing.cache)")
+    p.add_argument("--force", action="store_true", help="rebuild engines that are already in the cache")
+    p.add_argument("--prune", action="store_true", help="remove engines of models that are no longer installed")
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("audit", help="the audit trail: verify its hash chain")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="ACTION")

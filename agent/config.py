@@ -51,6 +51,8 @@ class CaseConfig:
 @dataclass(frozen=True)
 class PipelineSettings:
     models_dir: str = ""  # default: the bundled models
+    backend: str = "auto"  # auto (TensorRT where an engine for this GPU exists, else ONNX Runtime), onnxruntime, tensorrt
+    engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
     phase_rate_hz: float = 5.0
     anatomy_every: int = 1
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING
@@ -135,6 +137,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
     if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
         raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
+    if cfg.pipeline.backend not in ("auto", "onnxruntime", "tensorrt"):
+        raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {cfg.pipeline.backend!r}")
     if cfg.alerts.time_scale <= 0 or cfg.alerts.reannounce_s <= 0:
         raise InputError("alerts: time_scale and reannounce_s must be positive")
     if cfg.audit.max_bytes < 4096:

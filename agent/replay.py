@@ -33,10 +33,8 @@ import numpy as np
 
 from agent.progress import Progress
 from agent.report import phase_ribbon, write_html_report, write_png
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.errors import InputError, OrAgentError
 from pipelines.files import atomic_write_text, part_path
-from pipelines.manifest import ModelManifest, find_model
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, relax_boundaries
 from pipelines.overlay import AlertBanner, OverlayRenderer
@@ -44,7 +42,6 @@ from pipelines.rules import AlertTransition, Rule, RulesEngine, SystemHealth, lo
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from synth.dataset import read_phase_file
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
@@ -85,18 +82,11 @@ def expand_inputs(paths: Sequence[str], labels: str | None, masks: str | None) -
     return out
 
 
-class ReplayModels:
-    """The three stages, loaded once and reused for every video."""
+def ReplayModels(models_dir=None, threads: int = 1, backend: str = "auto"):
+    """The three stages, loaded once and reused for every video (offline: engines may be built)."""
+    from agent.session import LoadedModels
 
-    def __init__(self, models_dir=None, threads: int = 1):
-        self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir) for t in ("segmentation", "phase", "visibility")}
-        self.anatomy = AnatomyStage(OnnxRuntimeBackend(self.manifests["segmentation"], threads=threads))
-        self.phase = PhaseStage(OnnxRuntimeBackend(self.manifests["phase"], threads=threads))
-        self.visibility = VisibilityStage(OnnxRuntimeBackend(self.manifests["visibility"], threads=threads))
-
-    def close(self) -> None:
-        for s in (self.anatomy, self.phase, self.visibility):
-            s.backend.close()
+    return LoadedModels(models_dir, threads=threads, backend=backend, live_session=False)
 
 
 class _Collector:

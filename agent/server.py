@@ -41,7 +41,9 @@ class AgentServer:
 
     def __init__(self, config: AgentConfig, models: LoadedModels | None = None):
         self.config = config
-        self.models = models or LoadedModels(config.pipeline.models_dir or None)
+        p = config.pipeline
+        self.models = models or LoadedModels(p.models_dir or None, backend=p.backend, cache_dir=p.engine_cache or None,
+                                             live_session=True)
         self.server: grpc.aio.Server | None = None
         self.service: AgentService | None = None
         self.health = health.aio.HealthServicer()

@@ -7,13 +7,14 @@ none arrived within ``stale_after_s``, SOURCE_LOST while a live source reconnect
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from agent.config import NAME_RE, PipelineSettings
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from pipelines.backends.select import choose_backend
 from pipelines.errors import InputError
 from pipelines.manifest import ModelManifest, find_model
 from pipelines.messages import FrameResult, SourceEvent
@@ -22,16 +23,24 @@ from pipelines.sources import open_source
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 
 TASKS = ("segmentation", "phase", "visibility")
+log = logging.getLogger("or-agent.session")
 
 
 class LoadedModels:
-    """The three stages, verified and loaded once per agent process."""
+    """The three stages, verified and loaded once per agent process, each on the backend chosen for
+    it (``auto``: TensorRT where an engine for this GPU is cached, else ONNX Runtime), with the reason."""
 
-    def __init__(self, models_dir: str | None = None, threads: int = 1):
+    def __init__(self, models_dir: str | None = None, threads: int = 1, backend: str = "auto",
+                 cache_dir: str | None = None, live_session: bool = True):
         self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
-        self.anatomy = AnatomyStage(OnnxRuntimeBackend(self.manifests["segmentation"], threads=threads))
-        self.phase = PhaseStage(OnnxRuntimeBackend(self.manifests["phase"], threads=threads))
-        self.visibility = VisibilityStage(OnnxRuntimeBackend(self.manifests["visibility"], threads=threads))
+        self.reasons: dict[str, str] = {}
+        backends = {}
+        for task, m in self.manifests.items():
+            backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session)
+            log.info("%s model %s: %s", task, m.name, self.reasons[task])
+        self.anatomy = AnatomyStage(backends["segmentation"])
+        self.phase = PhaseStage(backends["phase"])
+        self.visibility = VisibilityStage(backends["visibility"])
 
     def backend_name(self, task: str) -> str:
         stage = {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]

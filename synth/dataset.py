@@ -29,7 +29,7 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_path, atomic_write_text
 from pipelines.surgery import PHASES, TOOLS
 from synth.render import GENERATOR_VERSION, SurgeryRenderer
-from synth.timeline import Timeline, sample_timeline
+from synth.timeline import sample_timeline
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 The footage is not redistributed with the project: these tests skip where it is absent."""
 
 import cv2
-import numpy as np
 import pytest
 
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend

@@ -1,0 +1,97 @@
+"""Which backend runs a model on this box, and why.
+
+``auto`` takes TensorRT only when TensorRT and a CUDA GPU are present *and* an engine built for
+this GPU and TensorRT version is in the cache; otherwise ONNX Runtime on the CPU, with the reason.
+An engine is never built here during a live case (``or-agent build-engines`` builds them before).
+
+The probes (``trt_version``, ``gpu_info``) and the TensorRT backend factory are injectable, so the
+decision is testable on a machine with neither TensorRT nor a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipelines.backends import InferenceBackend
+from pipelines.backends import tensorrt as trt_mod
+from pipelines.errors import DependencyError, InputError, ModelError
+from pipelines.manifest import ModelManifest
+
+PREFERENCES = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    backend: str  # "tensorrt" or "onnxruntime-cpu"
+    reason: str  # one line, starts with the backend's name
+    engine_path: Path | None = None
+    key: trt_mod.EngineKey | None = None
+    build_first: bool = False  # tensorrt requested outside a live case and no engine yet
+
+
+def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 live_session: bool = False, *, trt_version: Callable[[], str] = trt_mod.tensorrt_version,
+                 gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info) -> BackendPlan:
+    """The decision alone (nothing loaded). Raises for ``tensorrt`` requested but impossible."""
+    if preference not in PREFERENCES:
+        raise InputError(f"backend: must be one of {', '.join(PREFERENCES)}, got {preference!r}")
+    if preference == "onnxruntime":
+        return BackendPlan("onnxruntime-cpu", "onnxruntime-cpu: requested")
+    explicit = preference == "tensorrt"
+    try:
+        version = trt_version()
+        gpu = gpu_info()
+    except DependencyError as exc:
+        if explicit:
+            raise
+        return BackendPlan("onnxruntime-cpu", f"onnxruntime-cpu: {exc}")
+    cache = trt_mod.EngineCache(cache_dir if cache_dir is not None else trt_mod.default_cache_dir())
+    key = trt_mod.EngineKey.for_model(manifest, gpu, version)
+    path = cache.path_for(key)
+    if cache.has(key):
+        return BackendPlan("tensorrt", f"tensorrt: engine {path.name} for {key.describe()}", path, key)
+    if explicit:
+        if live_session:
+            raise ModelError(trt_mod.refuse_live_build_message(manifest, key))
+        return BackendPlan("tensorrt", f"tensorrt: building engine {path.name} for {key.describe()} (takes minutes)",
+                           path, key, build_first=True)
+    return BackendPlan("onnxruntime-cpu", "onnxruntime-cpu: no engine for this GPU yet (run or-agent build-engines)",
+                       None, key)
+
+
+def _onnxruntime(manifest: ModelManifest, threads: int) -> InferenceBackend:
+    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(manifest, threads=threads)
+
+
+def _tensorrt(manifest: ModelManifest, engine_path: Path) -> InferenceBackend:
+    return trt_mod.TensorRTBackend(manifest, engine_path)
+
+
+def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
+                   threads: int = 1, live_session: bool = False, *,
+                   trt_version: Callable[[], str] = trt_mod.tensorrt_version,
+                   gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info,
+                   tensorrt_factory: Callable[[ModelManifest, Path], InferenceBackend] = _tensorrt,
+                   onnxruntime_factory: Callable[[ModelManifest, int], InferenceBackend] = _onnxruntime,
+                   timing_cache_path: str | os.PathLike | None = None,
+                   ) -> tuple[InferenceBackend, str]:
+    """The loaded backend for ``manifest`` and a one-line reason (log it, show it in status)."""
+    plan = plan_backend(manifest, preference, cache_dir, live_session, trt_version=trt_version, gpu_info=gpu_info)
+    if plan.backend != "tensorrt":
+        return onnxruntime_factory(manifest, threads), plan.reason
+    if plan.build_first:
+        cache = trt_mod.EngineCache(plan.engine_path.parent)
+        tc = timing_cache_path or plan.engine_path.parent / "timing.cache"
+        trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session)
+    try:
+        return tensorrt_factory(manifest, plan.engine_path), plan.reason
+    except (DependencyError, ModelError) as exc:
+        if preference == "tensorrt":
+            raise
+        # auto: an engine that does not load (corrupt file, driver trouble) must not stop the case.
+        return onnxruntime_factory(manifest, threads), f"onnxruntime-cpu: the TensorRT engine did not load ({exc})"

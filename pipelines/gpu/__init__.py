@@ -1,0 +1,11 @@
+"""GPU-resident pre- and post-processing (pycuda kernels), with their CPU reference implementations.
+
+Importing this package needs neither pycuda nor a GPU: the kernels are compiled when a
+``GpuPreprocessor`` or ``GpuLogitsReducer`` is made, which raises ``DependencyError`` without them.
+"""
+
+from pipelines.gpu.kernels import (GpuLogitsReducer, GpuPreprocessor, area_resize_reference,
+                                   preprocess_reference, reduce_logits_reference)
+
+__all__ = ["GpuPreprocessor", "GpuLogitsReducer", "area_resize_reference", "preprocess_reference",
+           "reduce_logits_reference"]
