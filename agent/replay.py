@@ -41,10 +41,9 @@ from pipelines.overlay import AlertBanner, OverlayRenderer
 from pipelines.rules import AlertTransition, Rule, RulesEngine, SystemHealth, load_rules
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sinks import QueuedSubscriber
-from pipelines.sources import VideoFileSource
+from pipelines.sources import VideoFileSource, video_files
 from synth.dataset import read_phase_file
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
 RELAXED_WINDOW_S = 10.0
 
 
@@ -57,15 +56,7 @@ class ReplayInputs:
 
 def expand_inputs(paths: Sequence[str], labels: str | None, masks: str | None) -> list[ReplayInputs]:
     """Videos named directly or found in directories, each with its labels and masks."""
-    videos: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and ".part" not in q.name)
-            if not found:
-                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)})")
-            videos += found
-        else:
-            videos.append(p)  # a missing or bad file is reported when its turn comes
+    videos = video_files(paths, must_exist=False)  # a missing or bad file is reported when its turn comes
     if labels and len(videos) > 1:
         raise InputError("--labels names one phase file, so give exactly one video (or put <name>-phase.txt next to each)")
     out = []

@@ -17,10 +17,10 @@ from pipelines.errors import DependencyError, InputError, ManifestError
 from pipelines.files import atomic_write_bytes, atomic_write_text
 from pipelines.manifest import MANIFEST_NAME, ModelManifest, default_models_dir, load_manifest, sha256_of
 from pipelines.preprocess import ContentArea, ContentAreaTracker
+from pipelines.sources import video_files
 from pipelines.surgery import PHASES
 from synth.dataset import read_phase_file
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
 VISIBILITY_STATES = ("in_body", "out_of_body", "smoke_or_blur")
 MAX_OPSET = 17  # models/README.md: opset <= 17
 DEFAULT_STEP_RATE_HZ = 5.0
@@ -189,18 +189,7 @@ def list_videos(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Video files named directly or found in directories (as ``or-agent replay`` takes them)."""
     if not paths:
         raise InputError("--videos: give at least one video file or directory")
-    videos: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and ".part" not in q.name)
-            if not found:
-                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)})")
-            videos += found
-        elif p.is_file():
-            videos.append(p)
-        else:
-            raise InputError(f"{p}: no such video file or directory")
-    return videos
+    return video_files(paths)
 
 
 @dataclass(frozen=True)

@@ -865,3 +865,23 @@ def open_source(spec: str, *, paced: bool = False, width: int | None = None, hei
     if os.path.isdir(spec):
         return ImageFolderSource(spec, fps if fps is not None else 25.0)
     return VideoFileSource(spec, paced=paced)
+
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
+
+
+def video_files(paths, must_exist: bool = True) -> list[Path]:
+    """Video files named directly or found (sorted) in directories; unfinished ``.part`` files are
+    skipped. With ``must_exist=False`` a missing file is kept, to be reported when its turn comes."""
+    videos: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and ".part" not in q.name)
+            if not found:
+                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)})")
+            videos += found
+        elif p.is_file() or not must_exist:
+            videos.append(p)
+        else:
+            raise InputError(f"{p}: no such video file or directory")
+    return videos
