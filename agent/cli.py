@@ -148,6 +148,13 @@ def cmd_doctor(args) -> int:
                       probe_capture=not args.no_capture_probe)
 
 
+def cmd_qualify(args) -> int:
+    from agent.qualify import run_qualify
+
+    return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend,
+                       budget_ms=args.budget_ms, seconds=args.seconds, frames=args.frames)
+
+
 def cmd_build_engines(args) -> int:
     from pipelines.backends import tensorrt as trt_backend
     from pipelines.manifest import discover, load_manifest
@@ -248,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-dir", default="audit", help="audit trail directory, for its free disk space (default audit)")
     p.add_argument("--no-capture-probe", action="store_true", help="do not try to open the capture devices")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("qualify", help="on-site acceptance test: deployed backend vs ONNX Runtime, latency budget, report")
+    p.add_argument("--out", default="qualification", help="where the report goes (default qualification/)")
+    p.add_argument("--clip", help="reference clip (default: the first held-out synthetic surgery, regenerated from its seed)")
+    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="the backend to qualify (default auto)")
+    p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of the clip played live for the latency check (default 20)")
+    p.add_argument("--frames", type=int, default=200, help="frames compared between backends (default 200)")
+    p.set_defaults(func=cmd_qualify)
 
     p = sub.add_parser("build-engines", help="build a TensorRT engine per model for this GPU (before a case, never during)")
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")

@@ -8,6 +8,7 @@ Needs a GPU (``-m gpu``): the kernels against their numpy references. Needs Tens
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -372,3 +373,23 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_qualify_writes_an_acceptance_report(small_dataset, tmp_path):
+    from tests.conftest import run_cli
+
+    clip = str(small_dataset / "video01.mp4")
+    proc = run_cli("qualify", "--clip", clip, "--out", str(tmp_path / "q"), "--seconds", "3", "--frames", "20",
+                   "--budget-ms", "1000")
+    report = json.loads((tmp_path / "q" / "qualification.json").read_text())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["verdict"] == "PASS" and len(report["checks"]) == 5 and all(c["pass"] for c in report["checks"])
+    assert report["box"]["models"]["segmentation"]["sha256"] and report["box"]["onnxruntime"]
+    assert report["agreement"]["anatomy_miou"] == 1.0  # deployed backend here is ONNX Runtime itself
+    assert "PASS" in (tmp_path / "q" / "qualification.html").read_text()
+    # an impossible latency budget fails that check, and the command says so with a non-zero exit
+    proc = run_cli("qualify", "--clip", clip, "--out", str(tmp_path / "q2"), "--seconds", "2", "--frames", "5",
+                   "--budget-ms", "0.001")
+    report = json.loads((tmp_path / "q2" / "qualification.json").read_text())
+    assert proc.returncode == 1 and report["verdict"] == "FAIL"
+    assert [c["pass"] for c in report["checks"]][3] is False and "FAIL  capture->publish latency p99" in proc.stdout

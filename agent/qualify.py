@@ -1,0 +1,171 @@
+"""``or-agent qualify``: the on-site acceptance test of a box.
+
+Runs every model on ONNX Runtime (the reference) and on the backend the box will use (``auto``:
+TensorRT where an engine exists) over a reference clip, checks their agreement (anatomy mIoU between
+the two >= 0.98, phase agreement >= 99 %, visibility agreement >= 99 %), plays the clip live through
+the pipeline on the deployed backend and checks capture-to-publish latency p99 against the budget,
+and writes an acceptance report (``qualification.json`` and ``qualification.html``) with the box's
+identity, versions, model hashes and a pass/fail verdict per check. Exit 0 only if every check passes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.session import LoadedModels
+from pipelines.errors import InputError
+from pipelines.files import atomic_write_text
+from pipelines.metrics import confusion, mean_iou_present
+from pipelines.preprocess import ContentAreaTracker
+from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.sources import VideoFileSource
+
+MIN_ANATOMY_MIOU = 0.98
+MIN_PHASE_AGREEMENT = 0.99
+MIN_VISIBILITY_AGREEMENT = 0.99
+
+
+def default_clip(cache: Path) -> Path:
+    """The first held-out synthetic surgery, regenerated from its seed (identical on every box)."""
+    from models.training.data import HELD_OUT
+    from synth.dataset import write_video
+
+    cache.mkdir(parents=True, exist_ok=True)
+    clip = cache / "video01.mp4"
+    if not clip.exists():
+        print(f"generating the reference clip in {cache} ...", flush=True)
+        write_video(cache, 1, HELD_OUT)
+    return clip
+
+
+def _agreement(clip: Path, reference: LoadedModels, deployed: LoadedModels, frames: int) -> dict:
+    src = VideoFileSource(clip)
+    src.start()
+    tracker = ContentAreaTracker()
+    n_cls = reference.anatomy.classes
+    conf = np.zeros((n_cls, n_cls), np.int64)
+    phase_same = vis_same = steps = 0
+    reference.phase.reset()
+    deployed.phase.reset()
+    fps = src.nominal_fps or 25.0
+    stride = max(1, int(round(fps / 5.0)))
+    try:
+        while steps < frames:
+            f = src.read()
+            if f is None:
+                break
+            area = tracker.update(f.image)
+            if f.seq % stride:
+                continue
+            a_ref, a_dep = reference.anatomy(f.image, area), deployed.anatomy(f.image, area)
+            conf += confusion(a_ref.class_map, a_dep.class_map, n_cls)
+            p_ref = reference.phase(f.image, area, f.media_ms / 1000)
+            p_dep = deployed.phase(f.image, area, f.media_ms / 1000)
+            v_ref, v_dep = reference.visibility(f.image, area), deployed.visibility(f.image, area)
+            phase_same += p_ref.phase == p_dep.phase
+            vis_same += (v_ref.out_of_body, v_ref.low_visibility) == (v_dep.out_of_body, v_dep.low_visibility)
+            steps += 1
+    finally:
+        src.stop()
+    if steps == 0:
+        raise InputError(f"{clip}: no frame could be decoded")
+    return {"frames": steps, "anatomy_miou": mean_iou_present(conf), "phase_agreement": phase_same / steps,
+            "visibility_agreement": vis_same / steps}
+
+
+def _latency(clip: Path, models: LoadedModels, seconds: float) -> dict:
+    class Limited(VideoFileSource):
+        def read(self, timeout_s=None):
+            if self.frames_delivered >= limit:
+                return None
+            return super().read(timeout_s)
+
+        @property
+        def ended(self):
+            return self.frames_delivered >= limit or super().ended
+
+    probe = VideoFileSource(clip)
+    probe.start()
+    limit = int(seconds * (probe.nominal_fps or 25.0))
+    probe.stop()
+    pipe = Pipeline(Limited(clip, paced=True), models.anatomy, models.phase, models.visibility, PipelineConfig())
+    pipe.run()
+    stats = pipe.stats()
+    return {"seconds": seconds, "frames": stats["frames_out"], "dropped": stats["frames_dropped_source"],
+            **stats["latency_ms"]["end_to_end"]}
+
+
+def _identity(deployed: LoadedModels) -> dict:
+    import onnxruntime
+
+    ident = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+             "cpu_cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "agent_version": "0.1.0"}
+    try:
+        from pipelines.backends.tensorrt import gpu_info, tensorrt_version
+
+        g = gpu_info()
+        ident["gpu"] = f"{g.name} (sm {g.compute_capability[0]}.{g.compute_capability[1]}, {g.multiprocessors} SMs)"
+        ident["tensorrt"] = tensorrt_version()
+    except Exception as exc:  # noqa: BLE001 - absent GPU/TensorRT is a fact to report, not a failure
+        ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
+    ident["models"] = {t: {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": deployed.backend_name(t),
+                           "why": deployed.reasons.get(t, "")} for t, m in deployed.manifests.items()}
+    return ident
+
+
+def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend: str = "auto",
+                budget_ms: float = 50.0, seconds: float = 20.0, frames: int = 200) -> int:
+    if budget_ms <= 0 or seconds <= 0 or frames < 1:
+        raise InputError("--budget-ms and --seconds must be positive, --frames at least 1")
+    clip_path = Path(clip) if clip else default_clip(Path(".cache") / "qualify-clip")
+    if not clip_path.is_file():
+        raise InputError(f"{clip_path}: no such reference clip")
+    reference = LoadedModels(models_dir, backend="onnxruntime", live_session=False)
+    deployed = LoadedModels(models_dir, backend=backend, live_session=False)
+    t0 = time.time()
+    try:
+        print(f"agreement: reference ONNX Runtime vs deployed ({', '.join(deployed.backend_name(t) for t in deployed.manifests)}) "
+              f"on {clip_path.name} ...", flush=True)
+        agree = _agreement(clip_path, reference, deployed, frames)
+        print(f"latency: {seconds:g} s of the clip played live through the pipeline ...", flush=True)
+        lat = _latency(clip_path, deployed, seconds)
+        ident = _identity(deployed)
+    finally:
+        reference.close()
+        deployed.close()
+    checks = [
+        ("anatomy agreement (mIoU, deployed vs ONNX Runtime)", agree["anatomy_miou"], MIN_ANATOMY_MIOU, ">="),
+        ("phase agreement", agree["phase_agreement"], MIN_PHASE_AGREEMENT, ">="),
+        ("visibility agreement", agree["visibility_agreement"], MIN_VISIBILITY_AGREEMENT, ">="),
+        ("capture->publish latency p99 (ms)", lat["p99_ms"], budget_ms, "<="),
+        ("frames dropped in live play", lat["dropped"], 0, "<="),
+    ]
+    results = [{"check": name, "measured": round(float(v), 4), "limit": limit, "rule": rule,
+                "pass": bool(v >= limit if rule == ">=" else v <= limit)} for name, v, limit, rule in checks]
+    verdict = all(r["pass"] for r in results)
+    report = {"verdict": "PASS" if verdict else "FAIL", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+              "clip": clip_path.name, "box": ident, "checks": results, "agreement": agree, "latency_ms": lat}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "qualification.json", json.dumps(report, indent=1) + "\n")
+    rows = "".join(f"<tr><td>{html.escape(r['check'])}</td><td>{r['measured']}</td><td>{r['rule']} {r['limit']}</td>"
+                   f"<td class={'ok' if r['pass'] else 'bad'}>{'PASS' if r['pass'] else 'FAIL'}</td></tr>" for r in results)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>or-agent qualification</title><style>"
+            f"body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #bbb;padding:4px 8px}} table{{border-collapse:collapse}}"
+            f".ok{{color:#070}} .bad{{color:#a00;font-weight:bold}}</style></head><body>"
+            f"<h1>Qualification: <span class={'ok' if verdict else 'bad'}>{report['verdict']}</span></h1>"
+            f"<p>{html.escape(ident['host'])}, {html.escape(report['date'])}, clip {html.escape(clip_path.name)}</p>"
+            f"<table><tr><th>check</th><th>measured</th><th>required</th><th>verdict</th></tr>{rows}</table>"
+            f"<h2>Box, versions, models</h2><pre>{html.escape(json.dumps(ident, indent=1))}</pre></body></html>\n")
+    atomic_write_text(out_dir / "qualification.html", page)
+    for r in results:
+        print(f"{'PASS' if r['pass'] else 'FAIL'}  {r['check']}: {r['measured']} ({r['rule']} {r['limit']})")
+    print(f"{report['verdict']}: report in {out_dir / 'qualification.html'} and qualification.json")
+    return 0 if verdict else 1
