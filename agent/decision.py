@@ -8,19 +8,16 @@ and in the audit trail). Critical alerts ask for acknowledgement and are announc
 
 from __future__ import annotations
 
-from collections import deque
-
 from agent.alert_log import AlertLog
 from pipelines.messages import FrameResult
-from pipelines.rules import AlertTransition, Rule, RulesEngine, SystemHealth
+from pipelines.rules import AlertTransition, Rule, RulesEngine
 
 
 class DecisionSupport:
-    def __init__(self, alerts: AlertLog, rules: list[Rule], reannounce_s: float = 30.0, drop_window: int = 50):
+    def __init__(self, alerts: AlertLog, rules: list[Rule], reannounce_s: float = 30.0):
         self.alerts = alerts
         self.reannounce_s = reannounce_s
         self.engine = RulesEngine(rules, self._transition)
-        self._seqs: deque[int] = deque(maxlen=drop_window)
 
     def _transition(self, t: AlertTransition) -> None:
         media_ms = t.t_s * 1000.0
@@ -29,17 +26,9 @@ class DecisionSupport:
         elif t.kind == "cleared":
             self.alerts.clear(t.rule, t.message, t.seq, media_ms)
 
-    def drop_rate(self) -> float:
-        """Frames the source dropped among those it offered, over the recent window (from sequence gaps)."""
-        if len(self._seqs) < 2:
-            return 0.0
-        offered = self._seqs[-1] - self._seqs[0] + 1
-        return 1.0 - len(self._seqs) / offered
-
     def on_result(self, r: FrameResult) -> None:
         """A pipeline subscriber: runs before the overlay is serialised, so its alerts are on it."""
-        self._seqs.append(r.seq)
-        self.engine.on_result(r, SystemHealth(frame_drop_rate=self.drop_rate()))
+        self.engine.on_result(r)
 
     def tick(self) -> None:
         """Called by the agent's watchdog a few times a second."""

@@ -26,7 +26,7 @@ from pipelines.files import atomic_write_text
 from pipelines.metrics import confusion, mean_iou_present
 from pipelines.preprocess import ContentAreaTracker
 from pipelines.runtime import Pipeline, PipelineConfig
-from pipelines.sources import VideoFileSource
+from pipelines.sources import FirstFrames, VideoFileSource
 
 MIN_ANATOMY_MIOU = 0.98
 MIN_PHASE_AGREEMENT = 0.99
@@ -82,21 +82,11 @@ def _agreement(clip: Path, reference: LoadedModels, deployed: LoadedModels, fram
 
 
 def _latency(clip: Path, models: LoadedModels, seconds: float) -> dict:
-    class Limited(VideoFileSource):
-        def read(self, timeout_s=None):
-            if self.frames_delivered >= limit:
-                return None
-            return super().read(timeout_s)
-
-        @property
-        def ended(self):
-            return self.frames_delivered >= limit or super().ended
-
     probe = VideoFileSource(clip)
     probe.start()
     limit = int(seconds * (probe.nominal_fps or 25.0))
     probe.stop()
-    pipe = Pipeline(Limited(clip, paced=True), models.anatomy, models.phase, models.visibility, PipelineConfig())
+    pipe = Pipeline(FirstFrames(VideoFileSource(clip, paced=True), limit), models.anatomy, models.phase, models.visibility, PipelineConfig())
     pipe.run()
     stats = pipe.stats()
     return {"seconds": seconds, "frames": stats["frames_out"], "dropped": stats["frames_dropped_source"],

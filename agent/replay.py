@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import os
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,7 +37,8 @@ from pipelines.files import atomic_write_text, part_path
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, relax_boundaries
 from pipelines.overlay import AlertBanner, OverlayRenderer
-from pipelines.rules import AlertTransition, Rule, RulesEngine, SystemHealth, load_rules
+from pipelines.preprocess import paste_back
+from pipelines.rules import AlertTransition, Rule, RulesEngine, load_rules
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource, video_files
@@ -100,11 +100,7 @@ class _Collector:
         self.phase.append(-1 if r.phase is None else r.phase.phase)
         self.oob.append(r.out_of_body)
         if r.anatomy is not None and r.anatomy_fresh:
-            # fraction of the whole frame: the crop's fractions scaled by the crop's share of the frame
-            cw, ch = r.anatomy.area.crop_size
-            share = (cw * ch) / (r.frame_size[0] * r.frame_size[1])
-            self.area_sum += np.asarray(r.anatomy.area_fraction) * share
-            self.area_sum[0] += 1.0 - share  # outside the crop is the scope's black border
+            self.area_sum += np.asarray(r.anatomy.frame_fractions(r.frame_size))
             self.area_frames += 1
         if r.phase_fresh or (r.out_of_body and r.seq % 5 == 0):
             row = {"frame": r.seq, "time_s": round(r.media_ms / 1000.0, 3),
@@ -116,7 +112,7 @@ class _Collector:
                    "p_out_of_body": round(r.visibility.p_out_of_body, 4) if r.visibility else 0.0,
                    "p_low_visibility": round(r.visibility.p_low_visibility, 4) if r.visibility else 0.0,
                    "probabilities": [round(p, 4) for p in r.phase.probabilities] if r.phase and r.phase_fresh else [],
-                   "anatomy_area": [round(a, 5) for a in r.anatomy.area_fraction] if r.anatomy else []}
+                   "anatomy_area": [round(a, 5) for a in r.anatomy.frame_fractions(r.frame_size)] if r.anatomy else []}
             self.rows.append(row)
         if self.masks is not None:
             path = self.masks / f"frame{r.seq:06d}.png"
@@ -125,7 +121,6 @@ class _Collector:
                 if truth is not None and truth.shape[:2] == (r.frame_size[1], r.frame_size[0]):
                     pred = np.zeros(truth.shape[:2], np.uint8)
                     if r.anatomy is not None:
-                        from pipelines.preprocess import paste_back
                         pred = paste_back(r.anatomy.class_map, r.anatomy.area, r.frame_size[0], r.frame_size[1])
                     self.conf += confusion(np.minimum(truth, self.conf.shape[0] - 1), pred, self.conf.shape[0])
                     self.mask_frames += 1
@@ -226,7 +221,6 @@ class _AlertTimeline:
         self.engine = RulesEngine(rules, self._on)
         self.events: list[dict] = []
         self.active: dict[str, AlertBanner] = {}
-        self._seqs: deque[int] = deque(maxlen=50)
 
     def _on(self, t: AlertTransition) -> None:
         self.events.append({"frame": t.seq, "time_s": round(t.t_s, 3), "rule": t.rule, "severity": t.severity,
@@ -237,9 +231,7 @@ class _AlertTimeline:
             self.active.pop(t.rule, None)
 
     def on_result(self, r: FrameResult) -> None:
-        self._seqs.append(r.seq)
-        offered = self._seqs[-1] - self._seqs[0] + 1
-        self.engine.on_result(r, SystemHealth(frame_drop_rate=1.0 - len(self._seqs) / offered))
+        self.engine.on_result(r)
 
     def banners(self) -> list[AlertBanner]:
         order = {"critical": 0, "warning": 1, "info": 2}

@@ -74,11 +74,11 @@ def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, inclu
         msg.phase.CopyFrom(pb.PhaseState(id=p.phase, name=p.name, probabilities=p.probabilities,
                                          confidence=p.confidence, time_in_phase_s=p.time_in_phase_s))
     if include_anatomy and r.anatomy is not None and not r.out_of_body:
-        share = r.anatomy.area.crop_size[0] * r.anatomy.area.crop_size[1] / (r.frame_size[0] * r.frame_size[1])
+        fractions = r.anatomy.frame_fractions(r.frame_size)
         for c, polys in sorted((r.polygons or {}).items()):
             msg.anatomy.append(pb.AnatomyRegion(
                 class_id=c, name=class_names[c], confidence=r.anatomy.confidence[c],
-                area_fraction=r.anatomy.area_fraction[c] * share,
+                area_fraction=fractions[c],
                 polygons=[pb.Polygon(xy=poly.reshape(-1).tolist()) for poly in polys]))
     return msg
 

@@ -29,7 +29,7 @@ from pipelines.overlay import OverlayRenderer
 from pipelines.preprocess import ContentAreaTracker
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sinks import QueuedSubscriber
-from pipelines.sources import VideoFileSource
+from pipelines.sources import FirstFrames, VideoFileSource
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from synth.dataset import SynthConfig, write_dataset
 
@@ -184,16 +184,8 @@ def main(argv=None) -> int:
         drawn.stop()
         return pipe, pipe.frames_out / (time.perf_counter() - t0)
 
-    class Limited(VideoFileSource):
-        def read(self, timeout_s=None):
-            return None if self.frames_delivered >= n else super().read(timeout_s)
-
-        @property
-        def ended(self):
-            return self.frames_delivered >= n or super().ended
-
-    _, pipe_rate = run_pipeline(Limited(video))
-    paced, _ = run_pipeline(Limited(video, paced=True))
+    _, pipe_rate = run_pipeline(FirstFrames(VideoFileSource(video), n))
+    paced, _ = run_pipeline(FirstFrames(VideoFileSource(video, paced=True), n))
     lat = paced.stats()["latency_ms"]["end_to_end"]
     paced_fps = paced.frames_out / (n / fps)
 

@@ -86,8 +86,7 @@ class RuleInputs:
         if r.anatomy is not None and not r.out_of_body:
             a = r.anatomy
             cw, ch = a.area.crop_size
-            share = cw * ch / (r.frame_size[0] * r.frame_size[1])
-            areas = tuple(v * share for v in a.area_fraction)
+            areas = a.frame_fractions(r.frame_size)
             cmap = a.class_map
             scale = math.sqrt((cw / cmap.shape[1]) * (ch / cmap.shape[0]))
         p = r.phase
@@ -300,6 +299,7 @@ class RulesEngine:
         self._states = [_RuleState(r, _Condition(r, f"rules.{r.id}")) for r in rules]
         self._on_transition = on_transition
         self.transitions: deque[AlertTransition] = deque(maxlen=10000)  # the recent record, for replay reports
+        self._seqs: deque[int] = deque(maxlen=50)  # recent frame sequence numbers: gaps are dropped frames
 
     def evaluate(self, x: RuleInputs) -> list[AlertTransition]:
         out = []
@@ -333,8 +333,16 @@ class RulesEngine:
                 self._on_transition(t)
         return out
 
-    def on_result(self, r: FrameResult, system: SystemHealth = SystemHealth()) -> list[AlertTransition]:
-        return self.evaluate(RuleInputs.from_result(r, system))
+    def drop_rate(self) -> float:
+        """Frames the source dropped among those it offered, over the recent window (from sequence gaps)."""
+        if len(self._seqs) < 2:
+            return 0.0
+        return 1.0 - len(self._seqs) / (self._seqs[-1] - self._seqs[0] + 1)
+
+    def on_result(self, r: FrameResult) -> list[AlertTransition]:
+        """Evaluate one pipeline result; the frame-drop rate is derived from its sequence number."""
+        self._seqs.append(r.seq)
+        return self.evaluate(RuleInputs.from_result(r, SystemHealth(frame_drop_rate=self.drop_rate())))
 
     @staticmethod
     def _transition(st: _RuleState, kind: str, x: RuleInputs, evidence: dict) -> AlertTransition:

@@ -885,3 +885,25 @@ def video_files(paths, must_exist: bool = True) -> list[Path]:
         else:
             raise InputError(f"{p}: no such video file or directory")
     return videos
+
+
+class FirstFrames:
+    """The first ``limit`` frames of another source, then the end: for benchmarks, acceptance
+    runs and previews that play part of a recording. Delegates everything else."""
+
+    def __init__(self, source: FrameSource, limit: int):
+        if limit < 1:
+            raise InputError(f"{source.name}: frame limit must be at least 1, got {limit}")
+        self.source, self.limit = source, limit
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    @property
+    def ended(self) -> bool:
+        return self.source.frames_delivered >= self.limit or self.source.ended
+
+    def read(self, timeout_s: float | None = None) -> Frame | None:
+        if self.source.frames_delivered >= self.limit:
+            return None
+        return self.source.read(timeout_s)

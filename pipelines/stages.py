@@ -57,6 +57,15 @@ class AnatomyEstimate:
         if len(self.area_fraction) != len(self.confidence):
             raise ValueError("area_fraction and confidence must have one value per class")
 
+    def frame_fractions(self, frame_size: tuple[int, int]) -> tuple[float, ...]:
+        """Per-class share of the whole frame (width, height): outside the content crop is the
+        scope's black border, counted as class 0."""
+        cw, ch = self.area.crop_size
+        share = cw * ch / (frame_size[0] * frame_size[1])
+        out = [a * share for a in self.area_fraction]
+        out[0] += 1.0 - share
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class VisibilityEstimate:

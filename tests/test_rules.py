@@ -158,3 +158,20 @@ def test_rule_file_errors_name_the_rule_and_key(tmp_path, text, message):
     with pytest.raises(InputError) as err:
         load_rules(p)
     assert message in str(err.value)
+
+
+def test_frame_drop_rate_is_derived_from_sequence_gaps():
+    from pipelines.messages import FrameResult
+    from pipelines.stages import VisibilityEstimate
+
+    def result(seq):
+        return FrameResult(seq=seq, media_ms=seq * 40.0, frame_size=(320, 240),
+                           marks_ns={"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0},
+                           visibility=VisibilityEstimate(0.0, 0.0), phase=None, anatomy=None)
+
+    e = RulesEngine(load_rules())
+    kept = [s for s in range(0, 300) if s < 100 or s % 2 == 0]  # from frame 100 on, every other frame is dropped
+    raised = [t for s in kept for t in e.on_result(result(s)) if t.kind == "raised"]
+    assert [t.rule for t in raised] == ["frame_drops"]
+    assert 0.2 < float(raised[0].evidence["frame_drop_rate"]) <= 0.5  # above the 20 % threshold
+    assert abs(e.drop_rate() - 0.5) < 0.02
