@@ -107,7 +107,8 @@ def cmd_serve(args) -> int:
         "server.listen": args.listen, "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key,
         "server.tls_ca": args.tls_ca, "server.insecure": True if args.insecure else None,
         "case.source": args.source, "case.case_id": args.case_id, "case.paced": args.paced,
-        "pipeline.models_dir": args.models_dir, "pipeline.backend": args.backend})
+        "pipeline.models_dir": args.models_dir, "pipeline.backend": args.backend,
+        "pipeline.preprocessing": args.preprocessing})
     return asyncio.run(serve_forever(cfg))
 
 
@@ -151,7 +152,7 @@ def cmd_doctor(args) -> int:
 def cmd_qualify(args) -> int:
     from agent.qualify import run_qualify
 
-    return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend,
+    return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend, preprocessing=args.preprocessing,
                        budget_ms=args.budget_ms, seconds=args.seconds, frames=args.frames)
 
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
                    help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
+    p.add_argument("--preprocessing", choices=["auto", "cpu", "gpu"],
+                   help="where model inputs are made (config pipeline.preprocessing; default auto: GPU kernels with TensorRT)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("display", help="the reference OR display: overlays from a running agent, full screen")
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="reference clip (default: the first held-out synthetic surgery, regenerated from its seed)")
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="the backend to qualify (default auto)")
+    p.add_argument("--preprocessing", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of the clip played live for the latency check (default 20)")
     p.add_argument("--frames", type=int, default=200, help="frames compared between backends (default 200)")

@@ -53,6 +53,7 @@ class PipelineSettings:
     models_dir: str = ""  # default: the bundled models
     backend: str = "auto"  # auto (TensorRT where an engine for this GPU exists, else ONNX Runtime), onnxruntime, tensorrt
     engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
+    preprocessing: str = "auto"  # auto (GPU kernels where a model runs on TensorRT, else CPU), cpu, gpu
     phase_rate_hz: float = 5.0
     anatomy_every: int = 1
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING
@@ -139,6 +140,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
     if cfg.pipeline.backend not in ("auto", "onnxruntime", "tensorrt"):
         raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {cfg.pipeline.backend!r}")
+    if cfg.pipeline.preprocessing not in ("auto", "cpu", "gpu"):
+        raise InputError(f"pipeline.preprocessing: must be auto, cpu or gpu, got {cfg.pipeline.preprocessing!r}")
     if cfg.alerts.time_scale <= 0 or cfg.alerts.reannounce_s <= 0:
         raise InputError("alerts: time_scale and reannounce_s must be positive")
     if cfg.audit.max_bytes < 4096:

@@ -24,8 +24,8 @@ from agent.session import LoadedModels
 from pipelines.errors import InputError
 from pipelines.files import atomic_write_text
 from pipelines.metrics import confusion, mean_iou_present
-from pipelines.preprocess import ContentAreaTracker
-from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.messages import FrameResult
+from pipelines.runtime import PipelineConfig
 from pipelines.sources import FirstFrames, VideoFileSource
 
 MIN_ANATOMY_MIOU = 0.98
@@ -46,39 +46,49 @@ def default_clip(cache: Path) -> Path:
     return clip
 
 
+def _results(clip: Path, models: LoadedModels, limit: int, anatomy_every: int) -> dict[int, FrameResult]:
+    """Every result of the pipeline on ``models`` (their backends and frame path), unpaced, by frame."""
+    out: dict[int, FrameResult] = {}
+    pipe = models.pipeline(FirstFrames(VideoFileSource(clip), limit),
+                           PipelineConfig(anatomy_every=anatomy_every, keep_images=False))
+    pipe.subscribe(lambda r: out.__setitem__(r.seq, r))
+    pipe.run()
+    return out
+
+
 def _agreement(clip: Path, reference: LoadedModels, deployed: LoadedModels, frames: int) -> dict:
-    src = VideoFileSource(clip)
-    src.start()
-    tracker = ContentAreaTracker()
+    """The same frames through the reference (ONNX Runtime, CPU preprocessing) and the deployed
+    pipeline (its backends and frame path, the GPU kernels included): ``frames`` anatomy frames and
+    phase steps, both at 5 per second of video, visibility on every frame."""
+    probe = VideoFileSource(clip)
+    probe.start()
+    fps = probe.nominal_fps or 25.0
+    probe.stop()
+    stride = max(1, int(round(fps / 5.0)))
+    ref = _results(clip, reference, frames * stride, stride)
+    dep = _results(clip, deployed, frames * stride, stride)
+    if not ref:
+        raise InputError(f"{clip}: no frame could be decoded")
     n_cls = reference.anatomy.classes
     conf = np.zeros((n_cls, n_cls), np.int64)
-    phase_same = vis_same = steps = 0
-    reference.phase.reset()
-    deployed.phase.reset()
-    fps = src.nominal_fps or 25.0
-    stride = max(1, int(round(fps / 5.0)))
-    try:
-        while steps < frames:
-            f = src.read()
-            if f is None:
-                break
-            area = tracker.update(f.image)
-            if f.seq % stride:
-                continue
-            a_ref, a_dep = reference.anatomy(f.image, area), deployed.anatomy(f.image, area)
-            conf += confusion(a_ref.class_map, a_dep.class_map, n_cls)
-            p_ref = reference.phase(f.image, area, f.media_ms / 1000)
-            p_dep = deployed.phase(f.image, area, f.media_ms / 1000)
-            v_ref, v_dep = reference.visibility(f.image, area), deployed.visibility(f.image, area)
-            phase_same += p_ref.phase == p_dep.phase
-            vis_same += (v_ref.out_of_body, v_ref.low_visibility) == (v_dep.out_of_body, v_dep.low_visibility)
-            steps += 1
-    finally:
-        src.stop()
-    if steps == 0:
-        raise InputError(f"{clip}: no frame could be decoded")
-    return {"frames": steps, "anatomy_miou": mean_iou_present(conf), "phase_agreement": phase_same / steps,
-            "visibility_agreement": vis_same / steps}
+    anatomy_frames = phase_same = phase_steps = vis_same = 0
+    for seq, r in ref.items():
+        d = dep.get(seq)
+        if d is None:
+            continue
+        vis_same += (r.visibility.out_of_body, r.visibility.low_visibility) == (d.visibility.out_of_body, d.visibility.low_visibility)
+        if r.anatomy_fresh and d.anatomy_fresh:
+            conf += confusion(r.anatomy.class_map, d.anatomy.class_map, n_cls)
+            anatomy_frames += 1
+        if r.phase_fresh and d.phase_fresh:
+            phase_same += r.phase.phase == d.phase.phase
+            phase_steps += 1
+    compared = sum(seq in dep for seq in ref)
+    return {"frames": anatomy_frames, "phase_steps": phase_steps, "frames_compared": compared,
+            "frames_missing": len(ref) - compared,
+            "anatomy_miou": mean_iou_present(conf) if anatomy_frames else 0.0,
+            "phase_agreement": phase_same / phase_steps if phase_steps else 0.0,
+            "visibility_agreement": vis_same / max(1, len(ref))}
 
 
 def _latency(clip: Path, models: LoadedModels, seconds: float) -> dict:
@@ -86,7 +96,7 @@ def _latency(clip: Path, models: LoadedModels, seconds: float) -> dict:
     probe.start()
     limit = int(seconds * (probe.nominal_fps or 25.0))
     probe.stop()
-    pipe = Pipeline(FirstFrames(VideoFileSource(clip, paced=True), limit), models.anatomy, models.phase, models.visibility, PipelineConfig())
+    pipe = models.pipeline(FirstFrames(VideoFileSource(clip, paced=True), limit), PipelineConfig())
     pipe.run()
     stats = pipe.stats()
     return {"seconds": seconds, "frames": stats["frames_out"], "dropped": stats["frames_dropped_source"],
@@ -108,18 +118,23 @@ def _identity(deployed: LoadedModels) -> dict:
         ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
     ident["models"] = {t: {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": deployed.backend_name(t),
                            "why": deployed.reasons.get(t, "")} for t, m in deployed.manifests.items()}
+    ident["preprocessing"] = deployed.frame_path_reason
     return ident
 
 
-def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend: str = "auto",
+def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend: str = "auto", preprocessing: str = "auto",
                 budget_ms: float = 50.0, seconds: float = 20.0, frames: int = 200) -> int:
     if budget_ms <= 0 or seconds <= 0 or frames < 1:
         raise InputError("--budget-ms and --seconds must be positive, --frames at least 1")
     clip_path = Path(clip) if clip else default_clip(Path(".cache") / "qualify-clip")
     if not clip_path.is_file():
         raise InputError(f"{clip_path}: no such reference clip")
-    reference = LoadedModels(models_dir, backend="onnxruntime", live_session=False)
-    deployed = LoadedModels(models_dir, backend=backend, live_session=False)
+    reference = LoadedModels(models_dir, backend="onnxruntime", live_session=False, preprocessing="cpu")
+    try:
+        deployed = LoadedModels(models_dir, backend=backend, live_session=False, preprocessing=preprocessing)
+    except BaseException:
+        reference.close()
+        raise
     t0 = time.time()
     try:
         print(f"agreement: reference ONNX Runtime vs deployed ({', '.join(deployed.backend_name(t) for t in deployed.manifests)}) "
@@ -137,6 +152,7 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
         ("visibility agreement", agree["visibility_agreement"], MIN_VISIBILITY_AGREEMENT, ">="),
         ("capture->publish latency p99 (ms)", lat["p99_ms"], budget_ms, "<="),
         ("frames dropped in live play", lat["dropped"], 0, "<="),
+        ("frames missing from the deployed run", agree["frames_missing"], 0, "<="),
     ]
     results = [{"check": name, "measured": round(float(v), 4), "limit": limit, "rule": rule,
                 "pass": bool(v >= limit if rule == ">=" else v <= limit)} for name, v, limit, rule in checks]

@@ -248,8 +248,7 @@ def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: 
     out_dir.mkdir(parents=True, exist_ok=True)
     fps = source.nominal_fps or 25.0
     total = source.frame_count or 0
-    pipeline = Pipeline(source, models.anatomy, models.phase, models.visibility,
-                        PipelineConfig(phase_rate_hz=models.manifests["phase"].extra.get("step_rate_hz", 5.0),
+    pipeline = models.pipeline(source, PipelineConfig(phase_rate_hz=models.manifests["phase"].extra.get("step_rate_hz", 5.0),
                                        anatomy_every=anatomy_every))
     overlay = OverlayRenderer(models.manifests["segmentation"].labels)
     collector = _Collector(len(models.manifests["segmentation"].labels), item.masks)

@@ -16,6 +16,7 @@ from typing import Callable
 from agent.config import NAME_RE, PipelineSettings
 from pipelines.backends.select import choose_backend
 from pipelines.errors import InputError
+from pipelines.frame_path import choose_frame_path
 from pipelines.manifest import ModelManifest, find_model
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.runtime import Pipeline, PipelineConfig
@@ -28,19 +29,32 @@ log = logging.getLogger("or-agent.session")
 
 class LoadedModels:
     """The three stages, verified and loaded once per agent process, each on the backend chosen for
-    it (``auto``: TensorRT where an engine for this GPU is cached, else ONNX Runtime), with the reason."""
+    it (``auto``: TensorRT where an engine for this GPU is cached, else ONNX Runtime), with the reason;
+    and the frame path that makes their inputs (``auto``: the GPU kernels where a model runs on
+    TensorRT, else the CPU), with its reason."""
 
     def __init__(self, models_dir: str | None = None, threads: int = 1, backend: str = "auto",
-                 cache_dir: str | None = None, live_session: bool = True):
+                 cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto"):
         self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
         self.reasons: dict[str, str] = {}
         backends = {}
         for task, m in self.manifests.items():
             backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session)
             log.info("%s model %s: %s", task, m.name, self.reasons[task])
+        try:
+            self.frame_path, self.frame_path_reason = choose_frame_path(preprocessing, [b.name for b in backends.values()])
+        except BaseException:
+            for b in backends.values():
+                b.close()
+            raise
+        log.info("preprocessing: %s", self.frame_path_reason)
         self.anatomy = AnatomyStage(backends["segmentation"])
         self.phase = PhaseStage(backends["phase"])
         self.visibility = VisibilityStage(backends["visibility"])
+
+    def pipeline(self, source, config: PipelineConfig | None = None) -> Pipeline:
+        """A pipeline over ``source`` on these models and this frame path (one running at a time)."""
+        return Pipeline(source, self.anatomy, self.phase, self.visibility, config, frame_path=self.frame_path)
 
     def backend_name(self, task: str) -> str:
         stage = {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]
@@ -49,6 +63,7 @@ class LoadedModels:
     def close(self) -> None:
         for s in (self.anatomy, self.phase, self.visibility):
             s.backend.close()
+        self.frame_path.close()
 
 
 @dataclass(frozen=True)
@@ -76,9 +91,8 @@ class CaseSession:
         self._on_result = on_result
         self._on_event = on_event
         self.source = open_source(spec.source, paced=spec.paced)
-        self.pipeline = Pipeline(self.source, models.anatomy, models.phase, models.visibility,
-                                 PipelineConfig(phase_rate_hz=settings.phase_rate_hz, anatomy_every=settings.anatomy_every,
-                                                keep_images=True, encode_polygons=True))
+        self.pipeline = models.pipeline(self.source, PipelineConfig(
+            phase_rate_hz=settings.phase_rate_hz, anatomy_every=settings.anatomy_every, keep_images=True, encode_polygons=True))
         self.pipeline.subscribe(self._result)
         self.pipeline.subscribe_events(self._event)
         self._lock = threading.Lock()

@@ -55,8 +55,9 @@ def cmd_compare(args) -> int:
 def cmd_temperature(args) -> int:
     from calibration.temperature import calibrate_temperature
 
-    calibrate_temperature(args.videos, model=args.model, models_dir=args.models_dir, write=not args.dry_run)
-    return 0
+    result = calibrate_temperature(args.videos, model=args.model, models_dir=args.models_dir, write=not args.dry_run,
+                                   check=args.check)
+    return 0 if result.get("check_passed", True) else 1
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
@@ -100,6 +101,9 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                    help="videos with phase labels next to them (<name>-phase.txt or .csv); not the training videos")
     q.add_argument("--model", default=None, help="phase model folder or name (default: the installed phase model)")
     q.add_argument("--models-dir", default=None, help="models directory (default: $OR_AGENT_MODELS or the bundled models/)")
+    q.add_argument("--check", nargs="+", metavar="PATH", default=None,
+                   help="labelled videos kept out of the fit: ECE before/after measured there too, and the "
+                        "temperature is written only if it helps there (lower ECE and NLL)")
     q.add_argument("--dry-run", action="store_true", help="report only; do not write the temperature into the manifest")
     q.set_defaults(func=cmd_temperature)
     return p

@@ -145,12 +145,20 @@ def apply_temperature(manifest_path: str | Path, temperature: float, ece_before:
 
 
 def calibrate_temperature(videos: Sequence[str], model: str | None = None, models_dir=None, write: bool = True,
-                          log: Callable[[str], None] = print) -> dict:
-    """``or-agent calibrate temperature``: fit T on labelled replays, report ECE, store it."""
+                          log: Callable[[str], None] = print, check: Sequence[str] | None = None) -> dict:
+    """``or-agent calibrate temperature``: fit T on labelled replays, report ECE, store it.
+
+    With ``check`` (labelled videos not in the fit) the ECE and NLL before and after are measured
+    there as well, and the temperature is stored only if it lowers both there: a temperature that
+    only helps the videos it was fitted on is not a calibration (``check_passed`` says which)."""
     m = resolve_model(model, models_dir) if model else find_model("phase", models_dir)
     if m.task != "phase":
         raise InputError(f"{model}: temperature scaling is for the phase model, {m.name} is a {m.task} model")
     paths = list_videos(videos)
+    check_paths = list_videos(check) if check else []
+    overlap = {p.resolve() for p in paths} & {p.resolve() for p in check_paths}
+    if overlap:
+        raise InputError(f"--check videos must be kept out of the fit: {', '.join(sorted(p.name for p in overlap))} is in both")
     log(f"stepping {m.name} through {len(paths)} labelled video(s)")
     logits, labels = collect_phase_logits(paths, m, models_dir, log)
     t = fit_temperature(logits, labels)
@@ -168,12 +176,29 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
     old = (m.extra.get("calibration") or {}).get("temperature")
     if old is not None:
         log(f"(the manifest had temperature {old})")
+    if check_paths:
+        log(f"checking on {len(check_paths)} video(s) kept out of the fit")
+        c_logits, c_labels = collect_phase_logits(check_paths, m, models_dir, log)
+        c = {"videos": [p.name for p in check_paths], "steps": int(len(c_labels)),
+             "ece_before": round(expected_calibration_error(c_logits, c_labels), 4),
+             "ece_after": round(expected_calibration_error(c_logits, c_labels, t), 4),
+             "nll_before": round(nll(c_logits, c_labels), 4), "nll_after": round(nll(c_logits, c_labels, t), 4)}
+        result["check"] = c
+        result["check_passed"] = c["ece_after"] < c["ece_before"] and c["nll_after"] < c["nll_before"]
+        log(f"kept out of the fit: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+            f"{c['nll_after']:.4f}: {'better' if result['check_passed'] else 'NOT better'}")
+        if not result["check_passed"]:
+            if write:
+                log(f"the temperature is not written into {m.path}: it does not help on the videos kept out of the fit")
+            return result
     if write:
         fit = {"videos": [p.name for p in paths], "steps": int(len(labels)), "bins": ECE_BINS,
                "nll_before": result["nll_before"], "nll_after": result["nll_after"],
                "method": f"NLL minimised over log T in [{T_MIN}, {T_MAX}] (grid, then golden section); "
                          "raw logits of the pipeline's 5 Hz steps, out-of-body frames skipped",
                "fitted_on": datetime.date.today().isoformat()}
+        if "check" in result:
+            fit["check"] = result["check"]
         out = apply_temperature(m.path, t, before, after, fit)
         log(f"wrote calibration.temperature = {out.extra['calibration']['temperature']} into {out.path}")
         result["manifest"] = str(out.path)

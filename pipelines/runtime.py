@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.errors import ModelError, OrAgentError
+from pipelines.frame_path import FramePath, HostFramePath
 from pipelines.masks import anatomy_polygons
 from pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
 from pipelines.preprocess import ContentArea, ContentAreaTracker
@@ -57,10 +58,10 @@ class _Work:
     frame: Frame
     marks: dict[str, int]
     area: ContentArea | None = None
-    vis_x: np.ndarray | None = None
-    phase_x: np.ndarray | None = None
-    anatomy_x: np.ndarray | None = None
-    anatomy_logits: np.ndarray | None = None
+    vis_x: object = None  # model inputs from the frame path: arrays, or device buffers to release
+    phase_x: object = None
+    anatomy_x: object = None
+    anatomy_logits: object = None  # logits, or their AnatomyReduction when reduced next to the model
     visibility: VisibilityEstimate | None = None
     phase: PhaseEstimate | None = None
     phase_fresh: bool = False
@@ -70,8 +71,10 @@ class _Work:
 
 class Pipeline:
     def __init__(self, source, anatomy: AnatomyStage, phase: PhaseStage, visibility: VisibilityStage,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None, frame_path: FramePath | None = None):
         self.source = source
+        # Where inputs are made and logits reduced (CPU or GPU kernels); one pipeline at a time uses it.
+        self.frame_path = frame_path or HostFramePath()
         self.anatomy = anatomy
         self.phase = phase
         self.visibility = visibility
@@ -107,6 +110,7 @@ class Pipeline:
     def start(self) -> None:
         if self._threads:
             raise RuntimeError("pipeline already started")
+        self.frame_path.reset()
         self.source.start()
         self.phase.reset()
         self._started_ns = time.monotonic_ns()
@@ -240,31 +244,44 @@ class Pipeline:
         cfg = self.config
         img = w.frame.image
         w.area = self._tracker.update(img)
-        w.vis_x = self.visibility.pre_process(img, w.area)
+        stages = [self.visibility]
         if w.frame.media_ms >= self._next_phase_ms:
-            w.phase_x = self.phase.pre_process(img, w.area)
+            stages.append(self.phase)
             step_ms = 1000.0 / cfg.phase_rate_hz
             self._next_phase_ms = max(self._next_phase_ms + step_ms, w.frame.media_ms - step_ms / 2)
         if w.frame.seq % cfg.anatomy_every == 0:
-            w.anatomy_x = self.anatomy.pre_process(img, w.area)
+            stages.append(self.anatomy)
+        inputs = dict(zip(stages, self.frame_path.prepare(img, w.area, stages)))
+        w.vis_x, w.phase_x, w.anatomy_x = inputs[self.visibility], inputs.get(self.phase), inputs.get(self.anatomy)
         w.marks["preprocess"] = time.monotonic_ns()
 
     def _infer_light(self, w: _Work) -> None:
-        w.visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
-        if w.phase_x is not None and not w.visibility.out_of_body:
-            # Out of the body the phase model is not stepped: the room says nothing about the phase.
-            self._last_phase = self.phase.post_process(self.phase.predict(w.phase_x), w.frame.media_ms / 1000.0)
-            w.phase_fresh = True
-            self._last_phase_s = w.frame.media_ms / 1000.0
-            w.phase = self._last_phase
-        elif self._last_phase is not None:
-            # Between steps the phase holds; its clock keeps running with the media.
-            since = w.frame.media_ms / 1000.0 - self._last_phase_s
-            w.phase = replace(self._last_phase, time_in_phase_s=self._last_phase.time_in_phase_s + since)
+        try:
+            w.visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
+            if w.phase_x is not None and not w.visibility.out_of_body:
+                # Out of the body the phase model is not stepped: the room says nothing about the phase.
+                self._last_phase = self.phase.post_process(self.phase.predict(w.phase_x), w.frame.media_ms / 1000.0)
+                w.phase_fresh = True
+                self._last_phase_s = w.frame.media_ms / 1000.0
+                w.phase = self._last_phase
+            elif self._last_phase is not None:
+                # Between steps the phase holds; its clock keeps running with the media.
+                since = w.frame.media_ms / 1000.0 - self._last_phase_s
+                w.phase = replace(self._last_phase, time_in_phase_s=self._last_phase.time_in_phase_s + since)
+        finally:
+            self.frame_path.release(w.vis_x)
+            self.frame_path.release(w.phase_x)
+            w.vis_x = w.phase_x = None
 
     def _infer_anatomy(self, w: _Work) -> None:
-        if w.anatomy_x is not None and not w.visibility.out_of_body:
-            w.anatomy_logits = self.anatomy.predict(w.anatomy_x)
+        try:
+            if w.anatomy_x is not None and not w.visibility.out_of_body:
+                logits = self.anatomy.predict(w.anatomy_x, on_device=self.frame_path.reduces_on_device)
+                # Reduced here when the logits are on the device: the engine reuses that buffer next frame.
+                w.anatomy_logits = self.frame_path.reduce(logits)
+        finally:
+            self.frame_path.release(w.anatomy_x)
+            w.anatomy_x = None
         w.marks["inference"] = time.monotonic_ns()
 
     def _postprocess(self, w: _Work) -> None:

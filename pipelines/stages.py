@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.backends import InferenceBackend
+from pipelines.backends import DeviceTensor, InferenceBackend
 from pipelines.errors import ManifestError, ModelError
 from pipelines.phase_filter import PhaseFilter
 from pipelines.preprocess import ContentArea, crop_resize, normalise
@@ -26,6 +26,48 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+CONF_SUBSAMPLE = 4  # segmentation confidence is averaged on a 4x4-subsampled grid
+
+
+def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segmentation logits ([1,C,H,W] or [C,H,W]) -> (uint8 class map HxW, int64 pixel counts [C],
+    float64 per-class confidence [C]). The CPU definition; the GPU reduction kernel is checked against it.
+
+    Confidence is the mean winning (max-softmax) probability over a class's pixels on a
+    ``sub`` x ``sub``-subsampled grid: the mean of a region barely changes, and the exponentials cost
+    16x less. A class present only between grid points gets 0.5; an absent one 0."""
+    lg = np.asarray(logits, np.float32)
+    lg = lg[0] if lg.ndim == 4 else lg
+    classes = lg.shape[0]
+    class_map = lg.argmax(0).astype(np.uint8)
+    counts = np.bincount(class_map.ravel(), minlength=classes)
+    s, sm = lg[:, ::sub, ::sub], class_map[::sub, ::sub]
+    top = np.take_along_axis(s, sm[None].astype(np.int64), 0)[0]
+    p_win = 1.0 / np.exp(s - top[None]).sum(0)  # = max softmax probability
+    sub_counts = np.bincount(sm.ravel(), minlength=classes)
+    sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
+    conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
+    return class_map, counts, conf
+
+
+@dataclass(frozen=True)
+class AnatomyReduction:
+    """Segmentation logits reduced to what the anatomy stage reports, by ``reduce_logits`` on the
+    CPU or by the GPU kernel next to the engine's output (then only this crosses to the host)."""
+
+    class_map: np.ndarray = field(repr=False)  # uint8 HxW class ids
+    counts: np.ndarray  # int64 [C] pixels per class
+    confidence: np.ndarray  # float64 [C]
+
+    def __post_init__(self):
+        if self.class_map.ndim != 2 or self.class_map.dtype != np.uint8:
+            raise ValueError("class_map must be a 2-D uint8 array")
+        if self.counts.shape != self.confidence.shape or self.counts.ndim != 1:
+            raise ValueError("counts and confidence must be 1-D with one value per class")
+        if int(self.counts.sum()) != self.class_map.size:
+            raise ValueError(f"counts add up to {int(self.counts.sum())}, the class map has {self.class_map.size} pixels")
 
 
 @dataclass(frozen=True)
@@ -91,11 +133,16 @@ class _Stage:
     def pre_process(self, frame: np.ndarray, area: ContentArea) -> np.ndarray:
         return normalise(crop_resize(frame, area, self.spec.height, self.spec.width), self.spec)
 
-    def _single_output(self, outputs: dict) -> np.ndarray:
+    @property
+    def output_name(self) -> str:
+        """The model's one result tensor (recurrent state outputs aside)."""
         names = [o.name for o in self.manifest.outputs if o.state_of is None]
         if len(names) != 1:
             raise ModelError(f"{self.manifest.path}: expected exactly one non-state output, found {names}")
-        return outputs[names[0]]
+        return names[0]
+
+    def _single_output(self, outputs: dict) -> np.ndarray:
+        return outputs[self.output_name]
 
 
 class PhaseStage(_Stage):
@@ -148,22 +195,21 @@ class AnatomyStage(_Stage):
             raise ModelError(f"{self.manifest.path}: an anatomy stage needs a task 'segmentation' model, not {self.manifest.task!r}")
         self.classes = len(self.manifest.labels)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._single_output(self.backend.run({self.manifest.input.name: x}))
+    def predict(self, x, on_device: bool = False):
+        """Logits on the host; with ``on_device`` and a backend that can, a ``DeviceTensor`` in the
+        engine's output buffer (valid until the next call) for the GPU reduction."""
+        name = self.output_name
+        if on_device and self.backend.device_outputs:
+            return self.backend.run({self.manifest.input.name: x}, device_outputs=(name,))[name]
+        return self.backend.run({self.manifest.input.name: x})[name]
 
-    def post_process(self, logits: np.ndarray, area: ContentArea) -> AnatomyEstimate:
-        lg = np.asarray(logits)[0]
-        class_map = lg.argmax(0).astype(np.uint8)
-        counts = np.bincount(class_map.ravel(), minlength=self.classes)
-        # Confidence on a 4x4-subsampled grid: the mean winning probability of a region barely
-        # changes, and the exponentials cost 16x less.
-        sub, sub_map = lg[:, ::4, ::4], class_map[::4, ::4]
-        top = np.take_along_axis(sub, sub_map[None].astype(np.int64), 0)[0]
-        p_win = 1.0 / np.exp(sub - top[None]).sum(0)  # = max softmax probability
-        sub_counts = np.bincount(sub_map.ravel(), minlength=self.classes)
-        sums = np.bincount(sub_map.ravel(), weights=p_win.ravel(), minlength=self.classes)
-        conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
-        return AnatomyEstimate(class_map, area, tuple((counts / class_map.size).tolist()), tuple(conf.tolist()))
+    def post_process(self, logits: np.ndarray | AnatomyReduction, area: ContentArea) -> AnatomyEstimate:
+        if isinstance(logits, DeviceTensor):
+            logits = logits.to_host()
+        r = logits if isinstance(logits, AnatomyReduction) else AnatomyReduction(*reduce_logits(logits))
+        if len(r.counts) != self.classes:
+            raise ModelError(f"{self.manifest.name}: {len(r.counts)} classes in the output, the manifest labels {self.classes}")
+        return AnatomyEstimate(r.class_map, area, tuple((r.counts / r.class_map.size).tolist()), tuple(r.confidence.tolist()))
 
     def __call__(self, frame: np.ndarray, area: ContentArea) -> AnatomyEstimate:
         return self.post_process(self.predict(self.pre_process(frame, area)), area)

@@ -386,6 +386,26 @@ def test_temperature_command_fits_on_labelled_replay(tmp_path, calib_video):
     m.verify_file()
 
 
+def test_temperature_is_written_only_if_it_helps_on_videos_kept_out_of_the_fit(tmp_path, calib_video, held_out_video):
+    shutil.copytree(MODELS / "phase", tmp_path / "models" / "phase")
+    shutil.copytree(MODELS / "visibility", tmp_path / "models" / "visibility")
+    code, out, err = calibrate_cli("temperature", "--videos", str(calib_video), "--check", str(held_out_video / "video01.mp4"),
+                                   "--models-dir", str(tmp_path / "models"))
+    line = next(x for x in out.splitlines() if x.startswith("kept out of the fit: ECE "))
+    before, after = (float(v) for v in line.split("ECE ")[1].split(",")[0].split(" -> "))
+    n_before, n_after = (float(v) for v in line.split("NLL ")[1].split(":")[0].split(" -> "))
+    helped = after < before and n_after < n_before
+    assert line.endswith("better") and (line.endswith(": better") == helped)
+    cal = load_manifest(tmp_path / "models" / "phase").extra.get("calibration") or {}
+    if helped:
+        assert code == 0 and cal["temperature_fit"]["check"]["videos"] == ["video01.mp4"]
+        assert cal["temperature_fit"]["check"]["ece_after"] == after
+    else:
+        assert code == 1 and "temperature" not in cal and "is not written into" in out
+    code, out, err = calibrate_cli("temperature", "--videos", str(calib_video), "--check", str(calib_video))
+    assert code == 2 and err == "or-agent: error: --check videos must be kept out of the fit: video01.mp4 is in both\n"
+
+
 # -- bad inputs --------------------------------------------------------------------------------
 
 def _no_frames_video(path: Path) -> Path:

@@ -383,9 +383,12 @@ def test_qualify_writes_an_acceptance_report(small_dataset, tmp_path):
                    "--budget-ms", "1000")
     report = json.loads((tmp_path / "q" / "qualification.json").read_text())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert report["verdict"] == "PASS" and len(report["checks"]) == 5 and all(c["pass"] for c in report["checks"])
+    assert report["verdict"] == "PASS" and len(report["checks"]) == 6 and all(c["pass"] for c in report["checks"])
     assert report["box"]["models"]["segmentation"]["sha256"] and report["box"]["onnxruntime"]
-    assert report["agreement"]["anatomy_miou"] == 1.0  # deployed backend here is ONNX Runtime itself
+    assert report["box"]["preprocessing"] == "cpu: the models run on ONNX Runtime (CPU), so their inputs are made there"
+    # deployed backend and frame path here are the reference's own: identical, frame for frame
+    assert report["agreement"]["anatomy_miou"] == 1.0 and report["agreement"]["frames_missing"] == 0
+    assert report["agreement"]["frames"] == 20 and 15 <= report["agreement"]["phase_steps"] <= 20
     assert "PASS" in (tmp_path / "q" / "qualification.html").read_text()
     # an impossible latency budget fails that check, and the command says so with a non-zero exit
     proc = run_cli("qualify", "--clip", clip, "--out", str(tmp_path / "q2"), "--seconds", "2", "--frames", "5",

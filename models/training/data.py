@@ -17,6 +17,8 @@ from synth.render import GENERATOR_VERSION
 
 TRAIN = SynthConfig(videos=12, seed=1, time_scale=25.0, mask_every=10)
 HELD_OUT = SynthConfig(videos=3, seed=2, time_scale=25.0, mask_every=25)
+# Neither trained nor measured on: for fitting calibrations (the phase model's temperature).
+CALIBRATION = SynthConfig(videos=6, seed=3, time_scale=25.0, mask_every=25)
 
 
 def _one(args):

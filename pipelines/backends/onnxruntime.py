@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 
-from pipelines.backends import InferenceBackend
+from pipelines.backends import DeviceTensor, InferenceBackend, host_inputs
 from pipelines.errors import ModelError
 from pipelines.manifest import ModelManifest
 
@@ -40,9 +40,11 @@ class OnnxRuntimeBackend(InferenceBackend):
         if missing:
             raise ModelError(f"{manifest.path}: outputs {sorted(missing)} are not in the model")
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray | DeviceTensor], *,
+            device_outputs: Collection[str] = ()) -> dict[str, np.ndarray]:
+        feed = host_inputs(inputs)  # a GPU-prepared input is downloaded once here
         try:
-            values = self._session.run(self._outputs, dict(inputs))
+            values = self._session.run(self._outputs, feed)
         except Exception as exc:
             raise ModelError(f"{self.manifest.name}: inference failed ({str(exc).splitlines()[0]})") from None
         return dict(zip(self._outputs, values))

@@ -33,11 +33,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 import numpy as np
 
-from pipelines.backends import InferenceBackend
+from pipelines.backends import DeviceTensor, InferenceBackend
 from pipelines.errors import DependencyError, ModelError
 from pipelines.manifest import ModelManifest
 
@@ -381,6 +381,25 @@ class _Binding:
         self.device, self.host, self.nbytes = device, host, host.nbytes
 
 
+class _OutputOnDevice(DeviceTensor):
+    """An engine output left on the GPU (for the reduction kernel): valid until the backend's next run."""
+
+    def __init__(self, backend: "TensorRTBackend", binding: _Binding):
+        self._backend, self._binding = backend, binding
+        self._ptr = int(binding.device)
+        self.shape, self.dtype = binding.shape, binding.dtype
+
+    @property
+    def device_ptr(self) -> int:
+        return self._ptr
+
+    def to_host(self) -> np.ndarray:
+        b = self._binding
+        with self._backend._ctx:
+            self._backend.cuda.memcpy_dtoh(b.host, self._ptr)
+        return b.host.copy()
+
+
 class TensorRTBackend(InferenceBackend):
     """A cached engine run on a non-default CUDA stream with pinned host buffers.
 
@@ -396,6 +415,7 @@ class TensorRTBackend(InferenceBackend):
     """
 
     name = "tensorrt"
+    device_outputs = True
 
     def __init__(self, manifest: ModelManifest, engine: bytes | str | os.PathLike, *, device: int = 0,
                  cuda_graph: bool = False):
@@ -478,9 +498,16 @@ class TensorRTBackend(InferenceBackend):
         if not self._context.execute_async_v3(self._stream.handle):
             raise ModelError(f"{self.manifest.name}: TensorRT execute_async_v3 failed")
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray | DeviceTensor], *,
+            device_outputs: Collection[str] = ()) -> dict[str, np.ndarray | DeviceTensor]:
+        """Inputs may be host arrays (copied through the pinned buffers) or device tensors (copied
+        device to device on this stream: a GPU-prepared frame never visits the host). Outputs named
+        in ``device_outputs`` stay on the device, valid until the next call."""
         if self._closed:
             raise ModelError(f"{self.manifest.name}: backend is closed")
+        unknown = set(device_outputs) - set(self._outputs)
+        if unknown:
+            raise ModelError(f"{self.manifest.name}: device_outputs {sorted(unknown)} are not outputs of the model")
         cuda = self.cuda
         with self._ctx:
             for name, b in self._bindings.items():
@@ -491,6 +518,14 @@ class TensorRTBackend(InferenceBackend):
                 value = inputs[name]
                 if self._state_mirror.get(name) is value:
                     continue  # the state is already on the device (pointer swapped after the last step)
+                if isinstance(value, DeviceTensor):
+                    if tuple(value.shape) != b.shape or np.dtype(value.dtype) != b.dtype:
+                        raise ModelError(f"{self.manifest.name}: input {name!r} is {np.dtype(value.dtype)} {tuple(value.shape)}, "
+                                         f"engine wants {b.dtype} {b.shape}")
+                    if value.device_ptr is not None:
+                        cuda.memcpy_dtod_async(b.device, value.device_ptr, b.nbytes, self._stream)
+                        continue
+                    value = value.to_host()
                 arr = np.asarray(value, dtype=b.dtype)
                 if arr.shape != b.shape:
                     raise ModelError(f"{self.manifest.name}: input {name!r} has shape {arr.shape}, engine wants {b.shape}")
@@ -501,11 +536,14 @@ class TensorRTBackend(InferenceBackend):
                 self._context.execute_async_v3(self._stream.handle)
                 self._warmed = True
             self._enqueue()
-            for name in self._outputs:
+            host_names = [n for n in self._outputs if n not in device_outputs]
+            for name in host_names:
                 b = self._bindings[name]
                 cuda.memcpy_dtoh_async(b.host, b.device, self._stream)
             self._stream.synchronize()
-            result = {name: self._bindings[name].host.copy() for name in self._outputs}
+            result: dict = {name: self._bindings[name].host.copy() for name in host_names}
+            for name in device_outputs:
+                result[name] = _OutputOnDevice(self, self._bindings[name])
             # State: swap device pointers so this step's state_out is the next step's state_in.
             self._state_mirror = {}
             for out_name, in_name in self._state_pairs.items():
@@ -513,7 +551,8 @@ class TensorRTBackend(InferenceBackend):
                 bo.device, bi.device = bi.device, bo.device
                 self._context.set_tensor_address(out_name, int(bo.device))
                 self._context.set_tensor_address(in_name, int(bi.device))
-                self._state_mirror[in_name] = result[out_name]
+                if out_name in result and not isinstance(result[out_name], DeviceTensor):
+                    self._state_mirror[in_name] = result[out_name]
         return result
 
     def _release(self) -> None:

@@ -30,8 +30,7 @@ import math
 import numpy as np
 
 from pipelines.preprocess import ContentArea, InputSpec
-
-CONF_SUBSAMPLE = 4  # AnatomyStage's confidence grid
+from pipelines.stages import CONF_SUBSAMPLE, reduce_logits
 
 _PREPROCESS_SRC = r"""
 __global__ void preprocess_area(const unsigned char* __restrict__ rows, int pitch, int x0,
@@ -135,20 +134,8 @@ def preprocess_reference(frame: np.ndarray, area: ContentArea, spec: InputSpec) 
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None].astype(np.float32))
 
 
-def reduce_logits_reference(logits: np.ndarray, sub: int = CONF_SUBSAMPLE):
-    """(class_map uint8 HxW, counts int64 [C], confidence float64 [C]) exactly as ``AnatomyStage``."""
-    lg = np.asarray(logits, np.float32)
-    lg = lg[0] if lg.ndim == 4 else lg
-    classes = lg.shape[0]
-    class_map = lg.argmax(0).astype(np.uint8)
-    counts = np.bincount(class_map.ravel(), minlength=classes)
-    s, sm = lg[:, ::sub, ::sub], class_map[::sub, ::sub]
-    top = np.take_along_axis(s, sm[None].astype(np.int64), 0)[0]
-    p_win = 1.0 / np.exp(s - top[None]).sum(0)
-    sub_counts = np.bincount(sm.ravel(), minlength=classes)
-    sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
-    conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
-    return class_map, counts, conf
+# The reduction's CPU definition is the anatomy stage's own (one arithmetic for both paths).
+reduce_logits_reference = reduce_logits
 
 
 # --------------------------------------------------------------------------- GPU classes
@@ -221,7 +208,6 @@ class GpuPreprocessor(_GpuObject):
             self.d_out = self._alloc(int(np.prod(self.out_shape)) * 4)
             self._h_out = self.cuda.pagelocked_empty(self.out_shape, np.float32)
         self._copy2d = True
-        self._norm = [np.float32(v) for v in (*spec.mean, *(1.0 / s for s in spec.std))]
 
     def pinned_frame(self, height: int, width: int) -> np.ndarray:
         """A pinned HxWx3 uint8 buffer to decode into (a view of the preprocessor's own)."""
@@ -234,6 +220,12 @@ class GpuPreprocessor(_GpuObject):
 
     def enqueue(self, frame: np.ndarray, area: ContentArea):
         """Queue copy + kernel on ``self.stream``; returns the device output (valid after sync)."""
+        self.enqueue_into(frame, area, [(self.spec, self.d_out)])
+        return self.d_out
+
+    def enqueue_into(self, frame: np.ndarray, area: ContentArea, targets) -> None:
+        """Upload the frame's content crop once and queue one kernel per ``(InputSpec, device
+        buffer)`` target (each buffer float32 [1,3,H,W] of its spec), all on ``self.stream``."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected a uint8 HxWx3 BGR frame, got {frame.dtype} {frame.shape}")
         h, w = frame.shape[:2]
@@ -242,16 +234,16 @@ class GpuPreprocessor(_GpuObject):
         if frame.__array_interface__["data"][0] != pinned.__array_interface__["data"][0] or not frame.flags.c_contiguous:
             np.copyto(pinned[area.y0:area.y1], frame[area.y0:area.y1])
         cw, ch = area.crop_size
-        sx, sy = np.float32(cw / self.spec.width), np.float32(ch / self.spec.height)
-        cuda = self.cuda
         x0, pitch = self._copy_crop(pinned, area, w)
-        block = (32, 8, 1)
-        grid = ((self.spec.width + 31) // 32, (self.spec.height + 7) // 8, 1)
-        self._kernel(self._d_rows, np.int32(pitch), np.int32(x0), np.int32(cw), np.int32(ch), sx, sy,
-                     self.d_out, np.int32(self.spec.width), np.int32(self.spec.height),
-                     np.int32(self.spec.color_order == "RGB"), *self._norm,
-                     block=block, grid=grid, stream=self.stream)
-        return self.d_out
+        for spec, d_out in targets:
+            norm = [np.float32(v) for v in (*spec.mean, *(1.0 / s for s in spec.std))]
+            sx, sy = np.float32(cw / spec.width), np.float32(ch / spec.height)
+            block = (32, 8, 1)
+            grid = ((spec.width + 31) // 32, (spec.height + 7) // 8, 1)
+            self._kernel(self._d_rows, np.int32(pitch), np.int32(x0), np.int32(cw), np.int32(ch), sx, sy,
+                         d_out, np.int32(spec.width), np.int32(spec.height),
+                         np.int32(spec.color_order == "RGB"), *norm,
+                         block=block, grid=grid, stream=self.stream)
 
     def _copy_crop(self, pinned: np.ndarray, area: ContentArea, w: int) -> tuple[int, int]:
         """Only the crop rectangle goes to the device (a 2-D copy, packed); where the 2-D copy is
