@@ -39,7 +39,7 @@ from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_c
 from pipelines.overlay import AlertBanner, OverlayRenderer
 from pipelines.preprocess import paste_back
 from pipelines.rules import AlertTransition, Rule, RulesEngine, load_rules
-from pipelines.runtime import Pipeline, PipelineConfig
+from pipelines.runtime import PipelineConfig
 from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource, video_files
 from synth.dataset import read_phase_file

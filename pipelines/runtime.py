@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import numpy as np
-
 from pipelines.errors import ModelError, OrAgentError
 from pipelines.frame_path import FramePath, HostFramePath
 from pipelines.masks import anatomy_polygons

@@ -1,0 +1,1 @@
+"""Emulated pycuda for tests (see tests/emulated_gpu/README.md)."""

@@ -1,0 +1,135 @@
+"""Scenarios run by tests/test_emulated_gpu.py in a subprocess whose import path puts the emulated
+``pycuda`` and ``tensorrt`` first (see README.md here). Each prints one JSON line of findings.
+
+    python -m scenarios NAME ARGS...   (cwd: the repository root; PYTHONPATH: this folder, then the root)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _emulated() -> None:
+    import pycuda
+    import tensorrt
+
+    here = Path(__file__).resolve().parent
+    for mod in (pycuda, tensorrt):
+        if here not in Path(mod.__file__).resolve().parents:
+            raise SystemExit(f"not the emulation: {mod.__file__}")
+
+
+def phase_state(steps: str) -> dict:
+    """The TensorRT backend steps the recurrent phase model like ONNX Runtime does, with the state
+    kept on the device: after the first step only the frame is uploaded."""
+    import pycuda.driver as cuda
+
+    from pipelines.backends import tensorrt as trt_mod
+    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from pipelines.manifest import find_model
+    from pipelines.stages import PhaseStage
+
+    m = find_model("phase")
+    info, version = trt_mod.gpu_info(), trt_mod.tensorrt_version()
+    uploads: list[int] = []
+    real_htod = cuda.memcpy_htod_async
+
+    def counting_htod(dest, src, stream=None):
+        uploads.append(np.asarray(src).nbytes)
+        return real_htod(dest, src, stream)
+
+    cuda.memcpy_htod_async = counting_htod
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = trt_mod.EngineCache(tmp)
+        key = trt_mod.EngineKey.for_model(m, info, version)
+        trt_mod.build_engine(m, cache, key, Path(tmp) / "timing.cache")
+        trt_stage = PhaseStage(trt_mod.TensorRTBackend(m, cache.path_for(key), cuda_graph=True))
+    ort_stage = PhaseStage(OnnxRuntimeBackend(m))
+    rng = np.random.default_rng(0)
+    diffs, per_step_uploads = [], []
+    for i in range(int(steps)):
+        x = rng.normal(size=m.input.shape).astype(np.float32)
+        before = len(uploads)
+        a, b = trt_stage.predict(x), ort_stage.predict(x)
+        per_step_uploads.append(uploads[before:])
+        diffs.append(float(np.abs(a - b).max()))
+    state_bytes = sum(int(np.prod(s.shape)) * 4 for s in m.state_inputs)
+    frame_bytes = int(np.prod(m.input.shape)) * 4
+    trt_stage.reset()  # a new case: zero state uploaded again
+    before = len(uploads)
+    trt_stage.predict(rng.normal(size=m.input.shape).astype(np.float32))
+    return {"max_logit_diff": max(diffs), "first_step_uploads": sorted(per_step_uploads[0]),
+            "later_step_uploads": sorted({n for step in per_step_uploads[1:] for n in step}),
+            "after_reset_uploads": sorted(uploads[before:]), "state_bytes": state_bytes, "frame_bytes": frame_bytes,
+            "graph_status": trt_stage.backend.graph_status}
+
+
+def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
+    """``build-engines`` into a cache, ``auto`` then picks TensorRT and the GPU frame path, and the
+    pipeline's results on them equal the CPU reference of the GPU path on ONNX Runtime."""
+    import pycuda.driver as cuda
+    import tensorrt
+
+    from agent.cli import main as cli_main
+    from agent.session import LoadedModels
+    from pipelines.frame_path import ReferenceFramePath
+    from pipelines.runtime import PipelineConfig
+    from pipelines.sources import FirstFrames, VideoFileSource
+
+    code = cli_main(["build-engines", "--cache-dir", cache_dir])
+    again = cli_main(["build-engines", "--cache-dir", cache_dir])  # all cached: nothing rebuilt
+    built = list(tensorrt.build_calls)
+
+    def results(models, frame_path=None):
+        out = []
+        pipe = models.pipeline(FirstFrames(VideoFileSource(video), int(frames)), PipelineConfig(keep_images=False))
+        if frame_path is not None:
+            pipe.frame_path = frame_path
+        pipe.subscribe(out.append)
+        pipe.run()
+        return out
+
+    deployed = LoadedModels(backend="auto", cache_dir=cache_dir, live_session=True)
+    reference = LoadedModels(backend="onnxruntime", preprocessing="cpu", live_session=False)
+    allocations_with_models = cuda.live_allocations()
+    try:
+        dev = results(deployed)
+        ref = results(reference, ReferenceFramePath())
+        in_use = deployed.frame_path.pool.in_use()
+        anatomy_runs = deployed.anatomy.backend._context.executions
+        pool_slots = len(deployed.frame_path.pool.slots())
+    finally:
+        reasons = dict(deployed.reasons)
+        frame_path_reason = deployed.frame_path_reason
+        backends = {t: deployed.backend_name(t) for t in deployed.manifests}
+        deployed.close()
+        reference.close()
+    pairs = list(zip(ref, dev))
+    phase_pairs = [(a.phase, b.phase) for a, b in pairs if a.phase and b.phase]
+    return {
+        "build_exit": code, "rebuild_exit": again, "built": built, "backends": backends, "reasons": reasons,
+        "frame_path": frame_path_reason, "frames": [len(ref), len(dev)],
+        "seq_equal": [r.seq for r in ref] == [r.seq for r in dev],
+        "anatomy_fresh": sum(b.anatomy_fresh for b in dev), "anatomy_runs": anatomy_runs,
+        "class_maps_equal": float(np.mean([np.array_equal(a.anatomy.class_map, b.anatomy.class_map)
+                                           for a, b in pairs if a.anatomy_fresh and b.anatomy_fresh])),
+        "area_fraction_diff": max(float(np.abs(np.subtract(a.anatomy.area_fraction, b.anatomy.area_fraction)).max())
+                                  for a, b in pairs if a.anatomy_fresh and b.anatomy_fresh),
+        "phase_equal": float(np.mean([p.phase == q.phase for p, q in phase_pairs])),
+        "phase_prob_diff": max(float(np.abs(np.subtract(p.probabilities, q.probabilities)).max()) for p, q in phase_pairs),
+        "visibility_equal": float(np.mean([a.out_of_body == b.out_of_body for a, b in pairs])),
+        "buffers_in_use_after": in_use, "pool_slots": pool_slots,
+        "allocations_left_after_close": cuda.live_allocations(), "allocations_while_loaded": allocations_with_models,
+    }
+
+
+if __name__ == "__main__":
+    _emulated()
+    name, *args = sys.argv[1:]
+    print(json.dumps({"phase_state": phase_state, "build_and_pipeline": build_and_pipeline}[name](*args)))

@@ -1,0 +1,56 @@
+"""The GPU path's host-side logic, run for real against an emulated CUDA device and TensorRT runtime.
+
+No CI machine has a GPU or TensorRT; without this, the TensorRT backend and the GPU frame path
+would first execute on an OR box. tests/emulated_gpu/ (README there) stands in for ``pycuda`` and
+``tensorrt`` in a subprocess: memory, copies and the two kernels' arithmetic are emulated in
+numpy, the engines run with ONNX Runtime. The kernels' CUDA code and TensorRT itself are checked
+on a GPU (``-m gpu``, ``-m tensorrt``, ``python -m bench.gpu_check``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+EMULATION = ROOT / "tests" / "emulated_gpu"
+
+
+def scenario(name: str, *args: str, tmp_path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EMULATION), str(ROOT)]),
+           "OR_AGENT_ENGINE_CACHE": str(tmp_path / "default-cache"), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(EMULATION / "scenarios.py"), name, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tensorrt_backend_keeps_the_phase_state_on_the_device(tmp_path):
+    r = scenario("phase_state", "12", tmp_path=tmp_path)
+    assert r["max_logit_diff"] < 1e-5  # same model, same numbers as ONNX Runtime
+    # first step: frame and the zero state go up; later steps: only the frame (state swapped on the device)
+    assert r["first_step_uploads"] == sorted([r["frame_bytes"], r["state_bytes"]])
+    assert r["later_step_uploads"] == [r["frame_bytes"]]
+    assert r["after_reset_uploads"] == sorted([r["frame_bytes"], r["state_bytes"]])
+    assert r["graph_status"] == "eager (pycuda has no stream capture)"
+
+
+def test_built_engines_and_gpu_frame_path_give_the_reference_results(held_out_video, tmp_path):
+    r = scenario("build_and_pipeline", str(held_out_video / "video01.mp4"), str(tmp_path / "engines"), "200",
+                 tmp_path=tmp_path)
+    assert r["build_exit"] == 0 and r["rebuild_exit"] == 0
+    assert len(r["built"]) == 3  # three models built by the first run; the second found them cached
+    assert r["backends"] == {"segmentation": "tensorrt", "phase": "tensorrt", "visibility": "tensorrt"}
+    assert all(why.startswith("tensorrt: engine ") and "Emulated GPU (sm 9.0, 132 SMs, TensorRT 11.0)" in why
+               for why in r["reasons"].values())
+    assert r["frame_path"] == "gpu: pycuda kernels feed the TensorRT engines on the device"
+    assert r["frames"] == [200, 200] and r["seq_equal"]
+    # every in-body frame's anatomy ran in the engine and was reduced on the device
+    assert r["anatomy_fresh"] == r["anatomy_runs"] > 150
+    assert r["class_maps_equal"] == 1.0 and r["area_fraction_diff"] == 0.0
+    assert r["phase_equal"] == 1.0 and r["phase_prob_diff"] < 1e-5 and r["visibility_equal"] == 1.0
+    assert r["buffers_in_use_after"] == 0 and 3 <= r["pool_slots"] <= 48
+    assert r["allocations_left_after_close"] == 0 < r["allocations_while_loaded"]
