@@ -71,6 +71,8 @@ def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
     except OrAgentError as exc:
         r.warn(f"{exc}", "no GPU means no TensorRT: the models run on the CPU with ONNX Runtime (slower; "
                          "check the latency budget with the pipeline benchmark)")
+    if gpu is not None:
+        _check_gpu_kernels(r)
     version = None
     try:
         version = trt_mod.tensorrt_version()
@@ -91,6 +93,17 @@ def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
     if stale:
         r.warn(f"{len(stale)} cached engine(s) for models no longer installed in {cache_dir}",
                "`or-agent build-engines --prune` removes them")
+
+
+def _check_gpu_kernels(r: Report) -> None:
+    """The frame path's pycuda kernels are compiled when the agent starts; nvcc must be there."""
+    from pipelines.frame_path import GpuFramePath
+
+    try:
+        GpuFramePath().close()
+        r.ok("GPU preprocessing and reduction kernels compile (the frame path can run on the GPU)")
+    except OrAgentError as exc:
+        r.warn(str(exc), "install the CUDA toolkit (nvcc on PATH); until then model inputs are made on the CPU")
 
 
 def _check_onnxruntime(r: Report) -> None:

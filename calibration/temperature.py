@@ -179,7 +179,8 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
     if check_paths:
         log(f"checking on {len(check_paths)} video(s) kept out of the fit")
         c_logits, c_labels = collect_phase_logits(check_paths, m, models_dir, log)
-        c = {"videos": [p.name for p in check_paths], "steps": int(len(c_labels)),
+        c = {"videos": [p.name for p in check_paths], "folders": sorted({p.parent.name for p in check_paths}),
+             "steps": int(len(c_labels)),
              "ece_before": round(expected_calibration_error(c_logits, c_labels), 4),
              "ece_after": round(expected_calibration_error(c_logits, c_labels, t), 4),
              "nll_before": round(nll(c_logits, c_labels), 4), "nll_after": round(nll(c_logits, c_labels, t), 4)}
@@ -192,7 +193,8 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
                 log(f"the temperature is not written into {m.path}: it does not help on the videos kept out of the fit")
             return result
     if write:
-        fit = {"videos": [p.name for p in paths], "steps": int(len(labels)), "bins": ECE_BINS,
+        fit = {"videos": [p.name for p in paths], "folders": sorted({p.parent.name for p in paths}),
+               "steps": int(len(labels)), "bins": ECE_BINS,
                "nll_before": result["nll_before"], "nll_after": result["nll_after"],
                "method": f"NLL minimised over log T in [{T_MIN}, {T_MAX}] (grid, then golden section); "
                          "raw logits of the pipeline's 5 Hz steps, out-of-body frames skipped",

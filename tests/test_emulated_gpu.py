@@ -42,6 +42,12 @@ def test_built_engines_and_gpu_frame_path_give_the_reference_results(held_out_vi
     r = scenario("build_and_pipeline", str(held_out_video / "video01.mp4"), str(tmp_path / "engines"), "200",
                  tmp_path=tmp_path)
     assert r["build_exit"] == 0 and r["rebuild_exit"] == 0
+    # the doctor sees the GPU and its kernels, and the engines missing before build-engines, present after
+    for lines in (r["doctor_before"], r["doctor_after"]):
+        assert "ok    GPU preprocessing and reduction kernels compile (the frame path can run on the GPU)" in lines
+        assert "ok    TensorRT 11.0.0.0" in lines
+    assert sum(x.startswith("WARN  no TensorRT engine for ") for x in r["doctor_before"]) == 3
+    assert sum(x.startswith("ok    engine for ") for x in r["doctor_after"]) == 3
     assert len(r["built"]) == 3  # three models built by the first run; the second found them cached
     assert r["backends"] == {"segmentation": "tensorrt", "phase": "tensorrt", "visibility": "tensorrt"}
     assert all(why.startswith("tensorrt: engine ") and "Emulated GPU (sm 9.0, 132 SMs, TensorRT 11.0)" in why

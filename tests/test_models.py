@@ -111,3 +111,17 @@ def test_phase_stage_applies_the_manifest_temperature(tmp_path):
     logits = np.array([[4.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0]], np.float32)
     est = hot.post_process(logits, 0.0)
     assert np.allclose(est.probabilities, softmax(logits[0] / 2.0))
+
+
+def test_shipped_temperature_was_fitted_elsewhere_and_improves_held_out_likelihood(held_out_video):
+    from calibration.temperature import collect_phase_logits, nll
+
+    m = find_model("phase")
+    cal = m.extra["calibration"]
+    t = cal["temperature"]
+    assert cal["temperature_fit"]["folders"] == ["synth-seed3-n6-x25-m25"]  # the calibration split, not held-out
+    assert cal["temperature_fit"]["check"]["ece_after"] < cal["temperature_fit"]["check"]["ece_before"]
+    logits, labels = collect_phase_logits([held_out_video / "video01.mp4"], m)
+    assert len(labels) > 400
+    assert nll(logits, labels, t) < nll(logits, labels)  # better probabilities on a surgery not in the fit
+    assert PhaseStage(OnnxRuntimeBackend(m)).temperature == t

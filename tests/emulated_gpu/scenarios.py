@@ -82,6 +82,12 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     from pipelines.runtime import PipelineConfig
     from pipelines.sources import FirstFrames, VideoFileSource
 
+    import io
+    from contextlib import redirect_stdout
+
+    doctor_before = io.StringIO()
+    with redirect_stdout(doctor_before):
+        cli_main(["doctor", "--cache-dir", cache_dir])
     code = cli_main(["build-engines", "--cache-dir", cache_dir])
     again = cli_main(["build-engines", "--cache-dir", cache_dir])  # all cached: nothing rebuilt
     built = list(tensorrt.build_calls)
@@ -95,6 +101,9 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
         pipe.run()
         return out
 
+    doctor_after = io.StringIO()
+    with redirect_stdout(doctor_after):
+        cli_main(["doctor", "--cache-dir", cache_dir])
     deployed = LoadedModels(backend="auto", cache_dir=cache_dir, live_session=True)
     reference = LoadedModels(backend="onnxruntime", preprocessing="cpu", live_session=False)
     allocations_with_models = cuda.live_allocations()
@@ -113,7 +122,8 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     pairs = list(zip(ref, dev))
     phase_pairs = [(a.phase, b.phase) for a, b in pairs if a.phase and b.phase]
     return {
-        "build_exit": code, "rebuild_exit": again, "built": built, "backends": backends, "reasons": reasons,
+        "build_exit": code, "rebuild_exit": again,
+        "doctor_before": doctor_before.getvalue().splitlines(), "doctor_after": doctor_after.getvalue().splitlines(), "built": built, "backends": backends, "reasons": reasons,
         "frame_path": frame_path_reason, "frames": [len(ref), len(dev)],
         "seq_equal": [r.seq for r in ref] == [r.seq for r in dev],
         "anatomy_fresh": sum(b.anatomy_fresh for b in dev), "anatomy_runs": anatomy_runs,
