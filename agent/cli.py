@@ -152,7 +152,8 @@ def cmd_doctor(args) -> int:
 def cmd_qualify(args) -> int:
     from agent.qualify import run_qualify
 
-    return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend, preprocessing=args.preprocessing,
+    return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend,
+                       preprocessing=args.preprocessing, cuda_graphs=args.cuda_graphs,
                        budget_ms=args.budget_ms, seconds=args.seconds, frames=args.frames)
 
 
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="the backend to qualify (default auto)")
     p.add_argument("--preprocessing", default="auto", choices=["auto", "cpu", "gpu"],
                    help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
+    p.add_argument("--cuda-graphs", action="store_true", help="qualify TensorRT engines replayed as CUDA graphs (config pipeline.cuda_graphs)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of the clip played live for the latency check (default 20)")
     p.add_argument("--frames", type=int, default=200, help="frames compared between backends (default 200)")

@@ -54,6 +54,7 @@ class PipelineSettings:
     backend: str = "auto"  # auto (TensorRT where an engine for this GPU exists, else ONNX Runtime), onnxruntime, tensorrt
     engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
     preprocessing: str = "auto"  # auto (GPU kernels where a model runs on TensorRT, else CPU), cpu, gpu
+    cuda_graphs: bool = False  # TensorRT engines replayed as CUDA graphs (less launch overhead per step)
     phase_rate_hz: float = 5.0
     anatomy_every: int = 1
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING

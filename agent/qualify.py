@@ -117,12 +117,14 @@ def _identity(deployed: LoadedModels) -> dict:
     except Exception as exc:  # noqa: BLE001 - absent GPU/TensorRT is a fact to report, not a failure
         ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
     ident["models"] = {t: {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": deployed.backend_name(t),
-                           "why": deployed.reasons.get(t, "")} for t, m in deployed.manifests.items()}
+                           "why": deployed.reasons.get(t, ""), "cuda_graph": getattr(deployed.stage(t).backend, "graph_status", "n/a")}
+                      for t, m in deployed.manifests.items()}
     ident["preprocessing"] = deployed.frame_path_reason
     return ident
 
 
 def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend: str = "auto", preprocessing: str = "auto",
+                cuda_graphs: bool = False,
                 budget_ms: float = 50.0, seconds: float = 20.0, frames: int = 200) -> int:
     if budget_ms <= 0 or seconds <= 0 or frames < 1:
         raise InputError("--budget-ms and --seconds must be positive, --frames at least 1")
@@ -131,7 +133,8 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
         raise InputError(f"{clip_path}: no such reference clip")
     reference = LoadedModels(models_dir, backend="onnxruntime", live_session=False, preprocessing="cpu")
     try:
-        deployed = LoadedModels(models_dir, backend=backend, live_session=False, preprocessing=preprocessing)
+        deployed = LoadedModels(models_dir, backend=backend, live_session=False, preprocessing=preprocessing,
+                                cuda_graphs=cuda_graphs)
     except BaseException:
         reference.close()
         raise

@@ -43,7 +43,8 @@ class AgentServer:
         self.config = config
         p = config.pipeline
         self.models = models or LoadedModels(p.models_dir or None, backend=p.backend, cache_dir=p.engine_cache or None,
-                                             live_session=True, preprocessing=p.preprocessing)
+                                             live_session=True, preprocessing=p.preprocessing,
+                                             cuda_graphs=p.cuda_graphs)
         self.server: grpc.aio.Server | None = None
         self.service: AgentService | None = None
         self.health = health.aio.HealthServicer()

@@ -34,12 +34,14 @@ class LoadedModels:
     TensorRT, else the CPU), with its reason."""
 
     def __init__(self, models_dir: str | None = None, threads: int = 1, backend: str = "auto",
-                 cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto"):
+                 cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto",
+                 cuda_graphs: bool = False):
         self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
         self.reasons: dict[str, str] = {}
         backends = {}
         for task, m in self.manifests.items():
-            backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session)
+            backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session,
+                                                                cuda_graphs=cuda_graphs)
             log.info("%s model %s: %s", task, m.name, self.reasons[task])
         try:
             self.frame_path, self.frame_path_reason = choose_frame_path(preprocessing, [b.name for b in backends.values()])
@@ -56,9 +58,11 @@ class LoadedModels:
         """A pipeline over ``source`` on these models and this frame path (one running at a time)."""
         return Pipeline(source, self.anatomy, self.phase, self.visibility, config, frame_path=self.frame_path)
 
+    def stage(self, task: str):
+        return {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]
+
     def backend_name(self, task: str) -> str:
-        stage = {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]
-        return stage.backend.name
+        return self.stage(task).backend.name
 
     def close(self) -> None:
         for s in (self.anatomy, self.phase, self.visibility):

@@ -184,15 +184,16 @@ def test_pipeline_on_the_gpu_paths_reference_agrees_with_the_cpu_path(held_out_v
     for a, b in zip(host, ref):
         if a.anatomy_fresh and b.anatomy_fresh:
             conf += confusion(a.anatomy.class_map, b.anatomy.class_map, n)
-    assert mean_iou_present(conf) > 0.95  # half a grey level apart at most, per pixel
+    # The same input (the GPU arithmetic is INTER_AREA's), hence the same outputs
+    assert mean_iou_present(conf) > 0.999
     vis_same = np.mean([a.out_of_body == b.out_of_body for a, b in zip(host, ref)])
-    assert vis_same > 0.99
+    assert vis_same == 1.0
     truth = read_phase_file(held_out_video / "video01-phase.txt")[:limit]
     for results in (host, ref):
         pred = np.array([r.phase.phase if r.phase else -1 for r in results])
         assert (pred == truth).mean() > 0.85
     phase_same = np.mean([a.phase.phase == b.phase.phase for a, b in zip(host, ref) if a.phase and b.phase])
-    assert phase_same > 0.97
+    assert phase_same == 1.0
 
 
 def test_a_stopped_run_leaves_no_buffer_taken_for_the_next(small_dataset):
@@ -237,5 +238,5 @@ def test_pipeline_on_the_gpu_kernels_agrees_with_the_cpu_path(held_out_video, tm
     for a, b in zip(host, dev):
         if a.anatomy_fresh and b.anatomy_fresh:
             conf += confusion(a.anatomy.class_map, b.anatomy.class_map, 13)
-    assert mean_iou_present(conf) > 0.95
-    assert np.mean([a.phase.phase == b.phase.phase for a, b in zip(host, dev) if a.phase and b.phase]) > 0.97
+    assert mean_iou_present(conf) > 0.99  # qualify asks >= 0.98 of the deployed path
+    assert np.mean([a.phase.phase == b.phase.phase for a, b in zip(host, dev) if a.phase and b.phase]) > 0.99

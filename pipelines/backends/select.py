@@ -68,17 +68,17 @@ def _onnxruntime(manifest: ModelManifest, threads: int) -> InferenceBackend:
     return OnnxRuntimeBackend(manifest, threads=threads)
 
 
-def _tensorrt(manifest: ModelManifest, engine_path: Path) -> InferenceBackend:
-    return trt_mod.TensorRTBackend(manifest, engine_path)
+def _tensorrt(manifest: ModelManifest, engine_path: Path, cuda_graphs: bool = False) -> InferenceBackend:
+    return trt_mod.TensorRTBackend(manifest, engine_path, cuda_graph=cuda_graphs)
 
 
 def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
                    threads: int = 1, live_session: bool = False, *,
                    trt_version: Callable[[], str] = trt_mod.tensorrt_version,
                    gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info,
-                   tensorrt_factory: Callable[[ModelManifest, Path], InferenceBackend] = _tensorrt,
+                   tensorrt_factory: Callable[[ModelManifest, Path], InferenceBackend] | None = None,
                    onnxruntime_factory: Callable[[ModelManifest, int], InferenceBackend] = _onnxruntime,
-                   timing_cache_path: str | os.PathLike | None = None,
+                   timing_cache_path: str | os.PathLike | None = None, cuda_graphs: bool = False,
                    ) -> tuple[InferenceBackend, str]:
     """The loaded backend for ``manifest`` and a one-line reason (log it, show it in status)."""
     plan = plan_backend(manifest, preference, cache_dir, live_session, trt_version=trt_version, gpu_info=gpu_info)
@@ -89,6 +89,8 @@ def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir:
         tc = timing_cache_path or plan.engine_path.parent / "timing.cache"
         trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session)
     try:
+        if tensorrt_factory is None:
+            return _tensorrt(manifest, plan.engine_path, cuda_graphs), plan.reason
         return tensorrt_factory(manifest, plan.engine_path), plan.reason
     except (DependencyError, ModelError) as exc:
         if preference == "tensorrt":

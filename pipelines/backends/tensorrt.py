@@ -45,6 +45,7 @@ TENSORRT_INSTALL_HINT = ("TensorRT is not installed: install it on the OR box fr
                          "(pip install --extra-index-url https://pypi.nvidia.com tensorrt)")
 PYCUDA_INSTALL_HINT = "install it where the CUDA toolkit is (pip install pycuda, or the wheel built for this box)"
 DEFAULT_WORKSPACE_BYTES = 1 << 30
+MAX_GRAPHS = 4  # per backend: a recurrent model needs two (its state buffers swap every step)
 ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".json"
 
@@ -410,8 +411,9 @@ class TensorRTBackend(InferenceBackend):
     (what ``PhaseStage`` does), it is not uploaded. Any other array (zeros at a case start) is uploaded.
 
     ``cuda_graph=True`` captures one CUDA graph per pointer arrangement (two for a recurrent model,
-    because of the swap) after a first eager run, and replays it; it needs pycuda's stream capture
-    (``Stream.begin_capture``); where that is missing it stays eager and says so in ``graph_status``.
+    because of the swap) after a first eager run, and replays it (``pipelines/gpu/graphs.py``: the
+    driver API, since pycuda has no stream capture); if capture fails it stays eager and says why
+    in ``graph_status``.
     """
 
     name = "tensorrt"
@@ -444,7 +446,9 @@ class TensorRTBackend(InferenceBackend):
         self._outputs = [o.name for o in manifest.outputs]
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, object] = {}
-        self.graph_status = "off"
+        self._graph_driver = None
+        self._warmed = False
+        self.graph_status = "off" if not cuda_graph else "on (captured at the first run)"
 
     def _allocate(self) -> dict[str, _Binding]:
         trt, cuda, eng = self._trt, self.cuda, self._engine
@@ -476,27 +480,35 @@ class TensorRTBackend(InferenceBackend):
             raise ModelError(f"{self.manifest.path}: outputs {missing} are not in the engine")
         return bindings
 
-    def _enqueue(self) -> None:
-        key = tuple(int(b.device) for b in self._bindings.values())
-        if self.cuda_graph:
-            graph = self._graphs.get(key)
-            if graph is None and hasattr(self._stream, "begin_capture") and len(self._graphs) < 4:
-                try:
-                    self._stream.begin_capture()
-                    self._context.execute_async_v3(self._stream.handle)
-                    graph = self._stream.end_capture().instance()
-                    self._graphs[key] = graph
-                    self.graph_status = f"captured {len(self._graphs)}"
-                except Exception as exc:  # capture unsupported by this pycuda/driver: stay eager
-                    self.cuda_graph, self.graph_status = False, f"eager (capture failed: {exc})"
-                    graph = None
-            elif graph is None:
-                self.cuda_graph, self.graph_status = False, "eager (pycuda has no stream capture)"
-            if graph is not None:
-                graph.launch(self._stream)
-                return
+    def _execute(self) -> None:
         if not self._context.execute_async_v3(self._stream.handle):
             raise ModelError(f"{self.manifest.name}: TensorRT execute_async_v3 failed")
+
+    def _enqueue(self) -> None:
+        if self.cuda_graph:
+            # One graph per arrangement of device pointers (the state swap gives a recurrent model two).
+            key = tuple(int(b.device) for b in self._bindings.values())
+            graph = self._graphs.get(key)
+            if graph is None and len(self._graphs) < MAX_GRAPHS:
+                graph = self._capture(key)
+            if graph is not None:
+                graph.launch(self._stream.handle)
+                return
+        self._execute()
+
+    def _capture(self, key: tuple):
+        try:
+            if self._graph_driver is None:
+                from pipelines.gpu.graphs import DriverGraphs
+
+                self._graph_driver = DriverGraphs()
+            graph = self._graph_driver.capture(self._stream.handle, self._execute)
+        except Exception as exc:  # GraphError, or TensorRT refusing to be captured: stay eager, say why
+            self.cuda_graph, self.graph_status = False, f"eager (capture failed: {exc})"
+            return None
+        self._graphs[key] = graph
+        self.graph_status = f"captured {len(self._graphs)}"
+        return graph
 
     def run(self, inputs: Mapping[str, np.ndarray | DeviceTensor], *,
             device_outputs: Collection[str] = ()) -> dict[str, np.ndarray | DeviceTensor]:
@@ -531,9 +543,8 @@ class TensorRTBackend(InferenceBackend):
                     raise ModelError(f"{self.manifest.name}: input {name!r} has shape {arr.shape}, engine wants {b.shape}")
                 np.copyto(b.host, arr)
                 cuda.memcpy_htod_async(b.device, b.host, self._stream)
-            warm = self.cuda_graph and not self._graphs and not getattr(self, "_warmed", False)
-            if warm:  # TensorRT wants one eager run before a graph is captured
-                self._context.execute_async_v3(self._stream.handle)
+            if self.cuda_graph and not self._warmed:  # TensorRT wants one eager run before a capture
+                self._execute()
                 self._warmed = True
             self._enqueue()
             host_names = [n for n in self._outputs if n not in device_outputs]
@@ -556,6 +567,11 @@ class TensorRTBackend(InferenceBackend):
         return result
 
     def _release(self) -> None:
+        for g in getattr(self, "_graphs", {}).values():
+            try:
+                g.close()
+            except Exception:
+                pass
         for b in getattr(self, "_bindings", {}).values():
             try:
                 b.device.free()

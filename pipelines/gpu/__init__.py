@@ -5,7 +5,7 @@ Importing this package needs neither pycuda nor a GPU: the kernels are compiled 
 """
 
 from pipelines.gpu.kernels import (GpuLogitsReducer, GpuPreprocessor, area_resize_reference,
-                                   preprocess_reference, reduce_logits_reference)
+                                   preprocess_reference, reduce_logits_reference, same_input)
 
 __all__ = ["GpuPreprocessor", "GpuLogitsReducer", "area_resize_reference", "preprocess_reference",
-           "reduce_logits_reference"]
+           "reduce_logits_reference", "same_input"]

@@ -21,6 +21,11 @@ def _emulated() -> None:
     for mod in (pycuda, tensorrt):
         if here not in Path(mod.__file__).resolve().parents:
             raise SystemExit(f"not the emulation: {mod.__file__}")
+    # The CUDA driver library (graph capture) is loaded with ctypes; here it is the emulated one.
+    import libcuda
+    from pipelines.gpu import graphs
+
+    graphs.load_libcuda = libcuda.EmulatedLibcuda
 
 
 def phase_state(steps: str) -> dict:
@@ -61,13 +66,21 @@ def phase_state(steps: str) -> dict:
         diffs.append(float(np.abs(a - b).max()))
     state_bytes = sum(int(np.prod(s.shape)) * 4 for s in m.state_inputs)
     frame_bytes = int(np.prod(m.input.shape)) * 4
+    import libcuda
+
+    launches_before_reset = len(libcuda.launches)
     trt_stage.reset()  # a new case: zero state uploaded again
     before = len(uploads)
     trt_stage.predict(rng.normal(size=m.input.shape).astype(np.float32))
-    return {"max_logit_diff": max(diffs), "first_step_uploads": sorted(per_step_uploads[0]),
+    graph_status = trt_stage.backend.graph_status
+    executions = trt_stage.backend._context.executions
+    trt_stage.backend.close()
+    return {"graph_launches": launches_before_reset, "distinct_graphs": len(set(libcuda.launches)),
+            "graphs_left_after_close": len(libcuda.execs), "engine_executions": executions,
+            "max_logit_diff": max(diffs), "first_step_uploads": sorted(per_step_uploads[0]),
             "later_step_uploads": sorted({n for step in per_step_uploads[1:] for n in step}),
             "after_reset_uploads": sorted(uploads[before:]), "state_bytes": state_bytes, "frame_bytes": frame_bytes,
-            "graph_status": trt_stage.backend.graph_status}
+            "graph_status": graph_status}
 
 
 def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
@@ -104,7 +117,7 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     doctor_after = io.StringIO()
     with redirect_stdout(doctor_after):
         cli_main(["doctor", "--cache-dir", cache_dir])
-    deployed = LoadedModels(backend="auto", cache_dir=cache_dir, live_session=True)
+    deployed = LoadedModels(backend="auto", cache_dir=cache_dir, live_session=True, cuda_graphs=True)
     reference = LoadedModels(backend="onnxruntime", preprocessing="cpu", live_session=False)
     allocations_with_models = cuda.live_allocations()
     try:
@@ -112,6 +125,8 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
         ref = results(reference, ReferenceFramePath())
         in_use = deployed.frame_path.pool.in_use()
         anatomy_runs = deployed.anatomy.backend._context.executions
+        graph_status = {t: s.backend.graph_status for t, s in
+                        (("segmentation", deployed.anatomy), ("phase", deployed.phase), ("visibility", deployed.visibility))}
         pool_slots = len(deployed.frame_path.pool.slots())
     finally:
         reasons = dict(deployed.reasons)
@@ -124,7 +139,7 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     return {
         "build_exit": code, "rebuild_exit": again,
         "doctor_before": doctor_before.getvalue().splitlines(), "doctor_after": doctor_after.getvalue().splitlines(), "built": built, "backends": backends, "reasons": reasons,
-        "frame_path": frame_path_reason, "frames": [len(ref), len(dev)],
+        "frame_path": frame_path_reason, "graph_status": graph_status, "frames": [len(ref), len(dev)],
         "seq_equal": [r.seq for r in ref] == [r.seq for r in dev],
         "anatomy_fresh": sum(b.anatomy_fresh for b in dev), "anatomy_runs": anatomy_runs,
         "class_maps_equal": float(np.mean([np.array_equal(a.anatomy.class_map, b.anatomy.class_map)
@@ -139,7 +154,22 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     }
 
 
+def qualify(video: str, cache_dir: str, out: str) -> dict:
+    """The acceptance test on the emulated box: engines built, then TensorRT + the GPU frame path +
+    CUDA graphs qualified against ONNX Runtime on the CPU path."""
+    from agent.cli import main as cli_main
+
+    assert cli_main(["build-engines", "--cache-dir", cache_dir]) == 0
+    import os
+
+    os.environ["OR_AGENT_ENGINE_CACHE"] = cache_dir
+    code = cli_main(["qualify", "--clip", video, "--out", out, "--seconds", "3", "--frames", "20",
+                     "--budget-ms", "2000", "--cuda-graphs"])
+    return {"exit": code, "report": json.loads((Path(out) / "qualification.json").read_text())}
+
+
 if __name__ == "__main__":
     _emulated()
     name, *args = sys.argv[1:]
-    print(json.dumps({"phase_state": phase_state, "build_and_pipeline": build_and_pipeline}[name](*args)))
+    scenarios = {"phase_state": phase_state, "build_and_pipeline": build_and_pipeline, "qualify": qualify}
+    print(json.dumps(scenarios[name](*args)))

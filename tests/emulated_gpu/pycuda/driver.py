@@ -83,11 +83,18 @@ class Device:
         return 80 * 1024**3
 
 
+capturing: dict[int, list] = {}  # stream handle -> work recorded while the stream captures (libcuda.py)
+_next_stream = [1]
+
+
 class Stream:
-    handle = 1
+    def __init__(self, flags=0):
+        self.handle = _next_stream[0]
+        _next_stream[0] += 1
 
     def synchronize(self):
-        pass
+        if self.handle in capturing:
+            raise RuntimeError("emulated CUDA: synchronize on a capturing stream (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)")
 
 
 class Event:

@@ -4,7 +4,7 @@ shapes the agent uses, with ONNX Runtime doing the arithmetic on emulated device
 import numpy as np
 import onnxruntime as ort
 
-from pycuda.driver import device_bytes
+from pycuda.driver import capturing, device_bytes
 
 __version__ = "11.0.0.0"
 build_calls: list[str] = []  # names of the ONNX graphs built, in order (tests read it)
@@ -202,18 +202,25 @@ class _ExecutionContext:
         return True
 
     def execute_async_v3(self, stream_handle):
+        if int(stream_handle) in capturing:  # recorded with the addresses bound now, run at launch
+            bound = dict(self.addresses)
+            capturing[int(stream_handle)].append(lambda: self._execute(bound))
+            return True
+        return self._execute(self.addresses)
+
+    def _execute(self, addresses):
         feed = {}
         for name, mode, shape in self.engine.io:
-            if name not in self.addresses:
+            if name not in addresses:
                 return False
             if mode == TensorIOMode.INPUT:
                 if name not in self.input_shapes:
                     return False
                 n = 4 * int(np.prod(shape))
-                feed[name] = device_bytes(self.addresses[name], n).view(np.float32).reshape(shape).copy()
+                feed[name] = device_bytes(addresses[name], n).view(np.float32).reshape(shape).copy()
         outputs = self.engine.session.run(None, feed)
         for (name, mode, shape), value in zip([t for t in self.engine.io if t[1] == TensorIOMode.OUTPUT], outputs):
             b = np.ascontiguousarray(value, np.float32).reshape(-1).view(np.uint8)
-            device_bytes(self.addresses[name], b.size)[:] = b
+            device_bytes(addresses[name], b.size)[:] = b
         self.executions += 1
         return True
