@@ -14,6 +14,7 @@ paced replay's capture-to-publish latency, and resident memory over a long repla
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import resource
 import tempfile
@@ -95,7 +96,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=600, help="frames per measurement (default 600)")
     ap.add_argument("--soak-minutes", type=float, default=2.0, help="media minutes of the memory soak (default 2; the goal is stated for 10)")
+    ap.add_argument("--preprocessing", choices=["cpu", "gpu"], default="cpu",
+                    help="frame path of the pipeline runs (d) and the soak: cpu, or gpu (the pycuda kernels; needs a GPU)")
     args = ap.parse_args(argv)
+    from pipelines.errors import DependencyError
+    from pipelines.frame_path import GpuFramePath, HostFramePath
+
+    try:
+        frame_path = GpuFramePath() if args.preprocessing == "gpu" else HostFramePath()
+    except DependencyError as exc:
+        print(f"pipeline_bench: --preprocessing gpu: {exc}", file=sys.stderr)
+        return 2
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-bench-"))
     write_dataset(tmp, SynthConfig(videos=1, seed=12, time_scale=20.0, mask_every=10_000))
     video = tmp / "video01.mp4"
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
     # (d) the pipeline, same work
     def run_pipeline(source, paced_stats=False):
         a, p, v = stages()
-        pipe = Pipeline(source, a, p, v, PipelineConfig())
+        pipe = Pipeline(source, a, p, v, PipelineConfig(), frame_path=frame_path)
         drawn = QueuedSubscriber(lambda r: overlay.draw(r.image, r), maxsize=4).start()
         pipe.subscribe(drawn)
         t0 = time.perf_counter()
@@ -191,7 +202,8 @@ def main(argv=None) -> int:
 
     slowest_name, slowest = min(stage_rates.items(), key=lambda kv: kv[1])
     cores = len(os.sched_getaffinity(0))
-    print(f"pipeline benchmark: synthetic 854x480 {fps:g} fps surgery, {n} frames, {cores} cores, ONNX Runtime 1 thread per model")
+    print(f"pipeline benchmark: synthetic 854x480 {fps:g} fps surgery, {n} frames, {cores} cores, ONNX Runtime 1 thread per model, "
+          f"pipeline inputs made on the {frame_path.name.upper()}")
     print(f"  {'(a) decode only':<46} {decode:8.1f} fps")
     for name, r in stage_rates.items():
         print(f"  {'(b) ' + name:<46} {r:8.1f} fps")
@@ -211,7 +223,7 @@ def main(argv=None) -> int:
     total = int(args.soak_minutes * 60 * fps)
     samples = []
     a, p, v = stages()
-    pipe = Pipeline(LoopingSource(video, total), a, p, v)
+    pipe = Pipeline(LoopingSource(video, total), a, p, v, frame_path=frame_path)
     drawn = QueuedSubscriber(lambda r: overlay.draw(r.image, r), maxsize=4).start()
     pipe.subscribe(drawn)
     pipe.subscribe(lambda r: samples.append((r.seq, rss_mb())) if r.seq % 250 == 0 else None)
@@ -224,6 +236,7 @@ def main(argv=None) -> int:
     print(f"memory over a {args.soak_minutes:g}-minute replay ({total} frames): RSS start {mem[0]:.0f} MB, "
           f"end {mem[-1]:.0f} MB, max {mem.max():.0f} MB, second-half slope {slope:+.2f} MB/min "
           f"(peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+    frame_path.close()
     return 0
 
 
