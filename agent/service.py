@@ -142,6 +142,7 @@ class AgentService:
         self.class_names = [lab.name for lab in models.manifests["segmentation"].labels]
         self.model_info = [pb.ModelInfo(task=t, name=m.name, version=m.version, sha256=m.sha256,
                                         backend=models.backend_name(t)) for t, m in models.manifests.items()]
+        self.preprocessing = models.frame_path_reason
         self.renderer = OverlayRenderer(models.manifests["segmentation"].labels)
         self._jpeg_worker: QueuedSubscriber | None = None
         self.published = 0
@@ -322,7 +323,8 @@ class AgentService:
 
     def status(self) -> pb.Status:
         st = pb.Status(state=pb.Status.PipelineState.Value(self.state_name()), models=self.model_info,
-                       uptime_s=time.monotonic() - self.started, subscribers=len(self.subscribers), agent_version=VERSION)
+                       uptime_s=time.monotonic() - self.started, subscribers=len(self.subscribers), agent_version=VERSION,
+                       preprocessing=self.preprocessing)
         s = self.session
         if s is not None:
             stats = s.pipeline.stats()

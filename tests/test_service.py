@@ -179,6 +179,7 @@ def test_health_follows_fresh_results(video):
             st = await stub.GetStatus(pb.StatusRequest())
             assert st.state == pb.Status.RUNNING and st.frames_processed > 0 and st.case_id == "OR1-test-01"
             assert st.source == video and len(st.models) == 3 and st.capture_to_publish.count > 0
+            assert st.preprocessing == "cpu: the models run on ONNX Runtime (CPU), so their inputs are made there"
 
             info = await stub.StopCase(pb.StopCaseRequest(reason="end of test"))
             assert info.stopped_unix_ms >= info.started_unix_ms > 0 and info.state == pb.Status.IDLE
