@@ -240,3 +240,18 @@ def test_pipeline_on_the_gpu_kernels_agrees_with_the_cpu_path(held_out_video, tm
             conf += confusion(a.anatomy.class_map, b.anatomy.class_map, 13)
     assert mean_iou_present(conf) > 0.99  # qualify asks >= 0.98 of the deployed path
     assert np.mean([a.phase.phase == b.phase.phase for a, b in zip(host, dev) if a.phase and b.phase]) > 0.99
+
+
+def test_asking_for_the_gpu_frame_path_without_a_gpu_is_one_line(small_dataset, tmp_path):
+    from tests.conftest import run_cli
+
+    try:
+        GpuFramePath().close()
+        pytest.skip("this machine has a GPU: the refusal cannot be shown")
+    except DependencyError:
+        pass
+    proc = run_cli("qualify", "--preprocessing", "gpu", "--clip", str(small_dataset / "video01.mp4"),
+                   "--out", str(tmp_path / "q"))
+    assert proc.returncode == 5
+    assert proc.stderr.strip().splitlines()[-1].startswith("or-agent: error: no CUDA GPU found (pycuda: ")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "q").exists()
