@@ -55,6 +55,7 @@ class PipelineSettings:
     engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
     preprocessing: str = "auto"  # auto (GPU kernels where a model runs on TensorRT, else CPU), cpu, gpu
     cuda_graphs: bool = False  # TensorRT engines replayed as CUDA graphs (less launch overhead per step)
+    build_engines_live: bool = False  # build missing TensorRT engines when the agent starts (minutes) instead of refusing
     phase_rate_hz: float = 5.0
     anatomy_every: int = 1
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING

@@ -44,7 +44,7 @@ class AgentServer:
         p = config.pipeline
         self.models = models or LoadedModels(p.models_dir or None, backend=p.backend, cache_dir=p.engine_cache or None,
                                              live_session=True, preprocessing=p.preprocessing,
-                                             cuda_graphs=p.cuda_graphs)
+                                             cuda_graphs=p.cuda_graphs, build_engines_live=p.build_engines_live)
         self.server: grpc.aio.Server | None = None
         self.service: AgentService | None = None
         self.health = health.aio.HealthServicer()

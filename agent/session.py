@@ -35,13 +35,13 @@ class LoadedModels:
 
     def __init__(self, models_dir: str | None = None, threads: int = 1, backend: str = "auto",
                  cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, build_engines_live: bool = False):
         self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
         self.reasons: dict[str, str] = {}
         backends = {}
         for task, m in self.manifests.items():
             backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session,
-                                                                cuda_graphs=cuda_graphs)
+                                                                cuda_graphs=cuda_graphs, build_missing=build_engines_live)
             log.info("%s model %s: %s", task, m.name, self.reasons[task])
         try:
             self.frame_path, self.frame_path_reason = choose_frame_path(preprocessing, [b.name for b in backends.values()])

@@ -82,3 +82,12 @@ def test_qualify_passes_the_emulated_box_on_tensorrt_gpu_preprocessing_and_cuda_
     # the deployed path computes what the CPU path does
     assert report["agreement"]["anatomy_miou"] > 0.999 and report["agreement"]["phase_agreement"] == 1.0
     assert report["agreement"]["frames"] == 20 and report["agreement"]["frames_missing"] == 0
+
+
+def test_a_live_agent_builds_missing_engines_only_when_configured(tmp_path):
+    r = scenario("live_build", str(tmp_path / "engines"), tmp_path=tmp_path)
+    assert r["refused"].startswith("no TensorRT engine for anatomy on Emulated GPU (TensorRT 11.0); building one takes "
+                                   "minutes and is refused during a live case")
+    assert r["built"] == 3 and r["backends"] == ["tensorrt"]
+    assert all(why.startswith("tensorrt: building engine ") for why in r["reasons"].values())
+    assert r["cached"] == [".cache", ".engine", ".engine", ".engine", ".json", ".json", ".json"]  # + timing cache

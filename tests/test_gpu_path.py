@@ -105,7 +105,8 @@ def test_build_engine_is_refused_during_a_live_case(tmp_path, anatomy):
     with pytest.raises(ModelError) as e:
         trt_mod.build_engine(anatomy, trt_mod.EngineCache(tmp_path), k, live_session=True)
     assert str(e.value) == ("no TensorRT engine for anatomy on NVIDIA H200 (TensorRT 11.0); building one takes minutes "
-                            "and is refused during a live case: run `or-agent build-engines` before the case")
+                            "and is refused during a live case: run `or-agent build-engines` before the case "
+                            "(or set pipeline.build_engines_live = true to build missing engines when the agent starts)")
 
 
 # --------------------------------------------------------------------------- selection
@@ -181,6 +182,32 @@ def test_explicit_tensorrt_refused_when_unavailable(anatomy, tmp_path):
     with pytest.raises(InputError, match="backend: must be one of"):
         plan_backend(anatomy, "cuda", tmp_path)
     assert plan_backend(anatomy, "onnxruntime", tmp_path).reason == "onnxruntime-cpu: requested"
+
+
+def test_missing_engines_built_at_start_only_when_configured(anatomy, tmp_path):
+    probes = {"trt_version": _trt(), "gpu_info": lambda: H200}
+    # not configured: a live agent refuses (tensorrt) or falls back with the reason (auto)
+    assert not plan_backend(anatomy, "auto", tmp_path, live_session=True, **probes).build_first
+    # configured: the engine is built before the case, for tensorrt and for auto alike
+    for preference in ("tensorrt", "auto"):
+        plan = plan_backend(anatomy, preference, tmp_path, live_session=True, build_missing=True, **probes)
+        assert plan.build_first and plan.backend == "tensorrt" and "(takes minutes)" in plan.reason
+    # and where TensorRT is absent, auto still runs on ONNX Runtime
+    plan = plan_backend(anatomy, "auto", tmp_path, live_session=True, build_missing=True, trt_version=_no_trt,
+                        gpu_info=lambda: H200)
+    assert plan.backend == "onnxruntime-cpu" and not plan.build_first
+
+
+def test_build_engines_live_is_a_checked_setting(tmp_path):
+    from agent.config import load_config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[pipeline]\nbuild_engines_live = true\ncuda_graphs = true\n')
+    p = load_config(str(cfg)).pipeline
+    assert p.build_engines_live is True and p.cuda_graphs is True
+    cfg.write_text('[pipeline]\nbuild_engines_live = "yes"\n')
+    with pytest.raises(InputError, match="pipeline.build_engines_live"):
+        load_config(str(cfg))
 
 
 def test_modules_import_without_tensorrt_or_pycuda():

@@ -2,7 +2,9 @@
 
 ``auto`` takes TensorRT only when TensorRT and a CUDA GPU are present *and* an engine built for
 this GPU and TensorRT version is in the cache; otherwise ONNX Runtime on the CPU, with the reason.
-An engine is never built here during a live case (``or-agent build-engines`` builds them before).
+An engine is not built here for a live agent (``or-agent build-engines`` builds them before) unless
+``build_missing`` (config ``pipeline.build_engines_live``) says to build missing engines when the
+agent starts, which takes minutes.
 
 The probes (``trt_version``, ``gpu_info``) and the TensorRT backend factory are injectable, so the
 decision is testable on a machine with neither TensorRT nor a GPU.
@@ -34,7 +36,7 @@ class BackendPlan:
 
 def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
                  live_session: bool = False, *, trt_version: Callable[[], str] = trt_mod.tensorrt_version,
-                 gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info) -> BackendPlan:
+                 gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info, build_missing: bool = False) -> BackendPlan:
     """The decision alone (nothing loaded). Raises for ``tensorrt`` requested but impossible."""
     if preference not in PREFERENCES:
         raise InputError(f"backend: must be one of {', '.join(PREFERENCES)}, got {preference!r}")
@@ -53,8 +55,8 @@ def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: s
     path = cache.path_for(key)
     if cache.has(key):
         return BackendPlan("tensorrt", f"tensorrt: engine {path.name} for {key.describe()}", path, key)
-    if explicit:
-        if live_session:
+    if explicit or build_missing:
+        if live_session and not build_missing:
             raise ModelError(trt_mod.refuse_live_build_message(manifest, key))
         return BackendPlan("tensorrt", f"tensorrt: building engine {path.name} for {key.describe()} (takes minutes)",
                            path, key, build_first=True)
@@ -79,15 +81,16 @@ def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir:
                    tensorrt_factory: Callable[[ModelManifest, Path], InferenceBackend] | None = None,
                    onnxruntime_factory: Callable[[ModelManifest, int], InferenceBackend] = _onnxruntime,
                    timing_cache_path: str | os.PathLike | None = None, cuda_graphs: bool = False,
-                   ) -> tuple[InferenceBackend, str]:
+                   build_missing: bool = False) -> tuple[InferenceBackend, str]:
     """The loaded backend for ``manifest`` and a one-line reason (log it, show it in status)."""
-    plan = plan_backend(manifest, preference, cache_dir, live_session, trt_version=trt_version, gpu_info=gpu_info)
+    plan = plan_backend(manifest, preference, cache_dir, live_session, trt_version=trt_version, gpu_info=gpu_info,
+                        build_missing=build_missing)
     if plan.backend != "tensorrt":
         return onnxruntime_factory(manifest, threads), plan.reason
     if plan.build_first:
         cache = trt_mod.EngineCache(plan.engine_path.parent)
         tc = timing_cache_path or plan.engine_path.parent / "timing.cache"
-        trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session)
+        trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session, allow_build_live=build_missing)
     try:
         if tensorrt_factory is None:
             return _tensorrt(manifest, plan.engine_path, cuda_graphs), plan.reason

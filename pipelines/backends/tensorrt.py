@@ -313,7 +313,8 @@ def default_cache_dir() -> Path:
 
 def refuse_live_build_message(manifest: ModelManifest, key: EngineKey) -> str:
     return (f"no TensorRT engine for {manifest.name} on {key.gpu_name} (TensorRT {short_version(key.tensorrt_version)}); "
-            "building one takes minutes and is refused during a live case: run `or-agent build-engines` before the case")
+            "building one takes minutes and is refused during a live case: run `or-agent build-engines` before the case "
+            "(or set pipeline.build_engines_live = true to build missing engines when the agent starts)")
 
 
 def _logger(trt):

@@ -154,6 +154,27 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     }
 
 
+def live_build(cache_dir: str) -> dict:
+    """A live agent with no engines: refused by default, built at start-up when configured."""
+    import tensorrt
+
+    from agent.session import LoadedModels
+    from pipelines.errors import ModelError
+
+    try:
+        LoadedModels(backend="tensorrt", cache_dir=cache_dir, live_session=True)
+        refused = ""
+    except ModelError as exc:
+        refused = str(exc)
+    models = LoadedModels(backend="tensorrt", cache_dir=cache_dir, live_session=True, build_engines_live=True)
+    try:
+        return {"refused": refused, "built": len(tensorrt.build_calls), "reasons": dict(models.reasons),
+                "backends": sorted({models.backend_name(t) for t in models.manifests}),
+                "cached": sorted(p.suffix for p in Path(cache_dir).iterdir())}
+    finally:
+        models.close()
+
+
 def qualify(video: str, cache_dir: str, out: str) -> dict:
     """The acceptance test on the emulated box: engines built, then TensorRT + the GPU frame path +
     CUDA graphs qualified against ONNX Runtime on the CPU path."""
@@ -171,5 +192,6 @@ def qualify(video: str, cache_dir: str, out: str) -> dict:
 if __name__ == "__main__":
     _emulated()
     name, *args = sys.argv[1:]
-    scenarios = {"phase_state": phase_state, "build_and_pipeline": build_and_pipeline, "qualify": qualify}
+    scenarios = {"phase_state": phase_state, "build_and_pipeline": build_and_pipeline, "qualify": qualify,
+                 "live_build": live_build}
     print(json.dumps(scenarios[name](*args)))
