@@ -28,6 +28,20 @@ def rate(fn: Callable[[int], None], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 10) -> float:
+    """Median wall time of fn() in milliseconds over ``runs`` calls, after ``warmup`` unmeasured ones."""
+    import numpy as np
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
 def row(label: str, value: float, unit: str, reference: float | None = None, ref_label: str = "") -> str:
     text = f"  {label:<44} {value:9.2f} {unit}"
     if reference:

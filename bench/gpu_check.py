@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
+
+from bench.common import median_ms
 
 
 def _frame(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -40,17 +41,6 @@ def _specs():
     except Exception:
         s = InputSpec(256, 448, "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         return {"anatomy": s}, {}
-
-
-def _median_ms(fn, repeat: int) -> float:
-    for _ in range(5):
-        fn()
-    t = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(t))
 
 
 def main(argv=None) -> int:
@@ -81,7 +71,7 @@ def main(argv=None) -> int:
     ok = lambda good: "ok  " if good else "FAIL"  # noqa: E731
 
     # 1. preprocessing parity
-    print("\n1. preprocessing: GPU vs numpy reference (area averaging) and vs CPU path (INTER_AREA)")
+    print("\n1. preprocessing: GPU vs numpy reference (area average, rounded) and vs CPU path (INTER_AREA)")
     for h, w in ((1080, 1920), (2160, 3840)):
         frame = _frame(h, w)
         area = ContentArea.from_circle(w / 2 + 3, h / 2 - 1, h / 2 - 7, w, h)
@@ -151,9 +141,9 @@ def main(argv=None) -> int:
                 return end.time_since(start)
 
             kk = float(np.median([kernel_alone() for _ in range(args.repeat)]))
-        e2e = _median_ms(lambda: pre.run(buf, area), args.repeat)
+        e2e = median_ms(lambda: pre.run(buf, area), args.repeat)
         unpinned = _frame(h, w, 3)
-        e2e_copy = _median_ms(lambda: pre.run(unpinned, area), max(20, args.repeat // 5))
+        e2e_copy = median_ms(lambda: pre.run(unpinned, area), max(20, args.repeat // 5))
     goal = 0.5
     print(f"  4K preprocessing (copy of the crop + kernel, CUDA events): {k:.3f} ms; goal {goal} ms; ratio {k / goal:.2f} "
           f"{ok(k <= goal)}")
@@ -208,7 +198,7 @@ def main(argv=None) -> int:
                 path.release(x)
             path.reduce(on_device)
 
-        t = _median_ms(per_frame, args.repeat)
+        t = median_ms(per_frame, args.repeat)
         assert path.pool.in_use() == 0
     budget = 2.0
     print(f"  per-frame overhead at 1080p through the GPU frame path (frame from ordinary host memory, one crop "

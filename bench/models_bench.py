@@ -9,11 +9,10 @@ Preprocessing (content crop, resize, normalise) is timed too, on a decoded 854x4
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from bench.common import pin_one_core
+from bench.common import median_ms, pin_one_core
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.manifest import find_model
 from pipelines.preprocess import detect_content_area
@@ -22,17 +21,6 @@ from synth.render import SurgeryRenderer
 from synth.timeline import sample_timeline
 
 BUDGET_MS = {"segmentation": 15.0, "phase": 10.0, "visibility": None}
-
-
-def median_ms(fn, runs: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ paced replay's capture-to-publish latency, and resident memory over a long repla
 from __future__ import annotations
 
 import argparse
-import sys
 import os
+import sys
 import resource
 import tempfile
 import time
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import rate
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.manifest import find_model
 from pipelines.messages import Frame
@@ -44,13 +45,6 @@ def stages():
 def rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def timed_rate(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - t0)
 
 
 class LoopingSource:
@@ -154,11 +148,11 @@ def main(argv=None) -> int:
                            vis.post_process(vis.predict(xs_v[i])), phase.post_process(phase.predict(xs_p[i]), i / fps), ests[i])
                for i in range(len(ests))]
     stage_rates = {
-        "preprocess (crop, resize, normalise x3)": timed_rate(pre, n),
-        "visibility + phase (5 Hz)": timed_rate(light, n),
-        "anatomy inference": timed_rate(lambda i: anatomy.predict(xs_a[i]), n),
-        "anatomy post-process": timed_rate(lambda i: anatomy.post_process(logits[i % len(logits)], areas[i]), n),
-        "overlay drawing": timed_rate(lambda i: overlay.draw(imgs[i], results[i % len(results)]), n),
+        "preprocess (crop, resize, normalise x3)": rate(pre, n),
+        "visibility + phase (5 Hz)": rate(light, n),
+        "anatomy inference": rate(lambda i: anatomy.predict(xs_a[i]), n),
+        "anatomy post-process": rate(lambda i: anatomy.post_process(logits[i % len(logits)], areas[i]), n),
+        "overlay drawing": rate(lambda i: overlay.draw(imgs[i], results[i % len(results)]), n),
     }
 
     # (c) the naive sequential loop

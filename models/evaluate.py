@@ -124,3 +124,23 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
         stage.backend.close()
     ms = {k: 1000 * float(np.median(v)) for k, v in timing.items() if v}
     return HeldOutResult(conf, ph_t, ph_raw, ph_f, np.array(oob_t), np.array(oob_p), np.array(lv_t), np.array(lv_p), ms)
+
+
+def main(argv=None) -> int:
+    """``python -m models.evaluate [--models-dir DIR]``: the held-out figures of the installed models,
+    printed (the manifests are not touched; ``models.training.train measure`` writes them)."""
+    import argparse
+
+    from models.training.data import HELD_OUT, ensure_dataset
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    ap.add_argument("--data", default="data", help="where the held-out set is generated or reused (default data/)")
+    args = ap.parse_args(argv)
+    dataset = ensure_dataset(args.data, HELD_OUT)
+    print(json.dumps(evaluate_dataset(dataset, models_dir=args.models_dir).summary(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

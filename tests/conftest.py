@@ -48,3 +48,19 @@ def held_out_video(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("held-out")
     write_video(out, 1, HELD_OUT)
     return out
+
+
+def assert_runs_with_documented_shapes(manifest) -> None:
+    """The model runs on ONNX Runtime on a random input of its manifest's shapes (zero state) and every
+    output has its declared shape, float32 and finite values."""
+    import numpy as np
+
+    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(manifest) as backend:
+        feed = {manifest.input.name: np.random.default_rng(0).normal(size=manifest.input.shape).astype(np.float32)}
+        feed.update({s.name: np.zeros(s.shape, np.float32) for s in manifest.state_inputs})
+        out = backend.run(feed)
+    for spec in manifest.outputs:
+        assert out[spec.name].shape == spec.shape and out[spec.name].dtype == np.float32
+        assert np.isfinite(out[spec.name]).all()

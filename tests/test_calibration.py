@@ -28,7 +28,7 @@ from pipelines.errors import InputError, OrAgentError
 from pipelines.manifest import load_manifest, sha256_of
 from pipelines.surgery import PHASES
 from synth.dataset import SynthConfig, write_video
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_runs_with_documented_shapes
 from tests.test_models import TENSORRT_OPS
 
 MODELS = ROOT / "models"
@@ -127,15 +127,7 @@ def test_int8_is_symmetric_qdq_at_opset_17_and_runs_with_the_documented_shapes(c
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert set(ops) <= TENSORRT_OPS | {"QuantizeLinear", "DequantizeLinear"}
     onnx.checker.check_model(model)
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-
-    with OnnxRuntimeBackend(m) as backend:
-        feed = {m.input.name: np.random.default_rng(0).normal(size=m.input.shape).astype(np.float32)}
-        feed.update({s.name: np.zeros(s.shape, np.float32) for s in m.state_inputs})
-        out = backend.run(feed)
-    for spec in m.outputs:
-        assert out[spec.name].shape == spec.shape and out[spec.name].dtype == np.float32
-        assert np.isfinite(out[spec.name]).all()
+    assert_runs_with_documented_shapes(m)
 
 
 @pytest.mark.parametrize("name", ["anatomy", "phase", "visibility"])
@@ -149,14 +141,7 @@ def test_fp16_has_float32_io_and_float16_weights_and_runs(converted, name):
     assert set(n.op_type for n in model.graph.node) <= TENSORRT_OPS
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 17
     onnx.checker.check_model(model)
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-
-    with OnnxRuntimeBackend(m) as backend:
-        feed = {m.input.name: np.random.default_rng(0).normal(size=m.input.shape).astype(np.float32)}
-        feed.update({s.name: np.zeros(s.shape, np.float32) for s in m.state_inputs})
-        out = backend.run(feed)
-    for spec in m.outputs:
-        assert out[spec.name].shape == spec.shape and out[spec.name].dtype == np.float32
+    assert_runs_with_documented_shapes(m)
 
 
 def test_fp16_keeps_resize_scales_exact(converted):

@@ -12,7 +12,7 @@ from pipelines.errors import ModelError
 from pipelines.manifest import discover, find_model, load_manifest
 from pipelines.preprocess import ContentArea
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_runs_with_documented_shapes
 
 MODELS = ROOT / "models"
 # Ops every TensorRT 10/11 ONNX parser supports.
@@ -22,14 +22,7 @@ TENSORRT_OPS = {"Conv", "Relu", "Resize", "Concat", "Gemm", "Sigmoid", "Tanh", "
 
 @pytest.mark.parametrize("path", discover(MODELS), ids=lambda p: p.parent.name)
 def test_model_runs_with_documented_shapes(path):
-    m = load_manifest(path)
-    with OnnxRuntimeBackend(m) as backend:
-        feed = {m.input.name: np.random.default_rng(0).normal(size=m.input.shape).astype(np.float32)}
-        feed.update({s.name: np.zeros(s.shape, np.float32) for s in m.state_inputs})
-        out = backend.run(feed)
-    for spec in m.outputs:
-        assert out[spec.name].shape == spec.shape and out[spec.name].dtype == np.float32
-        assert np.isfinite(out[spec.name]).all()
+    assert_runs_with_documented_shapes(load_manifest(path))
 
 
 @pytest.mark.parametrize("path", discover(MODELS), ids=lambda p: p.parent.name)
