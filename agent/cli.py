@@ -170,7 +170,7 @@ def cmd_build_engines(args) -> int:
         if cache.has(key) and not args.force:
             print(f"ok    {m.name}: {cache.path_for(key).name}")
             continue
-        timing = Path(args.timing_cache) if args.timing_cache else cache.dir / "timing.cache"
+        timing = Path(args.timing_cache) if args.timing_cache else cache.timing_cache_path
         print(f"built {m.name}: {trt_backend.build_engine(m, cache, key, timing).name}", flush=True)
     for p in cache.prune([m.sha256 for m in manifests], remove=args.prune):
         print(("removed " if args.prune else "stale   ") + p.name)

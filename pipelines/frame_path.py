@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines.backends import DeviceTensor
 from pipelines.errors import DependencyError, InputError, ModelError
+from pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, preprocess_reference
 from pipelines.preprocess import ContentArea, InputSpec
 from pipelines.stages import AnatomyReduction, reduce_logits
 
@@ -161,11 +162,7 @@ class _PooledFramePath(FramePath):
         self.pool.reset()
 
     def prepare(self, frame, area, stages):
-        if frame.ndim == 2:  # a grey source: the models want three channels, like the CPU path gives them
-            import cv2
-
-            frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-        h, w = frame.shape[:2]
+        h, w = frame.shape[:2]  # HxWx3 BGR: every source converts (messages.Frame checks it)
         if area.x1 > w or area.y1 > h:  # the kernel would read past the frame's rows
             raise ValueError(f"content area {area.x0},{area.y0}..{area.x1},{area.y1} extends beyond the {w}x{h} frame")
         slots = []
@@ -194,16 +191,10 @@ class ReferenceFramePath(_PooledFramePath):
         return _HostSlot(pool, task, shape)
 
     def _fill(self, frame, area, targets):
-        from pipelines.gpu.kernels import preprocess_reference
-
         for spec, slot in targets:
             slot.array[...] = preprocess_reference(frame, area, spec)
 
     def reduce(self, logits):
-        if isinstance(logits, AnatomyReduction):
-            return logits
-        if isinstance(logits, DeviceTensor):
-            logits = logits.to_host()
         return AnatomyReduction(*reduce_logits(logits))
 
 
@@ -243,7 +234,6 @@ class GpuFramePath(_PooledFramePath):
 
     def __init__(self, device: int = 0):
         from pipelines.backends.tensorrt import CudaContext
-        from pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor
 
         super().__init__()
         self._device = device
@@ -252,8 +242,6 @@ class GpuFramePath(_PooledFramePath):
         self._allocs: list = []
         self._closed = False
         self._reducer: GpuLogitsReducer | None = None
-        self._reducer_cls = GpuLogitsReducer
-        self._pre_cls = GpuPreprocessor
         # Compile both kernels now, so a missing nvcc is reported when the agent starts, not mid-case.
         probe = InputSpec(8, 8, "RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self._pre = GpuPreprocessor(probe, self.MIN_FRAME, device)
@@ -273,7 +261,7 @@ class GpuFramePath(_PooledFramePath):
         if h > self._pre.max_h or w > self._pre.max_w:
             spec, shape = self._pre.spec, (max(h, self._pre.max_h), max(w, self._pre.max_w))
             self._pre.close()
-            self._pre = self._pre_cls(spec, shape, self._device)
+            self._pre = GpuPreprocessor(spec, shape, self._device)
         pre = self._pre
         with pre._ctx:
             pre.enqueue_into(frame, area, [(spec, slot.device) for spec, slot in targets])
@@ -292,7 +280,7 @@ class GpuFramePath(_PooledFramePath):
         if r is None or (r.classes, r.height, r.width) != (c, h, w):
             if r is not None:
                 r.close()
-            r = self._reducer = self._reducer_cls(c, h, w, self._device)
+            r = self._reducer = GpuLogitsReducer(c, h, w, self._device)
         class_map, counts, conf = r.reduce_device(logits.device_ptr)
         return AnatomyReduction(class_map, counts, conf)
 

@@ -219,6 +219,12 @@ class _Condition:
                 raise InputError(f"{where}.state: unknown state {self.state!r} (known: {', '.join(STATES)})")
             self.threshold = need("threshold", float, 0.0)
 
+    def suppressed(self, x: RuleInputs) -> None:
+        """The rule is suppressed on this input (out of body, low visibility): no evaluation, but a
+        condition that accumulates seen time must not count this time as seen."""
+        if self.rule.kind == "structures_not_seen_before":
+            self.last_t = x.t_s
+
     def __call__(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
         k = self.rule.kind
         if k == "distance_below":
@@ -289,16 +295,18 @@ class _RuleState:
         self.last_evidence: dict[str, Any] = {}
 
 
+def _check_unique_ids(rules: list[Rule]) -> None:
+    ids = [r.id for r in rules]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise InputError(f"rules: duplicate rule id {sorted(dup)[0]!r}")
+
+
 class RulesEngine:
     def __init__(self, rules: list[Rule], on_transition: Callable[[AlertTransition], None] | None = None):
-        ids = [r.id for r in rules]
-        dup = {i for i in ids if ids.count(i) > 1}
-        if dup:
-            raise InputError(f"rules: duplicate rule id {sorted(dup)[0]!r}")
-        self.rules = rules
+        _check_unique_ids(rules)
         self._states = [_RuleState(r, _Condition(r, f"rules.{r.id}")) for r in rules]
         self._on_transition = on_transition
-        self.transitions: deque[AlertTransition] = deque(maxlen=10000)  # the recent record, for replay reports
         self._seqs: deque[int] = deque(maxlen=50)  # recent frame sequence numbers: gaps are dropped frames
 
     def evaluate(self, x: RuleInputs) -> list[AlertTransition]:
@@ -306,9 +314,9 @@ class RulesEngine:
         for st in self._states:
             rule = st.rule
             suppressed = any(getattr(x, s) for s in rule.suppress_when)
+            if suppressed:
+                st.condition.suppressed(x)
             cond, evidence = (False, {}) if suppressed else st.condition(x)
-            if suppressed and rule.kind == "structures_not_seen_before":
-                st.condition.last_t = x.t_s  # time out of view does not count as seen
             if cond:
                 st.false_since = None
                 if st.true_since is None:
@@ -327,9 +335,8 @@ class RulesEngine:
                         st.active = False
                         st.cleared_at = x.t_s
                         out.append(self._transition(st, "cleared", x, st.last_evidence))
-        for t in out:
-            self.transitions.append(t)
-            if self._on_transition is not None:
+        if self._on_transition is not None:
+            for t in out:
                 self._on_transition(t)
         return out
 
@@ -354,9 +361,6 @@ class RulesEngine:
         if kind == "cleared":
             message = f"{message} - cleared"
         return AlertTransition(st.rule.id, st.rule.severity, kind, message, ev, x.seq, x.t_s)
-
-    def active(self) -> list[str]:
-        return [st.rule.id for st in self._states if st.active]
 
 
 RULE_KEYS = {"id", "severity", "kind", "message", "enter_s", "exit_s", "cooldown_s", "suppress_when", "rationale"}
@@ -395,10 +399,7 @@ def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None
                         suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""))
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {exc}") from None
-        try:
-            _Condition(rule, f"{where}")
-        except InputError:
-            raise
+        _Condition(rule, where)  # checks the kind's parameters, naming this file's table
         rules.append(rule)
-    RulesEngine(rules)  # duplicate ids
+    _check_unique_ids(rules)
     return rules

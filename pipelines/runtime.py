@@ -90,6 +90,7 @@ class Pipeline:
         self.frames_out = 0
         self._started_ns = 0
         self._last_anatomy = None
+        self._last_polygons = None
         self._last_phase: PhaseEstimate | None = None
         self._last_phase_s = 0.0
         self._next_phase_ms = 0.0
@@ -287,11 +288,13 @@ class Pipeline:
             anatomy = None  # nothing is drawn or measured on the room
         elif w.anatomy_logits is not None:
             anatomy = self.anatomy.post_process(w.anatomy_logits, w.area)
+            # Outlined once per estimate: frames between anatomy runs reuse the estimate and its polygons.
             self._last_anatomy = anatomy
+            self._last_polygons = anatomy_polygons(anatomy) if self.config.encode_polygons else None
             w.anatomy_fresh = True
         else:
             anatomy = self._last_anatomy
-        polygons = anatomy_polygons(anatomy) if (self.config.encode_polygons and anatomy is not None) else None
+        polygons = None if anatomy is None else self._last_polygons
         w.marks["postprocess"] = time.monotonic_ns()
         w.result = FrameResult(
             seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,

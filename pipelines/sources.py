@@ -88,6 +88,17 @@ class Backoff:
             delay = min(delay * 2, self.max_s)
 
 
+def _read_bgr(cap) -> np.ndarray | None:
+    """The capture's next frame as HxWx3 uint8 BGR, or None when it gives none (end, error, empty)."""
+    try:
+        ok, image = cap.read()
+    except cv2.error:
+        return None
+    if not ok or image is None or image.size == 0:
+        return None
+    return _to_bgr(image)
+
+
 def _to_bgr(image: np.ndarray) -> np.ndarray:
     """Any frame a capture or imread hands back, as HxWx3 uint8 BGR."""
     if image.dtype != np.uint8:
@@ -182,10 +193,6 @@ class _LiveGrabber:
         self._thread = threading.Thread(target=self._run, name=f"or-agent grabber {name}", daemon=True)
 
     @property
-    def grabbed(self) -> int:
-        return self._grabbed
-
-    @property
     def dropped(self) -> int:
         return self._dropped
 
@@ -233,14 +240,11 @@ class _LiveGrabber:
                 self._cond.notify_all()
 
     def _read(self) -> tuple[np.ndarray, float, int] | None:
-        try:
-            ok, image = self._cap.read()
-        except cv2.error:
-            return None
-        if not ok or image is None or image.size == 0:
+        image = _read_bgr(self._cap)
+        if image is None:
             return None
         now = time.monotonic_ns()
-        return _to_bgr(image), self._media_ms(self._cap, self._grabbed, now), now
+        return image, self._media_ms(self._cap, self._grabbed, now), now
 
     def _loop(self) -> None:
         origin: tuple[int, float] | None = None  # (monotonic ns, media ms) of the first paced frame
@@ -550,13 +554,8 @@ class VideoFileSource(FrameSource):
         return float(pos)
 
     def _decode(self, cap: Capture, seq: int) -> tuple[np.ndarray, float] | None:
-        try:
-            ok, image = cap.read()
-        except cv2.error:
-            return None
-        if not ok or image is None or image.size == 0:
-            return None
-        return _to_bgr(image), self._media_ms(cap, seq)
+        image = _read_bgr(cap)
+        return None if image is None else (image, self._media_ms(cap, seq))
 
     def _finish(self, decoded: int) -> None:
         """The decoder gave no more frames: the end, or a truncated/corrupt file."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.backends import DeviceTensor, InferenceBackend
+from pipelines.backends import InferenceBackend
 from pipelines.errors import ManifestError, ModelError
 from pipelines.phase_filter import PhaseFilter
 from pipelines.preprocess import ContentArea, crop_resize, normalise
@@ -48,8 +48,13 @@ def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.nda
     p_win = 1.0 / np.exp(s - top[None]).sum(0)  # = max softmax probability
     sub_counts = np.bincount(sm.ravel(), minlength=classes)
     sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
-    conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
-    return class_map, counts, conf
+    return class_map, counts, class_confidence(counts, sub_counts, sums)
+
+
+def class_confidence(counts: np.ndarray, sub_counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Per-class confidence from the pixel counts and, on the subsampled grid, the counts and summed
+    winning probabilities (shared by the CPU reduction and the GPU kernel's host side)."""
+    return np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,6 @@ class AnatomyStage(_Stage):
         return self.backend.run({self.manifest.input.name: x})[name]
 
     def post_process(self, logits: np.ndarray | AnatomyReduction, area: ContentArea) -> AnatomyEstimate:
-        if isinstance(logits, DeviceTensor):
-            logits = logits.to_host()
         r = logits if isinstance(logits, AnatomyReduction) else AnatomyReduction(*reduce_logits(logits))
         if len(r.counts) != self.classes:
             raise ModelError(f"{self.manifest.name}: {len(r.counts)} classes in the output, the manifest labels {self.classes}")

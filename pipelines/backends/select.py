@@ -89,7 +89,7 @@ def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir:
         return onnxruntime_factory(manifest, threads), plan.reason
     if plan.build_first:
         cache = trt_mod.EngineCache(plan.engine_path.parent)
-        tc = timing_cache_path or plan.engine_path.parent / "timing.cache"
+        tc = timing_cache_path or cache.timing_cache_path
         trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session, allow_build_live=build_missing)
     try:
         if tensorrt_factory is None:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 from pipelines.backends import DeviceTensor, InferenceBackend
 from pipelines.errors import DependencyError, ModelError
+from pipelines.files import atomic_write_bytes
 from pipelines.manifest import ModelManifest
 
 TENSORRT_INSTALL_HINT = ("TensorRT is not installed: install it on the OR box from NVIDIA's index "
@@ -47,6 +47,7 @@ PYCUDA_INSTALL_HINT = "install it where the CUDA toolkit is (pip install pycuda,
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 MAX_GRAPHS = 4  # per backend: a recurrent model needs two (its state buffers swap every step)
 ENGINE_SUFFIX = ".engine"
+TIMING_CACHE_NAME = "timing.cache"  # in the engine cache directory unless given elsewhere
 SIDECAR_SUFFIX = ".json"
 
 
@@ -220,6 +221,10 @@ class EngineCache:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
 
+    @property
+    def timing_cache_path(self) -> Path:
+        return self.dir / TIMING_CACHE_NAME
+
     def path_for(self, key: EngineKey) -> Path:
         return self.dir / key.filename()
 
@@ -239,10 +244,11 @@ class EngineCache:
             raise ModelError(f"{self.dir}: refusing to cache an empty engine")
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self.path_for(key)
-        _atomic_write(p, bytes(data))
+        atomic_write_bytes(p, bytes(data), durable=True)
         meta = {"key": key.as_dict(), "model": model, "bytes": len(data),
                 "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write(p.with_suffix(SIDECAR_SUFFIX), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(p.with_suffix(SIDECAR_SUFFIX), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+                           durable=True)
         return p
 
     def entries(self) -> list[CacheEntry]:
@@ -285,22 +291,6 @@ class EngineCache:
             return EngineKey.from_dict(meta["key"]) if meta else None
         except (KeyError, TypeError, ValueError):
             return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def default_cache_dir() -> Path:
@@ -369,7 +359,7 @@ def build_engine(manifest: ModelManifest, cache: EngineCache, key: EngineKey,
     path = cache.write(key, bytes(serialized), model=manifest.name)
     if tc_path is not None:
         tc_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(tc_path, bytes(timing_cache.serialize()))
+        atomic_write_bytes(tc_path, bytes(timing_cache.serialize()), durable=True)
     return path
 
 
@@ -589,7 +579,3 @@ class TensorRTBackend(InferenceBackend):
         with self._ctx:
             self._release()
         self._ctx.close()
-
-
-def load_cached_engine(manifest: ModelManifest, cache: EngineCache, key: EngineKey, **kwargs) -> TensorRTBackend:
-    return TensorRTBackend(manifest, cache.read(key), **kwargs)

@@ -27,12 +27,13 @@ Both classes own device memory and a stream: call ``close()`` (or use ``with``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from pipelines.preprocess import ContentArea, InputSpec
-from pipelines.stages import CONF_SUBSAMPLE, reduce_logits
+from pipelines.stages import CONF_SUBSAMPLE, class_confidence, reduce_logits
 
 _PREPROCESS_SRC = r"""
 __global__ void preprocess_area(const unsigned char* __restrict__ rows, int pitch, int x0,
@@ -110,6 +111,7 @@ __global__ void reduce_logits(const float* __restrict__ logits, int C, int H, in
 
 # --------------------------------------------------------------------------- CPU references
 
+@functools.lru_cache(maxsize=64)
 def _area_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix of covered fractions, rows normalised to 1."""
     scale = n_in / n_out
@@ -118,7 +120,9 @@ def _area_weights(n_in: int, n_out: int) -> np.ndarray:
         f0, f1 = o * scale, (o + 1) * scale
         for i in range(max(0, math.floor(f0)), min(n_in, math.ceil(f1))):
             w[o, i] = max(0.0, min(f1, i + 1) - max(f0, i))
-    return w / w.sum(1, keepdims=True)
+    w /= w.sum(1, keepdims=True)
+    w.flags.writeable = False  # cached: shared by every call with these sizes
+    return w
 
 
 def area_resize_reference(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -252,10 +256,9 @@ class GpuPreprocessor(_GpuObject):
         h, w = frame.shape[:2]
         self._check_shape(h, w)
         pinned = self.pinned_frame(h, w)
-        if frame.__array_interface__["data"][0] != pinned.__array_interface__["data"][0] or not frame.flags.c_contiguous:
-            np.copyto(pinned[area.y0:area.y1], frame[area.y0:area.y1])
+        staged = frame.__array_interface__["data"][0] == pinned.__array_interface__["data"][0] and frame.flags.c_contiguous
         cw, ch = area.crop_size
-        x0, pitch = self._copy_crop(pinned, area, w)
+        x0, pitch = self._copy_crop(None if staged else frame, pinned, area, w)
         for spec, d_out in targets:
             norm = [np.float32(v) for v in (*spec.mean, *(1.0 / s for s in spec.std))]
             sx, sy = np.float32(cw / spec.width), np.float32(ch / spec.height)
@@ -266,11 +269,16 @@ class GpuPreprocessor(_GpuObject):
                          np.int32(spec.color_order == "RGB"), *norm,
                          block=block, grid=grid, stream=self.stream)
 
-    def _copy_crop(self, pinned: np.ndarray, area: ContentArea, w: int) -> tuple[int, int]:
+    def _copy_crop(self, frame: np.ndarray | None, pinned: np.ndarray, area: ContentArea, w: int) -> tuple[int, int]:
         """Only the crop rectangle goes to the device (a 2-D copy, packed); where the 2-D copy is
-        refused, the crop's full rows (contiguous). Returns (x0 on the device, device pitch)."""
+        refused, the crop's full rows (contiguous). ``frame`` (None when it was decoded into ``pinned``)
+        is staged into pinned memory first, as much of it as that copy reads.
+        Returns (x0 on the device, device pitch)."""
         cw, ch = area.crop_size
+        rows = slice(area.y0, area.y1)
         if self._copy2d:
+            if frame is not None:
+                np.copyto(pinned[rows, area.x0:area.x1], frame[rows, area.x0:area.x1])
             try:
                 m = self.cuda.Memcpy2D()
                 m.set_src_host(pinned)
@@ -282,7 +290,9 @@ class GpuPreprocessor(_GpuObject):
                 return 0, cw * 3
             except Exception:
                 self._copy2d = False
-        self.cuda.memcpy_htod_async(self._d_rows, pinned[area.y0:area.y1], self.stream)
+        if frame is not None:
+            np.copyto(pinned[rows], frame[rows])
+        self.cuda.memcpy_htod_async(self._d_rows, pinned[rows], self.stream)
         return area.x0, w * 3
 
     def run(self, frame: np.ndarray, area: ContentArea) -> np.ndarray:
@@ -305,12 +315,13 @@ class GpuLogitsReducer(_GpuObject):
         n = self.height * self.width
         with self._ctx:
             self._kernel = _compile(_REDUCE_SRC, "reduce_logits")
-            self.d_logits = self._alloc(n * self.classes * 4)
-            self._h_logits = self.cuda.pagelocked_empty((self.classes, self.height, self.width), np.float32)
             self.d_map = self._alloc(n)
             self._d_stats = self._alloc(3 * self.classes * 4)  # counts u32 | sub counts u32 | conf sums f32
             self._h_map = self.cuda.pagelocked_empty((self.height, self.width), np.uint8)
             self._h_stats = self.cuda.pagelocked_empty(3 * self.classes, np.uint32)
+        # Upload buffers for host logits (``reduce``), made on first use: the frame path reduces
+        # engine outputs already on the device and never needs them.
+        self.d_logits = self._h_logits = None
 
     def reduce_device(self, d_logits, want_map: bool = True):
         """Reduce logits already on the device (e.g. a TensorRT output buffer) on ``self.stream``."""
@@ -330,16 +341,19 @@ class GpuLogitsReducer(_GpuObject):
         counts = self._h_stats[:c].astype(np.int64)
         sub_counts = self._h_stats[c:2 * c].astype(np.int64)
         sums = self._h_stats[2 * c:].view(np.float32).astype(np.float64)
-        conf = np.where(sub_counts > 0, sums / np.maximum(sub_counts, 1), np.where(counts > 0, 0.5, 0.0))
-        return (self._h_map.copy() if want_map else None), counts, conf
+        return (self._h_map.copy() if want_map else None), counts, class_confidence(counts, sub_counts, sums)
 
     def reduce(self, logits: np.ndarray, want_map: bool = True):
         """Host logits ([1,C,H,W] or [C,H,W]) uploaded, then reduced: for tests and host backends."""
         lg = np.asarray(logits, np.float32)
         lg = lg[0] if lg.ndim == 4 else lg
-        if lg.shape != self._h_logits.shape:
-            raise ValueError(f"logits shape {lg.shape}, reducer was made for {self._h_logits.shape}")
+        shape = (self.classes, self.height, self.width)
+        if lg.shape != shape:
+            raise ValueError(f"logits shape {lg.shape}, reducer was made for {shape}")
         with self._ctx:
+            if self.d_logits is None:
+                self.d_logits = self._alloc(lg.nbytes)
+                self._h_logits = self.cuda.pagelocked_empty(shape, np.float32)
             np.copyto(self._h_logits, lg)
             self.cuda.memcpy_htod_async(self.d_logits, self._h_logits, self.stream)
         return self.reduce_device(self.d_logits, want_map)
