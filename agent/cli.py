@@ -12,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.backends.select import PREFERENCES
 from pipelines.errors import InputError, OrAgentError
+from pipelines.frame_path import FRAME_PATHS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -230,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA of the displays' client certificates (mutual TLS)")
     p.add_argument("--insecure", action="store_true", help="allow plaintext beyond loopback (logged as a warning)")
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
+    p.add_argument("--backend", choices=PREFERENCES,
                    help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
-    p.add_argument("--preprocessing", choices=["auto", "cpu", "gpu"],
+    p.add_argument("--preprocessing", choices=FRAME_PATHS,
                    help="where model inputs are made (config pipeline.preprocessing; default auto: GPU kernels with TensorRT)")
     p.set_defaults(func=cmd_serve)
 
@@ -264,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="qualification", help="where the report goes (default qualification/)")
     p.add_argument("--clip", help="reference clip (default: the first held-out synthetic surgery, regenerated from its seed)")
     p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="the backend to qualify (default auto)")
-    p.add_argument("--preprocessing", default="auto", choices=["auto", "cpu", "gpu"],
+    p.add_argument("--backend", default="auto", choices=PREFERENCES, help="the backend to qualify (default auto)")
+    p.add_argument("--preprocessing", default="auto", choices=FRAME_PATHS,
                    help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
     p.add_argument("--cuda-graphs", action="store_true", help="qualify TensorRT engines replayed as CUDA graphs (config pipeline.cuda_graphs)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")

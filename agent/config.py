@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.backends.select import PREFERENCES
 from pipelines.errors import InputError
+from pipelines.frame_path import FRAME_PATHS
 
 try:
     import tomllib
@@ -140,9 +142,9 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
     if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
         raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
-    if cfg.pipeline.backend not in ("auto", "onnxruntime", "tensorrt"):
+    if cfg.pipeline.backend not in PREFERENCES:
         raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {cfg.pipeline.backend!r}")
-    if cfg.pipeline.preprocessing not in ("auto", "cpu", "gpu"):
+    if cfg.pipeline.preprocessing not in FRAME_PATHS:
         raise InputError(f"pipeline.preprocessing: must be auto, cpu or gpu, got {cfg.pipeline.preprocessing!r}")
     if cfg.alerts.time_scale <= 0 or cfg.alerts.reannounce_s <= 0:
         raise InputError("alerts: time_scale and reannounce_s must be positive")

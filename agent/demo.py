@@ -24,7 +24,7 @@ from agent.display import Display, has_screen
 from agent.progress import Progress
 from agent.server import AgentServer
 from pipelines.errors import InputError
-from pipelines.metrics import accuracy, phase_scores, relax_boundaries
+from pipelines.metrics import RELAXED_WINDOW_S, accuracy, phase_scores, relax_boundaries
 from pipelines.surgery import ANATOMY_NAMES, PHASES
 from proto.oragent.v1 import agent_pb2 as pb
 from proto.oragent.v1 import agent_pb2_grpc as pbg
@@ -83,11 +83,12 @@ async def _record(target: str, frames: int, record: dict, done: asyncio.Event) -
             done.set()
 
 
-async def _live(video: Path, frames: int, fps: float, headless: str | None, models_dir) -> tuple[dict, Display]:
+async def _live(video: Path, frames: int, fps: float, time_scale: float, headless: str | None,
+                models_dir) -> tuple[dict, Display]:
     cfg = load_config(None).with_overrides(**{
         "server.listen": "127.0.0.1:0", "case.source": str(video), "case.case_id": "demo", "case.paced": True,
         "pipeline.models_dir": models_dir, "audit.directory": str(video.parent / "audit"),
-        "alerts.time_scale": _time_scale(video)})
+        "alerts.time_scale": time_scale})
     server = AgentServer(cfg)
     port = await server.start()
     target = f"127.0.0.1:{port}"
@@ -107,10 +108,6 @@ async def _live(video: Path, frames: int, fps: float, headless: str | None, mode
     finally:
         await server.stop()
     return record, display
-
-
-def _time_scale(video: Path) -> float:
-    return float(json.loads(video.with_suffix(".json").read_text()).get("time_scale", 1.0))
 
 
 def _true_areas(mask_dir: Path, frames: list[int]) -> np.ndarray:
@@ -133,7 +130,7 @@ def run_demo(out_dir: Path, seed: int, time_scale: float, models_dir=None, headl
         headless = str(out_dir / "display.mp4")
         print(f"no screen found: the display runs headless and records what it shows to {headless}")
     print(f"starting the agent on {video} ({frames / fps:.0f} s, played live at {fps:g} fps) and the display")
-    record, display = asyncio.run(_live(video, frames, fps, headless, models_dir))
+    record, display = asyncio.run(_live(video, frames, fps, time_scale, headless, models_dir))
     if not record:
         raise InputError("the display received no overlay from the agent")
 
@@ -154,7 +151,7 @@ def run_demo(out_dir: Path, seed: int, time_scale: float, models_dir=None, headl
     print(f"  {'from':>7} {'to':>7}  ground truth")
     for p, a, b in segments(truth):
         print(f"  {a / fps:6.1f}s {b / fps:6.1f}s  {PHASES[p]}")
-    relaxed = relax_boundaries(truth, pred[:len(truth)], int(10 * fps))
+    relaxed = relax_boundaries(truth, pred[:len(truth)], int(round(RELAXED_WINDOW_S * fps)))
     print(f"  frame accuracy {100 * accuracy(truth, pred[:len(truth)]):.1f} % "
           f"({100 * phase_scores(truth, relaxed, PHASES)['accuracy']:.1f} % with the +-10 s relaxed boundary)")
 

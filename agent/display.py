@@ -49,7 +49,6 @@ class DisplayState:
     alerts: dict[str, pb.AlertEvent] = field(default_factory=dict)  # active alerts by id
     last_alert_seq: int = 0
     alert_log: list[pb.AlertEvent] = field(default_factory=list)  # every event seen, in order (bounded)
-    reconnects: int = 0
 
 
 def ai_off_reason(state: DisplayState, stale_s: float, now: float) -> str | None:
@@ -175,7 +174,6 @@ class Display:
                 await self._channel.close()
             if self._stop.is_set():
                 return
-            self.state.reconnects += 1
             log.info("overlay stream down (%s); reconnecting in %.1f s", self.state.status_text, delay)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent import VERSION
 from agent.session import LoadedModels
 from pipelines.errors import InputError
 from pipelines.files import atomic_write_text
@@ -56,14 +57,10 @@ def _results(clip: Path, models: LoadedModels, limit: int, anatomy_every: int) -
     return out
 
 
-def _agreement(clip: Path, reference: LoadedModels, deployed: LoadedModels, frames: int) -> dict:
+def _agreement(clip: Path, fps: float, reference: LoadedModels, deployed: LoadedModels, frames: int) -> dict:
     """The same frames through the reference (ONNX Runtime, CPU preprocessing) and the deployed
     pipeline (its backends and frame path, the GPU kernels included): ``frames`` anatomy frames and
     phase steps, both at 5 per second of video, visibility on every frame."""
-    probe = VideoFileSource(clip)
-    probe.start()
-    fps = probe.nominal_fps or 25.0
-    probe.stop()
     stride = max(1, int(round(fps / 5.0)))
     ref = _results(clip, reference, frames * stride, stride)
     dep = _results(clip, deployed, frames * stride, stride)
@@ -91,11 +88,8 @@ def _agreement(clip: Path, reference: LoadedModels, deployed: LoadedModels, fram
             "visibility_agreement": vis_same / max(1, len(ref))}
 
 
-def _latency(clip: Path, models: LoadedModels, seconds: float) -> dict:
-    probe = VideoFileSource(clip)
-    probe.start()
-    limit = int(seconds * (probe.nominal_fps or 25.0))
-    probe.stop()
+def _latency(clip: Path, fps: float, models: LoadedModels, seconds: float) -> dict:
+    limit = int(seconds * fps)
     pipe = models.pipeline(FirstFrames(VideoFileSource(clip, paced=True), limit), PipelineConfig())
     pipe.run()
     stats = pipe.stats()
@@ -107,12 +101,11 @@ def _identity(deployed: LoadedModels) -> dict:
     import onnxruntime
 
     ident = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-             "cpu_cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "agent_version": "0.1.0"}
+             "cpu_cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "agent_version": VERSION}
     try:
         from pipelines.backends.tensorrt import gpu_info, tensorrt_version
 
-        g = gpu_info()
-        ident["gpu"] = f"{g.name} (sm {g.compute_capability[0]}.{g.compute_capability[1]}, {g.multiprocessors} SMs)"
+        ident["gpu"] = gpu_info().describe()
         ident["tensorrt"] = tensorrt_version()
     except Exception as exc:  # noqa: BLE001 - absent GPU/TensorRT is a fact to report, not a failure
         ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
@@ -131,6 +124,10 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     clip_path = Path(clip) if clip else default_clip(Path(".cache") / "qualify-clip")
     if not clip_path.is_file():
         raise InputError(f"{clip_path}: no such reference clip")
+    probe = VideoFileSource(clip_path)
+    probe.start()  # a clip that does not decode fails here, before any model is loaded
+    fps = probe.nominal_fps or 25.0
+    probe.stop()
     reference = LoadedModels(models_dir, backend="onnxruntime", live_session=False, preprocessing="cpu")
     try:
         deployed = LoadedModels(models_dir, backend=backend, live_session=False, preprocessing=preprocessing,
@@ -142,9 +139,9 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     try:
         print(f"agreement: reference ONNX Runtime vs deployed ({', '.join(deployed.backend_name(t) for t in deployed.manifests)}) "
               f"on {clip_path.name} ...", flush=True)
-        agree = _agreement(clip_path, reference, deployed, frames)
+        agree = _agreement(clip_path, fps, reference, deployed, frames)
         print(f"latency: {seconds:g} s of the clip played live through the pipeline ...", flush=True)
-        lat = _latency(clip_path, deployed, seconds)
+        lat = _latency(clip_path, fps, deployed, seconds)
         ident = _identity(deployed)
     finally:
         reference.close()

@@ -32,10 +32,12 @@ import numpy as np
 
 from agent.progress import Progress
 from agent.report import phase_ribbon, write_html_report, write_png
+from agent.session import LoadedModels
 from pipelines.errors import InputError, OrAgentError
 from pipelines.files import atomic_write_text, part_path
 from pipelines.messages import FrameResult, SourceEvent
-from pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, relax_boundaries
+from pipelines.metrics import (RELAXED_WINDOW_S, confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores,
+                              relax_boundaries)
 from pipelines.overlay import AlertBanner, OverlayRenderer
 from pipelines.preprocess import paste_back
 from pipelines.rules import AlertTransition, Rule, RulesEngine, load_rules
@@ -44,7 +46,6 @@ from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource, video_files
 from synth.dataset import read_phase_file
 
-RELAXED_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,6 @@ def expand_inputs(paths: Sequence[str], labels: str | None, masks: str | None) -
     return out
 
 
-def ReplayModels(models_dir=None, threads: int = 1, backend: str = "auto"):
-    """The three stages, loaded once and reused for every video (offline: engines may be built)."""
-    from agent.session import LoadedModels
-
-    return LoadedModels(models_dir, threads=threads, backend=backend, live_session=False)
-
-
 class _Collector:
     """Everything replay keeps per frame: small numbers only, so memory stays flat."""
 
@@ -89,6 +83,9 @@ class _Collector:
         self.oob: list[bool] = []
         self.rows: list[dict] = []
         self.masks = masks
+        # The labelled frames, listed once: the publish thread must not stat a file per frame.
+        self.mask_frames_available = ({int(p.stem[5:]) for p in masks.glob("frame*.png") if p.stem[5:].isdigit()}
+                                      if masks is not None else set())
         self.conf = np.zeros((n_classes, n_classes), np.int64)
         self.mask_frames = 0
         self.events: list[SourceEvent] = []
@@ -99,8 +96,9 @@ class _Collector:
         self.seq.append(r.seq)
         self.phase.append(-1 if r.phase is None else r.phase.phase)
         self.oob.append(r.out_of_body)
+        fractions = r.anatomy.frame_fractions(r.frame_size) if r.anatomy is not None else ()
         if r.anatomy is not None and r.anatomy_fresh:
-            self.area_sum += np.asarray(r.anatomy.frame_fractions(r.frame_size))
+            self.area_sum += np.asarray(fractions)
             self.area_frames += 1
         if r.phase_fresh or (r.out_of_body and r.seq % 5 == 0):
             row = {"frame": r.seq, "time_s": round(r.media_ms / 1000.0, 3),
@@ -112,18 +110,16 @@ class _Collector:
                    "p_out_of_body": round(r.visibility.p_out_of_body, 4) if r.visibility else 0.0,
                    "p_low_visibility": round(r.visibility.p_low_visibility, 4) if r.visibility else 0.0,
                    "probabilities": [round(p, 4) for p in r.phase.probabilities] if r.phase and r.phase_fresh else [],
-                   "anatomy_area": [round(a, 5) for a in r.anatomy.frame_fractions(r.frame_size)] if r.anatomy else []}
+                   "anatomy_area": [round(a, 5) for a in fractions]}
             self.rows.append(row)
-        if self.masks is not None:
-            path = self.masks / f"frame{r.seq:06d}.png"
-            if path.is_file():
-                truth = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-                if truth is not None and truth.shape[:2] == (r.frame_size[1], r.frame_size[0]):
-                    pred = np.zeros(truth.shape[:2], np.uint8)
-                    if r.anatomy is not None:
-                        pred = paste_back(r.anatomy.class_map, r.anatomy.area, r.frame_size[0], r.frame_size[1])
-                    self.conf += confusion(np.minimum(truth, self.conf.shape[0] - 1), pred, self.conf.shape[0])
-                    self.mask_frames += 1
+        if r.seq in self.mask_frames_available:
+            truth = cv2.imread(str(self.masks / f"frame{r.seq:06d}.png"), cv2.IMREAD_UNCHANGED)
+            if truth is not None and truth.shape[:2] == (r.frame_size[1], r.frame_size[0]):
+                pred = np.zeros(truth.shape[:2], np.uint8)
+                if r.anatomy is not None:
+                    pred = paste_back(r.anatomy.class_map, r.anatomy.area, r.frame_size[0], r.frame_size[1])
+                self.conf += confusion(np.minimum(truth, self.conf.shape[0] - 1), pred, self.conf.shape[0])
+                self.mask_frames += 1
 
 
 def _alerts_csv(events: list[dict]) -> str:
@@ -238,7 +234,7 @@ class _AlertTimeline:
         return sorted(self.active.values(), key=lambda b: order[b.severity])
 
 
-def replay_one(item: ReplayInputs, out_root: Path, models: ReplayModels, paced: bool, anatomy_every: int,
+def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: bool, anatomy_every: int,
                progress_label: str, rules_file: str | None = None, time_scale: float | None = None) -> ReplayResult:
     video = item.video
     truth = read_phase_file(item.labels) if item.labels else None
@@ -334,7 +330,7 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
         raise InputError(f"{out_root}: exists and is not a directory")
     items = expand_inputs(paths, labels, masks)
     load_rules(rules_file)  # a bad rules file is one error up front, not one per video
-    models = ReplayModels(models_dir)
+    models = LoadedModels(models_dir, live_session=False)  # loaded once, reused for every video
     failed = 0
     try:
         for i, item in enumerate(items, start=1):

@@ -19,15 +19,15 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
-from pathlib import Path
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cv2
 import grpc
 from google.protobuf.message import DecodeError
 
+from agent import VERSION
 from agent.alert_log import AlertLog, AlertRecord
 from agent.decision import DecisionSupport
 from agent.config import NAME_RE, AgentConfig, is_loopback, listen_host
@@ -41,7 +41,6 @@ from proto.oragent.v1 import agent_pb2 as pb
 
 log = logging.getLogger("or-agent.service")
 SERVICE_NAME = "oragent.v1.OrAgent"
-VERSION = "0.1.0"
 SEVERITY_PB = {"info": pb.INFO, "warning": pb.WARNING, "critical": pb.CRITICAL}
 KIND_PB = {"raised": pb.AlertEvent.RAISED, "updated": pb.AlertEvent.UPDATED, "cleared": pb.AlertEvent.CLEARED,
            "acknowledged": pb.AlertEvent.ACKNOWLEDGED, "reannounced": pb.AlertEvent.REANNOUNCED}
@@ -133,7 +132,6 @@ class AgentService:
         self.alerts = AlertLog(config.server.alert_history)
         self.alerts.listen(self._alert_recorded)
         self.session: CaseSession | None = None
-        self.last_case: CaseSession | None = None
         self.started = time.monotonic()
         self.subscribers: set[_Subscriber] = set()
         self.shutting_down = False
@@ -162,8 +160,7 @@ class AgentService:
         self._published_at.append(time.monotonic())
         if not subs:
             return
-        active = [pb.ActiveAlert(alert_id=a.alert_id, rule=a.rule, severity=SEVERITY_PB[a.severity], message=a.message,
-                                 acknowledged=a.acknowledged) for a in self.alerts.active()]
+        active = self._active_alerts_pb()
         payload = {}
         for want in {s.include_anatomy for s in subs}:
             payload[want] = overlay_to_pb(r, self.model_info, active, self.class_names, want).SerializeToString()
@@ -193,13 +190,15 @@ class AgentService:
             deliveries.append((s, payload[s.include_anatomy] + encoded[s.jpeg_key]))
         self.loop.call_soon_threadsafe(self._deliver, deliveries)
 
+    def _active_alerts_pb(self) -> list[pb.ActiveAlert]:
+        return [pb.ActiveAlert(alert_id=a.alert_id, rule=a.rule, severity=SEVERITY_PB[a.severity], message=a.message,
+                               acknowledged=a.acknowledged) for a in self.alerts.active()]
+
     def publish_unavailable(self, reason: str) -> None:
         """On the event loop: tell every display, explicitly, that there is no current AI result.
         Sent while the pipeline is stalled or the source lost, so no display keeps an old overlay."""
-        active = [pb.ActiveAlert(alert_id=a.alert_id, rule=a.rule, severity=SEVERITY_PB[a.severity], message=a.message,
-                                 acknowledged=a.acknowledged) for a in self.alerts.active()]
         data = pb.Overlay(ai_paused=True, paused_reason=reason, capture_unix_ms=int(time.time() * 1000),
-                          active_alerts=active, models=self.model_info).SerializeToString()
+                          active_alerts=self._active_alerts_pb(), models=self.model_info).SerializeToString()
         self._deliver([(s, data) for s in self.subscribers])
 
     def _deliver(self, deliveries) -> None:
@@ -262,7 +261,6 @@ class AgentService:
             if session is None or session.stopped_unix_ms:
                 return None
             await asyncio.get_running_loop().run_in_executor(None, session.stop)
-            self.last_case = session
             stats = session.pipeline.stats()
             self.audit("session_stop", {"case_id": session.spec.case_id, "frames_processed": stats["frames_out"],
                                         "frames_dropped": stats["frames_dropped_source"],

@@ -17,13 +17,12 @@ from agent.config import NAME_RE, PipelineSettings
 from pipelines.backends.select import choose_backend
 from pipelines.errors import InputError
 from pipelines.frame_path import choose_frame_path
-from pipelines.manifest import ModelManifest, find_model
+from pipelines.manifest import TASKS, ModelManifest, find_model
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sources import open_source
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 
-TASKS = ("segmentation", "phase", "visibility")
 log = logging.getLogger("or-agent.session")
 
 

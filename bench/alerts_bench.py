@@ -71,12 +71,13 @@ def scripted() -> list[tuple[str, str, float | None, int]]:
 
 
 def held_out(videos: int) -> dict:
-    from agent.replay import ReplayInputs, ReplayModels, replay_one
+    from agent.replay import ReplayInputs, replay_one
+    from agent.session import LoadedModels
     from models.training.data import HELD_OUT
     from synth.dataset import write_video
 
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-alerts-"))
-    models = ReplayModels()
+    models = LoadedModels(live_session=False)
     stats = {"bleeding": [], "out_of_body": [], "false": {}, "missed": {"bleeding": 0, "out_of_body": 0}, "videos": videos,
              "minutes": 0.0, "raised": {}}
     try:

@@ -168,17 +168,6 @@ def update_manifest(path: str | os.PathLike, update) -> ModelManifest:
     return load_manifest(m.path)
 
 
-def ort_session(path: str | os.PathLike, threads: int = 1):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f"or-agent-{prefix}-")
 
@@ -327,9 +316,12 @@ def step_stride(fps: float, manifest: ModelManifest) -> int:
 
 class OutOfBodyJudge:
     """Whether the pipeline would skip a frame as out of body: from the flags when the video has
-    them, else from the installed visibility model (FP32), else never."""
+    them, else from the installed visibility model (FP32), else never.
 
-    def __init__(self, labels: VideoLabels, models_dir=None, stage=None):
+    One judge serves a whole command: set ``labels`` to each video's in turn; the visibility model is
+    loaded at most once, and only if a video has no flags."""
+
+    def __init__(self, labels: VideoLabels | None, models_dir=None, stage=None):
         self.labels = labels
         self._stage = stage
         self._models_dir = models_dir
@@ -354,12 +346,15 @@ class OutOfBodyJudge:
                 self._stage = None
         return self._stage
 
-    def __call__(self, f: int, frame: np.ndarray, area: ContentArea) -> bool:
+    def __call__(self, f: int, frame: np.ndarray, area: ContentArea, model_says: bool | None = None) -> bool:
+        """``model_says``: the visibility model's verdict on this frame when the caller already has it."""
         v = self.labels.visibility_at(f)
         if v is not None:
             return v == 1
         if self.labels.visibility is not None:
             return False  # past the end of the flags
+        if model_says is not None and self._stage is not None:
+            return model_says
         stage = self._load()
         return bool(stage is not None and stage(frame, area).out_of_body)
 

@@ -189,14 +189,14 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
         acc[k].update(conf_truth=None, conf_ref=None, pix_eq=0, pix_n=0, frames=0, ph_f=[], ph_raw=[], ph_truth=[],
                       ph_ref=[], vis=[], vis_ref=[], oob_t=[], lv_t=[], steps=0)
     ref_vis = next((p.reference for p in by_task["visibility"]), None)
+    judge = OutOfBodyJudge(None, stage=stages[_key(ref_vis)] if ref_vis is not None else None)
     try:
         for video in videos:
             labels = find_labels(video)
+            judge.labels = labels
             fps, _ = video_info(video)
             masks = video.parent / "masks" / video.stem
             has_masks = masks.is_dir() and any(masks.glob("frame*.png"))
-            judge_stage = stages[_key(ref_vis)] if ref_vis is not None else None
-            judge = OutOfBodyJudge(labels, stage=judge_stage)
             phase_ref_manifest = by_task["phase"][0].reference if by_task["phase"] else None
             stride = step_stride(fps, phase_ref_manifest) if phase_ref_manifest else max(1, int(round(fps / 5)))
             for k, s in stages.items():
@@ -234,7 +234,9 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                             if vstate is not None:
                                 a["oob_t"].append(vstate == 1)
                                 a["lv_t"].append(vstate == 2)
-                    if by_task["phase"] and not judge(f, frame, area):
+                    # the FP32 visibility verdict just computed, when it is what decides
+                    model_says = vis_now[_key(ref_vis)][0] if ref_vis is not None else None
+                    if by_task["phase"] and not judge(f, frame, area, model_says):
                         for p in by_task["phase"]:
                             for m in (p.reference, *p.variants):
                                 st = stages[_key(m)]

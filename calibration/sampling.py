@@ -228,9 +228,10 @@ def sample_frames(videos: Sequence[Path], manifest: ModelManifest, frames: int, 
 
         backend = OnnxRuntimeBackend(manifest, threads=1, verify=False)
         pool: list[tuple[_Candidate, np.ndarray, dict]] = []
+        judge = OutOfBodyJudge(None, models_dir)
         try:
             for vi, (video, lab) in enumerate(zip(videos, labels)):
-                judge = OutOfBodyJudge(lab, models_dir)
+                judge.labels = lab
                 fps = video_info(video)[0]
                 n0 = len(pool)
                 for step in phase_steps(video, backend, judge, fps):

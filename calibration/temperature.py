@@ -104,9 +104,10 @@ def collect_phase_logits(videos: Sequence[Path], manifest: ModelManifest, models
             raise InputError(f"{v}: no phase labels next to it ({v.stem}-phase.txt, {v.stem}-phase.csv or {v.stem}-flags.csv)")
     backend = OnnxRuntimeBackend(manifest, threads=1, verify=False)
     rows, truth = [], []
+    judge = OutOfBodyJudge(None, models_dir)
     try:
         for v, lab in zip(videos, labels):
-            judge = OutOfBodyJudge(lab, models_dir)
+            judge.labels = lab
             n0 = len(rows)
             for step in phase_steps(v, backend, judge, video_info(v)[0]):
                 p = lab.phase_at(step.frame)

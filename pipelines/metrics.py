@@ -53,6 +53,9 @@ def precision(truth: np.ndarray, pred: np.ndarray) -> float:
     return float((t & p).sum() / p.sum()) if p.any() else float("nan")
 
 
+RELAXED_WINDOW_S = 10.0  # Cholec80's relaxed boundary: +-10 s around each labelled phase change
+
+
 def relax_boundaries(truth: np.ndarray, pred: np.ndarray, window: int) -> np.ndarray:
     """Predictions with the relaxed-boundary rule of Cholec80 evaluation applied.
 
