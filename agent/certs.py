@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.config import is_plain_name
 from pipelines.errors import InputError
 from pipelines.files import atomic_write_bytes, part_path
 
@@ -47,7 +48,6 @@ CERT_DAYS = 825  # the longest validity many TLS clients accept for a leaf certi
 # box's does not reject a certificate made a minute ago as not yet valid.
 BACKDATE = dt.timedelta(minutes=5)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
@@ -68,7 +68,7 @@ class CertificateSet:
 
 def check_name(kind: str, name: str) -> str:
     """A box or display name: it becomes a file name and a certificate CN, so keep it plain."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not is_plain_name(name):
         raise InputError(f"{kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name

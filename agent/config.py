@@ -21,7 +21,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_plain_name(value) -> bool:
+    """1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, and nothing else (not
+    even a trailing newline): safe as a file name, a certificate name and an audit field, and no room
+    for patient data. Case ids, display names and box names all follow it."""
+    return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ def validate(cfg: AgentConfig) -> AgentConfig:
                          "server.tls_key and server.tls_ca (see `or-agent certs`), or server.insecure = true")
     if s.tls_cert and s.require_client_auth and not s.tls_ca:
         raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
-    if cfg.case.case_id and not NAME_RE.match(cfg.case.case_id):
+    if cfg.case.case_id and not is_plain_name(cfg.case.case_id):
         raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
     if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
         raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from agent import VERSION
 from agent.alert_log import AlertLog, AlertRecord
 from agent.decision import DecisionSupport
-from agent.config import NAME_RE, AgentConfig, is_loopback, listen_host
+from agent.config import AgentConfig, is_loopback, is_plain_name, listen_host
 from agent.session import CaseSession, CaseSpec, LoadedModels
 from pipelines.errors import OrAgentError
 from pipelines.messages import FrameResult, SourceEvent
@@ -354,7 +354,7 @@ async def _reject_malformed(request, context) -> None:
 
 
 async def _check_client_id(client_id: str, context) -> None:
-    if not NAME_RE.match(client_id):
+    if not is_plain_name(client_id):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"client_id: use 1-64 letters, digits, '.', '_' or '-', got {client_id[:80]!r}")
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.config import NAME_RE, PipelineSettings
+from agent.config import PipelineSettings, is_plain_name
 from pipelines.backends.select import choose_backend
 from pipelines.errors import InputError
 from pipelines.frame_path import choose_frame_path
@@ -78,7 +78,7 @@ class CaseSpec:
     def __post_init__(self):
         if not self.source.strip():
             raise InputError("source: empty (give a video file, camera index, /dev/videoN or stream URL)")
-        if not NAME_RE.match(self.case_id):
+        if not is_plain_name(self.case_id):
             raise InputError(f"case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {self.case_id!r}")
 
 

@@ -1018,3 +1018,19 @@ def test_rules_fire_on_the_live_stream_with_evidence_and_on_the_overlay(held_out
     hook = next(e for e in raised if e.rule == "energy_near_cystic_duct")
     assert float(hook.evidence["distance_px"]) < 20 and hook.models
     assert marked is not None and marked.active_alerts[0].rule in {e.rule for e in raised}
+
+
+@pytest.mark.parametrize("name", ["case-1\n", "a/b", "-x", "a" * 65, "patient John"])
+def test_case_and_display_names_are_plain_with_nothing_after(name, tmp_path):
+    """One rule for case ids (config and StartCase) and display names: not even a trailing newline."""
+    from agent.config import is_plain_name, load_config
+    from agent.session import CaseSpec
+    from pipelines.errors import InputError
+
+    assert not is_plain_name(name) and is_plain_name("OR1-case.2026_11")
+    with pytest.raises(InputError, match="case_id: use 1-64 letters"):
+        CaseSpec("video.mp4", name)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[case]\ncase_id = {json.dumps(name)}\n")  # a JSON string is a TOML basic string
+    with pytest.raises(InputError, match="case.case_id: use 1-64 letters"):
+        load_config(str(cfg))
