@@ -29,7 +29,7 @@ import numpy as np
 
 from pipelines.errors import InputError
 from pipelines.files import part_path
-from pipelines.overlay import FONT, SEVERITY_COLOURS, AlertBanner
+from pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
 from proto.oragent.v1 import agent_pb2 as pb
 from proto.oragent.v1 import agent_pb2_grpc as pbg
 
@@ -98,7 +98,7 @@ def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[
     if ov.HasField("phase"):
         h = out.shape[0]
         fs = max(0.45, h / 1000)
-        text = f"{ov.phase.name}  {100 * ov.phase.confidence:.0f}%  {int(ov.phase.time_in_phase_s) // 60:02d}:{int(ov.phase.time_in_phase_s) % 60:02d}"
+        text = f"{ov.phase.name}  {100 * ov.phase.confidence:.0f}%  {format_duration(ov.phase.time_in_phase_s)}"
         (tw, th), _ = cv2.getTextSize(text, FONT, fs, 2)
         cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (60, 40, 0), -1)
         cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 2, cv2.LINE_AA)
@@ -106,14 +106,7 @@ def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[
 
 
 def draw_alerts(img: np.ndarray, alerts: list[AlertBanner]) -> None:
-    h, w = img.shape[:2]
-    fs = max(0.45, h / 1000)
-    row = int(34 * fs * 1.3)
-    for i, a in enumerate(alerts[:3]):
-        y = h - 10 - i * row
-        cv2.rectangle(img, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[a.severity], -1)
-        cv2.putText(img, f"{a.severity.upper()}: {a.message}  [a = acknowledge]", (10, y - 6), FONT, fs, (255, 255, 255),
-                    max(1, int(fs * 2)), cv2.LINE_AA)
+    draw_alert_banners(img, alerts[:3], "  [a = acknowledge]")
 
 
 class Display:

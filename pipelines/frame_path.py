@@ -30,7 +30,7 @@ import numpy as np
 
 from pipelines.backends import DeviceTensor
 from pipelines.errors import DependencyError, InputError, ModelError
-from pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, preprocess_reference
+from pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, GpuResources, preprocess_reference
 from pipelines.preprocess import ContentArea, InputSpec
 from pipelines.stages import AnatomyReduction, reduce_logits
 
@@ -204,7 +204,7 @@ class _GpuSlot(_Slot):
     def __init__(self, pool, task, shape, path: "GpuFramePath"):
         super().__init__(pool, task, shape)
         self._path = path
-        self.device = path._alloc(self.nbytes)
+        self.device = path.memory.alloc(self.nbytes)
         self._host: np.ndarray | None = None
 
     @property
@@ -212,11 +212,11 @@ class _GpuSlot(_Slot):
         return int(self.device)
 
     def to_host(self) -> np.ndarray:
-        p = self._path
-        with p._ctx:
+        mem = self._path.memory
+        with mem._ctx:
             if self._host is None:
-                self._host = p.cuda.pagelocked_empty(self.shape, np.float32)
-            p.cuda.memcpy_dtoh(self._host, self.device)
+                self._host = mem.cuda.pagelocked_empty(self.shape, np.float32)
+            mem.cuda.memcpy_dtoh(self._host, self.device)
         return self._host
 
 
@@ -233,25 +233,15 @@ class GpuFramePath(_PooledFramePath):
     MIN_FRAME = (1080, 1920)
 
     def __init__(self, device: int = 0):
-        from pipelines.backends.tensorrt import CudaContext
-
         super().__init__()
         self._device = device
-        self._ctx = CudaContext(device)
-        self.cuda = self._ctx.cuda
-        self._allocs: list = []
+        self.memory = GpuResources(device)  # the pooled input buffers
         self._closed = False
         self._reducer: GpuLogitsReducer | None = None
         # Compile both kernels now, so a missing nvcc is reported when the agent starts, not mid-case.
         probe = InputSpec(8, 8, "RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self._pre = GpuPreprocessor(probe, self.MIN_FRAME, device)
         GpuLogitsReducer(2, 8, 8, device).close()
-
-    def _alloc(self, nbytes: int):
-        with self._ctx:
-            a = self.cuda.mem_alloc(max(1, int(nbytes)))
-        self._allocs.append(a)
-        return a
 
     def _new_slot(self, pool, task, shape):
         return _GpuSlot(pool, task, shape, self)
@@ -288,14 +278,9 @@ class GpuFramePath(_PooledFramePath):
         if self._closed:
             return
         self._closed = True
-        for obj in (self._pre, self._reducer):
+        for obj in (self._pre, self._reducer, self.memory):
             if obj is not None:
                 obj.close()
-        with self._ctx:
-            for a in self._allocs:
-                a.free()
-        self._allocs.clear()
-        self._ctx.close()
 
 
 # --------------------------------------------------------------------------- choice

@@ -48,6 +48,18 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def draw_alert_banners(out: np.ndarray, alerts: Sequence[AlertBanner], suffix: str = "") -> None:
+    """One coloured banner per alert, stacked up from the bottom edge (the agent's and the display's)."""
+    h, w = out.shape[:2]
+    fs = max(0.45, h / 1000)
+    row = int(34 * fs * 1.3)
+    for i, alert in enumerate(alerts):
+        y = h - 10 - i * row
+        cv2.rectangle(out, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[alert.severity], -1)
+        cv2.putText(out, f"{alert.severity.upper()}: {alert.message}{suffix}", (10, y - 6), FONT, fs, (255, 255, 255),
+                    max(1, int(fs * 2)), cv2.LINE_AA)
+
+
 class OverlayRenderer:
     def __init__(self, anatomy_labels: Sequence[Label], alpha: float = 0.4, min_label_fraction: float = 0.004,
                  hidden_classes: Sequence[int] = (0,)):
@@ -138,14 +150,7 @@ class OverlayRenderer:
         _text(out, text, (12, 12 + 26 * fs * 1.2), fs, (255, 255, 255), max(1, int(fs * 2)), (60, 40, 0))
 
     def _alerts(self, out: np.ndarray, alerts: Sequence[AlertBanner]) -> None:
-        h, w = out.shape[:2]
-        fs = max(0.45, h / 1000)
-        row = int(34 * fs * 1.3)
-        for i, alert in enumerate(alerts):
-            y = h - 10 - i * row
-            cv2.rectangle(out, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[alert.severity], -1)
-            cv2.putText(out, f"{alert.severity.upper()}: {alert.message}", (10, y - 6), FONT, fs, (255, 255, 255),
-                        max(1, int(fs * 2)), cv2.LINE_AA)
+        draw_alert_banners(out, alerts)
 
     def _paused(self, out: np.ndarray, reason: str) -> None:
         h, w = out.shape[:2]

@@ -179,7 +179,10 @@ def _compile(src: str, name: str):
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-class _GpuObject:
+class GpuResources:
+    """A CUDA context (the device's primary one), a stream and the device memory allocated through
+    them, released together by ``close()``."""
+
     def __init__(self, device: int = 0):
         from pipelines.backends.tensorrt import CudaContext
 
@@ -191,9 +194,15 @@ class _GpuObject:
             self.stream = self.cuda.Stream()
 
     def _alloc(self, nbytes: int):
+        """Device memory owned by this object (the context must be current)."""
         a = self.cuda.mem_alloc(max(1, int(nbytes)))
         self._allocs.append(a)
         return a
+
+    def alloc(self, nbytes: int):
+        """Device memory owned by this object, from any thread."""
+        with self._ctx:
+            return self._alloc(nbytes)
 
     def close(self) -> None:
         if self._closed:
@@ -213,7 +222,7 @@ class _GpuObject:
         self.close()
 
 
-class GpuPreprocessor(_GpuObject):
+class GpuPreprocessor(GpuResources):
     """uint8 BGR frame -> normalised float32 [1,3,H,W] for one model, on the GPU.
 
     ``max_frame_shape`` is (height, width) of the largest frame (e.g. (2160, 3840)); buffers are
@@ -304,7 +313,7 @@ class GpuPreprocessor(_GpuObject):
             return self._h_out.copy()
 
 
-class GpuLogitsReducer(_GpuObject):
+class GpuLogitsReducer(GpuResources):
     """Segmentation logits [C,H,W] on the device -> class map, per-class counts and confidence."""
 
     def __init__(self, classes: int, height: int, width: int, device: int = 0, sub: int = CONF_SUBSAMPLE):
