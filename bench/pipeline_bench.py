@@ -225,9 +225,10 @@ def main(argv=None) -> int:
     seqs = np.array([s for s, _ in samples], float)
     mem = np.array([m for _, m in samples])
     half = len(mem) // 2
-    slope = np.polyfit(seqs[half:] / fps / 60, mem[half:], 1)[0] if half > 2 else float("nan")
+    slope = (f"{np.polyfit(seqs[half:] / fps / 60, mem[half:], 1)[0]:+.2f} MB/min" if half > 2
+             else "n/a (too few samples: soak at least 1 minute)")
     print(f"memory over a {args.soak_minutes:g}-minute replay ({total} frames): RSS start {mem[0]:.0f} MB, "
-          f"end {mem[-1]:.0f} MB, max {mem.max():.0f} MB, second-half slope {slope:+.2f} MB/min "
+          f"end {mem[-1]:.0f} MB, max {mem.max():.0f} MB, second-half slope {slope} "
           f"(peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
     frame_path.close()
     return 0
