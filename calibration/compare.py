@@ -38,7 +38,7 @@ import numpy as np
 
 from calibration.common import (OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of, step_stride,
                                 update_manifest, video_info)
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from pipelines.backends.onnxruntime import OnnxRuntimeBackend, cpu_int8_kernels
 from pipelines.errors import InputError
 from pipelines.manifest import MANIFEST_NAME, ModelManifest, default_models_dir, load_manifest
 from pipelines.metrics import accuracy, confusion, mean_iou_present, recall
@@ -173,23 +173,53 @@ def _key(m: ModelManifest) -> str:
     return str(m.path)
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One model run of a comparison. An INT8 model runs twice: on this CPU's integer kernels (what a CPU
+    deployment computes, which differs between CPUs) and in the ONNX-specified arithmetic (the same on
+    every CPU), so its agreement can be stated for any machine and for this one."""
+    manifest: ModelManifest
+    reference_arithmetic: bool = False
+
+    @property
+    def key(self) -> str:
+        return _key(self.manifest) + ("#reference-arithmetic" if self.reference_arithmetic else "")
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+
+def _members(p: Pairing) -> list[_Member]:
+    out = [_Member(p.reference)]
+    for v in p.variants:
+        out.append(_Member(v))
+        if precision_of(v) == "int8":
+            out.append(_Member(v, reference_arithmetic=True))
+    return out
+
+
 def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[str], None] = print,
             max_frames: int | None = None) -> dict[str, dict]:
     """Run every model over ``videos``; figures per model (keyed by manifest path)."""
     timer = _Timer()
     stages: dict[str, object] = {}
     for p in pairings:
-        for m in (p.reference, *p.variants):
-            backend = OnnxRuntimeBackend(m, threads=1)
-            stages[_key(m)] = {"segmentation": AnatomyStage, "phase": PhaseStage, "visibility": VisibilityStage}[m.task](backend)
+        for m in _members(p):
+            backend = OnnxRuntimeBackend(m.manifest, threads=1, int8_kernels=not m.reference_arithmetic)
+            stages[m.key] = {"segmentation": AnatomyStage, "phase": PhaseStage, "visibility": VisibilityStage}[m.task](backend)
     by_task = {t: [p for p in pairings if p.task == t] for t in TASK_ORDER}
-    n_cls = {_key(p.reference): len(p.reference.labels) for p in by_task["segmentation"]}
+    n_cls = {_Member(p.reference).key: len(p.reference.labels) for p in by_task["segmentation"]}
     acc: dict[str, dict] = {k: {} for k in stages}
     for k in stages:
         acc[k].update(conf_truth=None, conf_ref=None, pix_eq=0, pix_n=0, frames=0, ph_f=[], ph_raw=[], ph_truth=[],
                       ph_ref=[], vis=[], vis_ref=[], oob_t=[], lv_t=[], steps=0)
     ref_vis = next((p.reference for p in by_task["visibility"]), None)
-    judge = OutOfBodyJudge(None, stage=stages[_key(ref_vis)] if ref_vis is not None else None)
+    judge = OutOfBodyJudge(None, stage=stages[_Member(ref_vis).key] if ref_vis is not None else None)
     try:
         for video in videos:
             labels = find_labels(video)
@@ -221,28 +251,28 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                 if f % stride == 0:
                     vis_now = {}
                     for p in by_task["visibility"]:
-                        for m in (p.reference, *p.variants):
-                            st = stages[_key(m)]
-                            v = st.post_process(timer.call(_key(m), st.predict, prep(st)))
-                            vis_now[_key(m)] = (v.out_of_body, v.low_visibility)
-                        for m in (p.reference, *p.variants):
-                            a = acc[_key(m)]
-                            a["vis"].append(vis_now[_key(m)])
-                            a["vis_ref"].append(vis_now[_key(p.reference)])
+                        for m in _members(p):
+                            st = stages[m.key]
+                            v = st.post_process(timer.call(m.key, st.predict, prep(st)))
+                            vis_now[m.key] = (v.out_of_body, v.low_visibility)
+                        for m in _members(p):
+                            a = acc[m.key]
+                            a["vis"].append(vis_now[m.key])
+                            a["vis_ref"].append(vis_now[_Member(p.reference).key])
                             a["steps"] += 1
                             vstate = labels.visibility_at(f)
                             if vstate is not None:
                                 a["oob_t"].append(vstate == 1)
                                 a["lv_t"].append(vstate == 2)
                     # the FP32 visibility verdict just computed, when it is what decides
-                    model_says = vis_now[_key(ref_vis)][0] if ref_vis is not None else None
+                    model_says = vis_now[_Member(ref_vis).key][0] if ref_vis is not None else None
                     if by_task["phase"] and not judge(f, frame, area, model_says):
                         for p in by_task["phase"]:
-                            for m in (p.reference, *p.variants):
-                                st = stages[_key(m)]
-                                est = st.post_process(timer.call(_key(m), st.predict, prep(st)), f / fps)
-                                cur[_key(m)] = (est.phase, est.raw_phase)
-                                acc[_key(m)]["steps"] += 1
+                            for m in _members(p):
+                                st = stages[m.key]
+                                est = st.post_process(timer.call(m.key, st.predict, prep(st)), f / fps)
+                                cur[m.key] = (est.phase, est.raw_phase)
+                                acc[m.key]["steps"] += 1
                 for k in cur:
                     seq[k].append(cur[k][0])
                     raw_seq[k].append(cur[k][1])
@@ -251,29 +281,29 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                 if by_task["segmentation"] and want_anatomy:
                     truth = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if has_masks else None
                     for p in by_task["segmentation"]:
-                        n = n_cls[_key(p.reference)]
+                        n = n_cls[_Member(p.reference).key]
                         maps = {}
-                        for m in (p.reference, *p.variants):
-                            st = stages[_key(m)]
-                            maps[_key(m)] = st.post_process(timer.call(_key(m), st.predict, prep(st)), area).class_map
-                        ref_map = maps[_key(p.reference)]
-                        for m in (p.reference, *p.variants):
-                            a = acc[_key(m)]
-                            cm = confusion(ref_map, maps[_key(m)], n)
+                        for m in _members(p):
+                            st = stages[m.key]
+                            maps[m.key] = st.post_process(timer.call(m.key, st.predict, prep(st)), area).class_map
+                        ref_map = maps[_Member(p.reference).key]
+                        for m in _members(p):
+                            a = acc[m.key]
+                            cm = confusion(ref_map, maps[m.key], n)
                             a["conf_ref"] = cm if a["conf_ref"] is None else a["conf_ref"] + cm
-                            a["pix_eq"] += int((ref_map == maps[_key(m)]).sum())
+                            a["pix_eq"] += int((ref_map == maps[m.key]).sum())
                             a["pix_n"] += ref_map.size
                             a["frames"] += 1
                             if truth is not None:
-                                pred = paste_back(maps[_key(m)], area, frame.shape[1], frame.shape[0])
+                                pred = paste_back(maps[m.key], area, frame.shape[1], frame.shape[0])
                                 ct = confusion(truth, pred, n)
                                 a["conf_truth"] = ct if a["conf_truth"] is None else a["conf_truth"] + ct
             for p in by_task["phase"]:
-                ref_seq = np.array(seq[_key(p.reference)])
-                for m in (p.reference, *p.variants):
-                    a = acc[_key(m)]
-                    a["ph_f"].append(np.array(seq[_key(m)]))
-                    a["ph_raw"].append(np.array(raw_seq[_key(m)]))
+                ref_seq = np.array(seq[_Member(p.reference).key])
+                for m in _members(p):
+                    a = acc[m.key]
+                    a["ph_f"].append(np.array(seq[m.key]))
+                    a["ph_raw"].append(np.array(raw_seq[m.key]))
                     a["ph_ref"].append(ref_seq)
                     if labels.phase is not None:
                         n = min(len(labels.phase), n_frames)
@@ -286,9 +316,11 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
 
     results: dict[str, dict] = {}
     for p in pairings:
-        for m in (p.reference, *p.variants):
-            a, r = acc[_key(m)], {"model": m.name, "precision": precision_of(m), "task": m.task,
-                                  "sha256": m.sha256, "ms_per_frame_onnxruntime_cpu_1_thread": timer.ms(_key(m))}
+        for m in _members(p):
+            a, r = acc[m.key], {"model": m.name, "precision": precision_of(m.manifest), "task": m.task,
+                                  "sha256": m.manifest.sha256, "ms_per_frame_onnxruntime_cpu_1_thread": timer.ms(m.key)}
+            if r["precision"] == "int8" and not m.reference_arithmetic:
+                r["cpu_int8_kernels"] = cpu_int8_kernels()
             if m.task == "segmentation":
                 r["frames"] = a["frames"]
                 if a["conf_truth"] is not None:
@@ -316,7 +348,11 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                         rec = recall(oob_t, v[:, 0])
                         r["out_of_body_recall"] = None if np.isnan(rec) else round(rec, 4)
                         r["low_visibility_accuracy"] = round(accuracy(lv_t, v[:, 1]), 4)
-            results[_key(m)] = r
+            if m.reference_arithmetic:  # beside the figures of the same model on this CPU's kernels
+                results[_Member(m.manifest).key]["reference_arithmetic"] = {
+                    k: v for k, v in r.items() if k not in ("model", "precision", "task", "sha256")}
+            else:
+                results[m.key] = r
     return results
 
 
@@ -342,10 +378,19 @@ def table_lines(pairings: Sequence[Pairing], results: dict[str, dict]) -> list[s
                 ref = f"agreement {_fmt(r.get('visibility_agreement_vs_fp32'))}"
             if m is p.reference:
                 ref = "(reference)"
+            elif "reference_arithmetic" in r:  # INT8: this CPU's kernels, then the CPU-independent arithmetic
+                spec = r["reference_arithmetic"]
+                key = {"segmentation": "agreement_miou_vs_fp32", "phase": "phase_agreement_vs_fp32",
+                       "visibility": "visibility_agreement_vs_fp32"}[m.task]
+                ref += f" on {r['cpu_int8_kernels'].split(' ')[0]} kernels; {_fmt(spec.get(key))} as specified"
             rows.append((m.name, r["precision"], _fmt(r["ms_per_frame_onnxruntime_cpu_1_thread"], 2), truth, ref))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any("cpu_int8_kernels" in r for r in results.values()):
+        lines.append(f"INT8 ran on this CPU's integer kernels, {cpu_int8_kernels()}, whose results differ by CPU "
+                     "(AVX2 alone saturates int16 sums); 'as specified' is the same model in ONNX's Q/DQ arithmetic, "
+                     "the same on any CPU")
     return lines
 
 

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_qualification_consistent
 
 EMULATION = ROOT / "tests" / "emulated_gpu"
 
@@ -74,7 +74,7 @@ def test_qualify_passes_the_emulated_box_on_tensorrt_gpu_preprocessing_and_cuda_
     r = scenario("qualify", str(small_dataset / "video01.mp4"), str(tmp_path / "engines"), str(tmp_path / "q"),
                  tmp_path=tmp_path)
     report = r["report"]
-    assert r["exit"] == 0 and report["verdict"] == "PASS", report["checks"]
+    assert_qualification_consistent(report, r["exit"])
     assert report["box"]["gpu"] == "Emulated GPU (sm 9.0, 132 SMs)" and report["box"]["tensorrt"] == "11.0.0.0"
     assert report["box"]["preprocessing"] == "gpu: pycuda kernels feed the TensorRT engines on the device"
     assert {m["backend"] for m in report["box"]["models"].values()} == {"tensorrt"}

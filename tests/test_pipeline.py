@@ -86,7 +86,7 @@ def test_a_failing_stage_stops_the_run_with_its_error_and_no_thread_left(small_d
     t0 = time.monotonic()
     with pytest.raises(ModelError, match="simulated device loss"):
         p.run()
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 30  # a hang bound, not a speed check: the video takes minutes to play out
     time.sleep(0.3)
     assert threading.active_count() <= before
 
@@ -100,7 +100,7 @@ def test_stop_midway_returns_promptly_and_twice(small_dataset):
     t0 = time.monotonic()
     p.stop()
     p.stop()
-    assert time.monotonic() - t0 < 3 and 0 < len(seen)
+    assert time.monotonic() - t0 < 10 and 0 < len(seen)  # a hang bound: it did not wait for the video's end
 
 
 def test_no_unbounded_queue(small_dataset):

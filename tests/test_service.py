@@ -55,6 +55,32 @@ def video(small_dataset) -> str:
     return str(small_dataset / "video01.mp4")
 
 
+# a paced source far below any machine's pipeline rate, so that a test of who keeps up with whom does not
+# depend on how fast or how loaded the machine running it is
+SLOW_SOURCE_FPS = 5.0
+
+
+@pytest.fixture(scope="module")
+def slow_video(small_dataset, tmp_path_factory) -> str:
+    """The surgery's first 200 frames re-encoded at 5 frames per second (40 s of media)."""
+    cap = cv2.VideoCapture(str(small_dataset / "video01.mp4"))
+    path = tmp_path_factory.mktemp("slow-source") / "video01-5fps.mp4"
+    writer = None
+    try:
+        for _ in range(200):
+            ok, frame = cap.read()
+            assert ok, "the synthetic surgery has fewer than 200 frames"
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), SLOW_SOURCE_FPS, (w, h))
+            writer.write(frame)
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leak():
     """Every server, pipeline, JPEG worker and executor thread a test started is gone when it ends
@@ -309,7 +335,9 @@ def test_buf_curl_over_mutual_tls(buf, pki, tmp_path):
 # ----- 4. a slow display --------------------------------------------------------------------------
 
 
-def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscriber(video):
+def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscriber(slow_video):
+    video = slow_video
+
     async def scenario():
         async with Agent(**{"server.behind_limit_s": 2.0, "server.subscriber_queue": 4}) as agent, \
                 channel(agent.target) as ch_a, channel(agent.target) as ch_b, channel(agent.target) as ch_c:
@@ -366,10 +394,11 @@ def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscrib
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
             seqs = fast_window(t0, t0 + 6.0)
-            assert len(seqs) / 6.0 > 20, f"fast subscriber got {len(seqs) / 6.0:.1f} overlays/s beside a slow one"
-            # It kept up: it saw (nearly) every frame the pipeline published in the window.
+            # It kept up: it saw (nearly) every frame the pipeline published in the window, in order ...
+            assert len(seqs) >= 0.5 * 6.0 * SLOW_SOURCE_FPS, f"fast subscriber got {len(seqs)} overlays in 6 s"
             assert seqs == sorted(seqs) and len(seqs) >= 0.9 * (seqs[-1] - seqs[0] + 1)
-            assert len(statuses) >= 4 and all(s.frames_per_second > 20 for s in statuses[1:]), \
+            # ... and the pipeline kept the source's pace beside the slow displays
+            assert len(statuses) >= 4 and all(s.frames_per_second >= 0.6 * SLOW_SOURCE_FPS for s in statuses[1:]), \
                 [round(s.frames_per_second, 1) for s in statuses]
 
             # The server ends the slow display by itself, while it still reads one overlay a second,
@@ -391,7 +420,8 @@ def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscrib
             # The fast display is still served at the full rate after the slow ones were ended.
             t1 = time.monotonic()
             await asyncio.sleep(2.0)
-            assert len(fast_window(t1, t1 + 2.0)) / 2.0 > 20
+            after = fast_window(t1, t1 + 2.0)
+            assert len(after) >= 0.5 * 2.0 * SLOW_SOURCE_FPS and len(after) >= 0.9 * (after[-1] - after[0] + 1)
             assert (await stub.GetStatus(pb.StatusRequest())).subscribers == 1
             assert not fast_task.done()
             fast.cancel()
@@ -754,7 +784,7 @@ def test_stop_ends_open_streams_with_a_status(video):
             codes = await asyncio.wait_for(asyncio.gather(until_end(overlays), until_end(alerts)), 5)
             assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK]
             await asyncio.wait_for(stopping, 10)
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 15  # a hang bound, generous for a loaded machine
             assert agent.server.service.session.stopped_unix_ms > 0
 
     asyncio.run(scenario())
@@ -934,7 +964,8 @@ def test_a_stalled_stage_makes_the_ai_unavailable_then_records_the_gap(video):
                 stalled = [e for e in events if e.rule == "ai_stalled"]
                 assert [e.kind for e in stalled] == [pb.AlertEvent.RAISED, pb.AlertEvent.CLEARED]
                 assert stalled[0].severity == pb.CRITICAL and "after" in stalled[1].message
-                assert time.monotonic() - t_first_paused < 4.0
+                # cleared once the 2.5 s stall ends, long before the video would end (a hang bound, not a speed check)
+                assert time.monotonic() - t_first_paused < 12.0
                 await eventually(lambda: _status(health, SERVING), 5, "SERVING again after the stall")
                 overlays.cancel()
                 alerts.cancel()

@@ -254,7 +254,7 @@ def test_missing_camera_is_one_clear_line():
     t0 = time.monotonic()
     assert _start_error(open_source("7")) == "camera 7: cannot open (no such device, or it is busy)"
     assert _start_error(open_source("/dev/video7")) == "/dev/video7: cannot open (no such device, or it is busy)"
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # a hang bound: no retry loop on an absent device
 
 
 def test_bad_specs_and_parameters_are_one_clear_line():
@@ -300,7 +300,7 @@ def test_stream_that_never_answers_fails_start_within_the_open_timeout(silent_se
     src = open_source(url, open_timeout_s=1.0, read_timeout_s=1.0)
     t0 = time.monotonic()
     assert _start_error(src) == f"{url}: no answer within 1.0 s"
-    assert time.monotonic() - t0 < 1.0 + 2
+    assert time.monotonic() - t0 < 1.0 + 5  # the open timeout, not the read timeout or a hang
 
 
 def test_refused_stream_and_passwords_stay_out_of_messages(silent_server):
