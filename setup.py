@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["agent*", "pipelines*", "proto*", "calibration*", "synth*", "models*"]),
-    package_data={"models": ["*/manifest.json", "*/model.onnx", "README.md"], "agent": ["agent.example.toml"]},
+    package_data={"models": ["*/model-set.json", "*/*.toml", "*/*/manifest.json", "*/*/model.onnx", "README.md"], "agent": ["agent.example.toml"]},
     install_requires=[
         "numpy>=1.24,<3",
         "opencv-python>=4.8,<6",

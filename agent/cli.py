@@ -49,27 +49,42 @@ def cmd_synth(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from pipelines.manifest import discover, load_manifest
+    from pipelines.manifest import SETS_ROOT, discover, load_manifest, resolve_models_dir, set_names
+    from pipelines.model_set import load_model_set
 
-    problems = 0
-    paths = discover(args.models_dir)
-    if not paths:
-        raise InputError(f"{args.models_dir or 'models/'}: no */manifest.json found")
-    for path in paths:
+    if args.models_dir or os.environ.get("OR_AGENT_MODELS"):
+        folders = [resolve_models_dir(args.models_dir)]
+    else:
+        folders = [SETS_ROOT / name for name in set_names()] or [resolve_models_dir(None)]
+    problems = checked = 0
+    for folder in folders:
+        paths = discover(folder)
+        if not paths:
+            raise InputError(f"{folder}: no */manifest.json found")
         try:
-            m = load_manifest(path)
-            m.verify_file()
+            model_set = load_model_set(folder, verify=False)  # each model's sha256 is checked below
+            rules = model_set.rules_file
+            print(f"set   {model_set.name} {model_set.version} ({model_set.procedure}), licence {model_set.license}; "
+                  f"rules {rules.name} checked against {len(model_set.class_names)} classes  [{folder}]")
         except OrAgentError as exc:
-            print(f"FAIL  {exc}")
+            print(f"FAIL  set {folder.name}: {exc}")
             problems += 1
-            continue
-        size = m.model_path.stat().st_size / 1e6
-        shape = "x".join(str(d) for d in m.input.shape)
-        metrics = ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
-        print(f"ok    {m.name} {m.version} ({m.task}) input {m.input.name} {shape} {m.input_spec.color_order}, "
-              f"{len(m.labels)} labels, {size:.2f} MB, sha256 {m.sha256[:12]}  {metrics}")
+        for path in paths:
+            checked += 1
+            try:
+                m = load_manifest(path)
+                m.verify_file()
+            except OrAgentError as exc:
+                print(f"FAIL  {exc}")
+                problems += 1
+                continue
+            size = m.model_path.stat().st_size / 1e6
+            shape = "x".join(str(d) for d in m.input.shape)
+            metrics = ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
+            print(f"ok    {m.name} {m.version} ({m.task}, {m.cadence}) input {m.input.name} {shape} {m.input_spec.color_order}, "
+                  f"{len(m.labels)} labels, {size:.2f} MB, sha256 {m.sha256[:12]}, licence {m.license}  {metrics}")
     if problems:
-        print(f"{problems} of {len(paths)} models failed verification", file=sys.stderr)
+        print(f"{problems} problem(s) in {len(folders)} model set(s) of {checked} models", file=sys.stderr)
         return 3
     return 0
 
@@ -84,7 +99,7 @@ def cmd_demo(args) -> int:
 def cmd_replay(args) -> int:
     from agent.replay import run_replay
 
-    if args.anatomy_every < 1:
+    if args.anatomy_every is not None and args.anatomy_every < 1:
         raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
     return run_replay(args.videos, args.out, labels=args.labels, masks=args.masks, paced=args.paced,
                       anatomy_every=args.anatomy_every, models_dir=args.models_dir, rules_file=args.rules,
@@ -109,7 +124,7 @@ def cmd_serve(args) -> int:
         "server.listen": args.listen, "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key,
         "server.tls_ca": args.tls_ca, "server.insecure": True if args.insecure else None,
         "case.source": args.source, "case.case_id": args.case_id, "case.paced": args.paced,
-        "pipeline.models_dir": args.models_dir, "pipeline.backend": args.backend,
+        "pipeline.models": args.models_dir, "pipeline.backend": args.backend,
         "pipeline.preprocessing": args.preprocessing})
     return asyncio.run(serve_forever(cfg))
 
@@ -185,6 +200,13 @@ def cmd_audit_verify(args) -> int:
     return run(args)
 
 
+def add_models_option(p: argparse.ArgumentParser, what: str = "the model set to use") -> None:
+    """``--models SET|DIR``, for every command that loads models (``--models-dir`` still accepted)."""
+    p.add_argument("--models", "--models-dir", dest="models_dir", metavar="SET|DIR", default=None,
+                   help=f"{what}: a model set's name (see `or-agent models`) or folder, or a models directory "
+                        "(default: $OR_AGENT_MODELS or the set 'synthetic')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="or-agent", description="Surgical video decision-support edge agent.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -203,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("models", help="list the installed models and verify their manifests and sha256")
-    p.add_argument("--models-dir", default=None, help="models directory (default: $OR_AGENT_MODELS or the bundled models/)")
+    add_models_option(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("replay", help="run the pipeline over recorded videos; write annotated video, timeline and report")
@@ -212,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="Cholec80 phase file for a single video (default: <name>-phase.txt next to it)")
     p.add_argument("--masks", help="directory of CholecSeg8k-format masks frameNNNNNN.png (default: masks/<name>/ next to it)")
     p.add_argument("--paced", action="store_true", help="replay at the video's own frame rate, as if live")
-    p.add_argument("--anatomy-every", type=int, default=1, help="run the anatomy model on every k-th frame (default 1)")
-    p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    p.add_argument("--anatomy-every", type=int, default=None,
+                   help="run the anatomy model every k frame periods of media time (default: its manifest's cadence)")
+    add_models_option(p)
     p.add_argument("--rules", help="decision-support rules file (TOML; default: the built-in cholecystectomy set)")
     p.add_argument("--time-scale", type=float, help="the video's time compression, for phase-duration limits "
                    "(default: from <name>.json next to a synthetic video, else 1)")
@@ -231,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-ca", help="CA of the displays' client certificates (mutual TLS)")
     p.add_argument("--insecure", action="store_true", help="allow plaintext beyond loopback (logged as a warning)")
-    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    add_models_option(p)
     p.add_argument("--backend", choices=PREFERENCES,
                    help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
     p.add_argument("--preprocessing", choices=FRAME_PATHS,
@@ -256,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
 
     p = sub.add_parser("doctor", help="check this box: GPU, drivers, TensorRT, ONNX Runtime, cameras, engines, disk, clock")
-    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    add_models_option(p)
     p.add_argument("--cache-dir", help="TensorRT engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
     p.add_argument("--audit-dir", default="audit", help="audit trail directory, for its free disk space (default audit)")
     p.add_argument("--no-capture-probe", action="store_true", help="do not try to open the capture devices")
@@ -265,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("qualify", help="on-site acceptance test: deployed backend vs ONNX Runtime, latency budget, report")
     p.add_argument("--out", default="qualification", help="where the report goes (default qualification/)")
     p.add_argument("--clip", help="reference clip (default: the first held-out synthetic surgery, regenerated from its seed)")
-    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    add_models_option(p)
     p.add_argument("--backend", default="auto", choices=PREFERENCES, help="the backend to qualify (default auto)")
     p.add_argument("--preprocessing", default="auto", choices=FRAME_PATHS,
                    help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
@@ -276,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_qualify)
 
     p = sub.add_parser("build-engines", help="build a TensorRT engine per model for this GPU (before a case, never during)")
-    p.add_argument("--models-dir", help="models directory (default: the bundled models/)")
+    add_models_option(p)
     p.add_argument("--cache-dir", help="engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
     p.add_argument("--timing-cache", help="persisted TensorRT timing cache (default: <cache>/timing.cache)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are already in the cache")
@@ -298,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic surgery (default 7)")
     p.add_argument("--time-scale", type=float, default=40.0, help="time scale of the synthetic surgery (default 40: about 1 minute)")
-    p.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")
+    add_models_option(p)
     p.add_argument("--headless", metavar="OUT.mp4", help="record the display to a file instead of a window (automatic without a screen)")
     p.set_defaults(func=cmd_demo)
     return ap

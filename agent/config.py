@@ -57,16 +57,22 @@ class CaseConfig:
     paced: bool = True  # files replay at their native rate, as a live feed would arrive
 
 
+# keys earlier versions read, with what replaced them: an old config file gets that, not "unknown key"
+RETIRED_KEYS = {
+    "pipeline.models_dir": "renamed to pipeline.models (a model set's name or folder, or a models directory)",
+    "pipeline.phase_rate_hz": "no longer set here: the phase model's manifest declares its rate (cadence)",
+}
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
-    models_dir: str = ""  # default: the bundled models
+    models: str = ""  # a model set's name or folder, or a models directory; default $OR_AGENT_MODELS or the set "synthetic"
     backend: str = "auto"  # auto (TensorRT where an engine for this GPU exists, else ONNX Runtime), onnxruntime, tensorrt
     engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
     preprocessing: str = "auto"  # auto (GPU kernels where a model runs on TensorRT, else CPU), cpu, gpu
     cuda_graphs: bool = False  # TensorRT engines replayed as CUDA graphs (less launch overhead per step)
     build_engines_live: bool = False  # build missing TensorRT engines when the agent starts (minutes) instead of refusing
-    phase_rate_hz: float = 5.0
-    anatomy_every: int = 1
+    anatomy_every: int = 0  # anatomy every k frame periods of media time; 0: the model's own cadence (manifest)
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING
 
 
@@ -147,8 +153,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
     if cfg.case.case_id and not is_plain_name(cfg.case.case_id):
         raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
-    if cfg.pipeline.phase_rate_hz <= 0 or cfg.pipeline.anatomy_every < 1 or cfg.pipeline.stale_after_s <= 0:
-        raise InputError("pipeline: phase_rate_hz and stale_after_s must be positive, anatomy_every at least 1")
+    if cfg.pipeline.anatomy_every < 0 or cfg.pipeline.stale_after_s <= 0:
+        raise InputError("pipeline: stale_after_s must be positive, anatomy_every 0 (the model's cadence) or more")
     if cfg.pipeline.backend not in PREFERENCES:
         raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {cfg.pipeline.backend!r}")
     if cfg.pipeline.preprocessing not in FRAME_PATHS:
@@ -184,6 +190,8 @@ def load_config(path: str | Path | None) -> AgentConfig:
             raise InputError(f"{path}: {section}: must be a table")
         known = {f.name for f in fields(SECTIONS[section])}
         for key in value:
+            if f"{section}.{key}" in RETIRED_KEYS:
+                raise InputError(f"{path}: {section}.{key}: {RETIRED_KEYS[f'{section}.{key}']}")
             if key not in known:
                 raise InputError(f"{path}: {section}.{key}: unknown key (known: {', '.join(sorted(known))})")
         try:

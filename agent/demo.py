@@ -87,7 +87,7 @@ async def _live(video: Path, frames: int, fps: float, time_scale: float, headles
                 models_dir) -> tuple[dict, Display]:
     cfg = load_config(None).with_overrides(**{
         "server.listen": "127.0.0.1:0", "case.source": str(video), "case.case_id": "demo", "case.paced": True,
-        "pipeline.models_dir": models_dir, "audit.directory": str(video.parent / "audit"),
+        "pipeline.models": models_dir, "audit.directory": str(video.parent / "audit"),
         "alerts.time_scale": time_scale})
     server = AgentServer(cfg)
     port = await server.start()

@@ -119,13 +119,13 @@ def _check_onnxruntime(r: Report) -> None:
 
 
 def _check_models(r: Report, models_dir) -> list:
-    from pipelines.manifest import TASKS, default_models_dir, discover, load_manifest
+    from pipelines.manifest import TASKS, discover, load_manifest, resolve_models_dir
 
-    root = Path(models_dir) if models_dir is not None else default_models_dir()
     try:
+        root = resolve_models_dir(models_dir)
         paths = discover(root)
     except OrAgentError as exc:
-        r.fail(str(exc), "install the models (or set --models-dir / OR_AGENT_MODELS)")
+        r.fail(str(exc), "install the models (or set --models / OR_AGENT_MODELS)")
         return []
     good = []
     for p in paths:

@@ -36,7 +36,7 @@ MIN_VISIBILITY_AGREEMENT = 0.99
 
 def default_clip(cache: Path) -> Path:
     """The first held-out synthetic surgery, regenerated from its seed (identical on every box)."""
-    from models.training.data import HELD_OUT
+    from synth.splits import HELD_OUT
     from synth.dataset import write_video
 
     cache.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from pipelines.metrics import (RELAXED_WINDOW_S, confusion, mean_iou_present, pe
                               relax_boundaries)
 from pipelines.overlay import AlertBanner, OverlayRenderer
 from pipelines.preprocess import paste_back
-from pipelines.rules import AlertTransition, Rule, RulesEngine, load_rules
+from pipelines.rules import AlertTransition, Rule, RulesEngine
 from pipelines.runtime import PipelineConfig
 from pipelines.sinks import QueuedSubscriber
 from pipelines.sources import VideoFileSource, video_files
@@ -198,7 +198,7 @@ class ReplayResult:
     mean_area: np.ndarray  # per class, mean fraction of the frame over in-body frames
 
 
-def _rules_for(video: Path, rules_file: str | None, time_scale: float | None) -> list[Rule]:
+def _rules_for(video: Path, models: LoadedModels, rules_file: str | None, time_scale: float | None) -> list[Rule]:
     """The rules, with the phase-duration limits scaled for a time-compressed (synthetic) video: from
     ``time_scale`` if given, else from the video's generator metadata (``<name>.json``)."""
     if time_scale is None:
@@ -207,7 +207,7 @@ def _rules_for(video: Path, rules_file: str | None, time_scale: float | None) ->
             time_scale = float(json.loads(meta.read_text()).get("time_scale", 1.0)) if meta.is_file() else 1.0
         except (ValueError, OSError, AttributeError):
             time_scale = 1.0
-    return load_rules(rules_file, overrides={"phase_too_long": {"time_scale": time_scale}})
+    return models.rules(rules_file, overrides={"phase_too_long": {"time_scale": time_scale}})
 
 
 class _AlertTimeline:
@@ -234,7 +234,7 @@ class _AlertTimeline:
         return sorted(self.active.values(), key=lambda b: order[b.severity])
 
 
-def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: bool, anatomy_every: int,
+def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: bool, anatomy_every: int | None,
                progress_label: str, rules_file: str | None = None, time_scale: float | None = None) -> ReplayResult:
     video = item.video
     truth = read_phase_file(item.labels) if item.labels else None
@@ -244,11 +244,10 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
     out_dir.mkdir(parents=True, exist_ok=True)
     fps = source.nominal_fps or 25.0
     total = source.frame_count or 0
-    pipeline = models.pipeline(source, PipelineConfig(phase_rate_hz=models.manifests["phase"].extra.get("step_rate_hz", 5.0),
-                                       anatomy_every=anatomy_every))
+    pipeline = models.pipeline(source, PipelineConfig(anatomy_every=anatomy_every))
     overlay = OverlayRenderer(models.manifests["segmentation"].labels)
     collector = _Collector(len(models.manifests["segmentation"].labels), item.masks)
-    alerts = _AlertTimeline(_rules_for(video, rules_file, time_scale))
+    alerts = _AlertTimeline(_rules_for(video, models, rules_file, time_scale))
     bar = Progress(progress_label, total or 1)
     recording = AnnotatedVideo(out_dir / "annotated", fps)
 
@@ -323,14 +322,18 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
 
 
 def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks: str | None = None,
-               paced: bool = False, anatomy_every: int = 1, models_dir=None, rules_file: str | None = None,
+               paced: bool = False, anatomy_every: int | None = None, models_dir=None, rules_file: str | None = None,
                time_scale: float | None = None) -> int:
     out_root = Path(out)
     if out_root.exists() and not out_root.is_dir():
         raise InputError(f"{out_root}: exists and is not a directory")
     items = expand_inputs(paths, labels, masks)
-    load_rules(rules_file)  # a bad rules file is one error up front, not one per video
     models = LoadedModels(models_dir, live_session=False)  # loaded once, reused for every video
+    try:
+        models.rules(rules_file)  # a bad rules file is one error up front, not one per video
+    except BaseException:
+        models.close()
+        raise
     failed = 0
     try:
         for i, item in enumerate(items, start=1):

@@ -42,7 +42,7 @@ class AgentServer:
     def __init__(self, config: AgentConfig, models: LoadedModels | None = None):
         self.config = config
         p = config.pipeline
-        self.models = models or LoadedModels(p.models_dir or None, backend=p.backend, cache_dir=p.engine_cache or None,
+        self.models = models or LoadedModels(p.models or None, backend=p.backend, cache_dir=p.engine_cache or None,
                                              live_session=True, preprocessing=p.preprocessing,
                                              cuda_graphs=p.cuda_graphs, build_engines_live=p.build_engines_live)
         self.server: grpc.aio.Server | None = None

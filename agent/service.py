@@ -35,7 +35,6 @@ from agent.session import CaseSession, CaseSpec, LoadedModels
 from pipelines.errors import OrAgentError
 from pipelines.messages import FrameResult, SourceEvent
 from pipelines.overlay import AlertBanner, OverlayRenderer
-from pipelines.rules import load_rules
 from pipelines.sinks import QueuedSubscriber
 from proto.oragent.v1 import agent_pb2 as pb
 
@@ -145,7 +144,7 @@ class AgentService:
         self._jpeg_worker: QueuedSubscriber | None = None
         self.published = 0
         self._published_at: deque[float] = deque(maxlen=1024)  # monotonic times of recent results
-        self.rules = load_rules(config.alerts.rules_file or None, overrides={"phase_too_long": {"time_scale": config.alerts.time_scale}})
+        self.rules = models.rules(config.alerts.rules_file or None, overrides={"phase_too_long": {"time_scale": config.alerts.time_scale}})
         self.decision: DecisionSupport | None = None
         self._audit_writer: QueuedSubscriber | None = None
         self._audit_log = None

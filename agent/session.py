@@ -17,8 +17,10 @@ from agent.config import PipelineSettings, is_plain_name
 from pipelines.backends.select import choose_backend
 from pipelines.errors import InputError
 from pipelines.frame_path import choose_frame_path
-from pipelines.manifest import TASKS, ModelManifest, find_model
+from pipelines.manifest import ModelManifest
+from pipelines.model_set import ModelSet, load_model_set
 from pipelines.messages import FrameResult, SourceEvent
+from pipelines.rules import Rule, load_rules
 from pipelines.runtime import Pipeline, PipelineConfig
 from pipelines.sources import open_source
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
@@ -27,15 +29,17 @@ log = logging.getLogger("or-agent.session")
 
 
 class LoadedModels:
-    """The three stages, verified and loaded once per agent process, each on the backend chosen for
+    """A model set's stages, verified and loaded once per agent process, each on the backend chosen for
     it (``auto``: TensorRT where an engine for this GPU is cached, else ONNX Runtime), with the reason;
     and the frame path that makes their inputs (``auto``: the GPU kernels where a model runs on
-    TensorRT, else the CPU), with its reason."""
+    TensorRT, else the CPU), with its reason. ``models_dir`` is a set's name or folder, or a models
+    directory (``--models SET|DIR``)."""
 
     def __init__(self, models_dir: str | None = None, threads: int = 1, backend: str = "auto",
                  cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto",
                  cuda_graphs: bool = False, build_engines_live: bool = False):
-        self.manifests: dict[str, ModelManifest] = {t: find_model(t, models_dir or None) for t in TASKS}
+        self.model_set: ModelSet = load_model_set(models_dir or None)
+        self.manifests: dict[str, ModelManifest] = {m.task.value: m for m in self.model_set.models}
         self.reasons: dict[str, str] = {}
         backends = {}
         for task, m in self.manifests.items():
@@ -52,6 +56,11 @@ class LoadedModels:
         self.anatomy = AnatomyStage(backends["segmentation"])
         self.phase = PhaseStage(backends["phase"])
         self.visibility = VisibilityStage(backends["visibility"])
+
+    def rules(self, rules_file: str | None = None, overrides: dict[str, dict] | None = None) -> list[Rule]:
+        """The alert rules: ``rules_file`` if given, else the set's own, checked against the set's classes."""
+        s = self.model_set
+        return load_rules(rules_file or s.rules_file, overrides, classes=s.class_names, owner=f"model set {s.name!r}")
 
     def pipeline(self, source, config: PipelineConfig | None = None) -> Pipeline:
         """A pipeline over ``source`` on these models and this frame path (one running at a time)."""
@@ -95,7 +104,7 @@ class CaseSession:
         self._on_event = on_event
         self.source = open_source(spec.source, paced=spec.paced)
         self.pipeline = models.pipeline(self.source, PipelineConfig(
-            phase_rate_hz=settings.phase_rate_hz, anatomy_every=settings.anatomy_every, keep_images=True, encode_polygons=True))
+            anatomy_every=settings.anatomy_every or None, keep_images=True, encode_polygons=True))
         self.pipeline.subscribe(self._result)
         self.pipeline.subscribe_events(self._event)
         self._lock = threading.Lock()

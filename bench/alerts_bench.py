@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import models_option, select_models
 from pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
 from pipelines.surgery import PHASE_ID, Anatomy
 
@@ -73,7 +74,7 @@ def scripted() -> list[tuple[str, str, float | None, int]]:
 def held_out(videos: int) -> dict:
     from agent.replay import ReplayInputs, replay_one
     from agent.session import LoadedModels
-    from models.training.data import HELD_OUT
+    from synth.splits import HELD_OUT
     from synth.dataset import write_video
 
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-alerts-"))
@@ -110,7 +111,9 @@ def held_out(videos: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=3, help="held-out synthetic surgeries (default 3)")
+    models_option(ap)
     args = ap.parse_args(argv)
+    print(select_models(args))
     print("1. scripted scenarios through the built-in rules")
     print(f"  {'scenario':<52} {'alert':<24} {'latency':>8} {'other alerts':>13}")
     for name, rule, lat, other in scripted():

@@ -47,3 +47,20 @@ def row(label: str, value: float, unit: str, reference: float | None = None, ref
     if reference:
         text += f"   ratio {value / reference:5.2f} x {ref_label}"
     return text
+
+
+def models_option(ap) -> None:
+    """``--models SET|DIR`` for a benchmark (the same option and default as the agent's commands)."""
+    from agent.cli import add_models_option
+
+    add_models_option(ap, "the model set to measure")
+
+
+def select_models(args) -> str:
+    """Make ``--models`` the set every loader in this process uses (they default to ``$OR_AGENT_MODELS``);
+    returns the folder, validated as a set, for the benchmark's header."""
+    from pipelines.model_set import load_model_set
+
+    model_set = load_model_set(args.models_dir)
+    os.environ["OR_AGENT_MODELS"] = str(model_set.path)
+    return f"model set {model_set.name} ({model_set.path})"

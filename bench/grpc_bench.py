@@ -20,6 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench.common import models_option, select_models
+
 
 def _subscribers(target: str, n: int, seconds: float, out: mp.Queue) -> None:
     import grpc
@@ -122,7 +124,9 @@ def overlay_cost() -> tuple[int, float, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="measurement window per run (default 8)")
+    models_option(ap)
     args = ap.parse_args(argv)
+    print(select_models(args))
     from synth.dataset import SynthConfig, write_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-grpc-bench-"))

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from bench.common import median_ms, pin_one_core
+from bench.common import median_ms, models_option, pin_one_core, select_models
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.manifest import find_model
 from pipelines.preprocess import detect_content_area
@@ -26,7 +26,9 @@ BUDGET_MS = {"segmentation": 15.0, "phase": 10.0, "visibility": None}
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=200)
+    models_option(ap)
     args = ap.parse_args(argv)
+    print(select_models(args))
     where = pin_one_core()
     tl = sample_timeline(np.random.default_rng(5), time_scale=20)
     frame = SurgeryRenderer(tl, seed=6).render(tl.frames // 3).image

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import rate
+from bench.common import models_option, rate, select_models
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.manifest import find_model
 from pipelines.messages import Frame
@@ -92,7 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-minutes", type=float, default=2.0, help="media minutes of the memory soak (default 2; the goal is stated for 10)")
     ap.add_argument("--preprocessing", choices=["cpu", "gpu"], default="cpu",
                     help="frame path of the pipeline runs (d) and the soak: cpu, or gpu (the pycuda kernels; needs a GPU)")
+    models_option(ap)
     args = ap.parse_args(argv)
+    print(select_models(args))
     from pipelines.errors import DependencyError
     from pipelines.frame_path import GpuFramePath, HostFramePath
 

@@ -4,7 +4,6 @@ model's temperature. ``agent.cli`` adds these with ``add_arguments(subparsers)``
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from calibration.common import precision_of, require_onnx
 from pipelines.errors import InputError
@@ -14,9 +13,9 @@ def _model_names(name: str, models_dir) -> list[str]:
     """``all``: every FP32 model in the models directory; otherwise the one name."""
     if name != "all":
         return [name]
-    from pipelines.manifest import default_models_dir, discover, load_manifest
+    from pipelines.manifest import discover, load_manifest, resolve_models_dir
 
-    root = Path(models_dir) if models_dir else default_models_dir()
+    root = resolve_models_dir(models_dir)
     names = [p.parent.name for p in discover(root) if precision_of(load_manifest(p)) == "fp32"]
     if not names:
         raise InputError(f"{root}: no FP32 models to convert")
@@ -31,7 +30,7 @@ def cmd_int8(args) -> int:
         raise InputError(f"--frames must be at least 1, got {args.frames}")
     for name in _model_names(args.model, args.models_dir):
         calibrate_int8(name, args.videos, out_dir=args.out, frames=args.frames, models_dir=args.models_dir)
-    print(f"use them with --models-dir {args.out} (or OR_AGENT_MODELS={args.out}) once every task has a model there")
+    print(f"use them with --models {args.out} (or OR_AGENT_MODELS={args.out}) once every task has a model there")
     return 0
 
 
@@ -41,14 +40,14 @@ def cmd_fp16(args) -> int:
     require_onnx()
     for name in _model_names(args.model, args.models_dir):
         calibrate_fp16(name, out_dir=args.out, models_dir=args.models_dir)
-    print(f"use them with --models-dir {args.out} (or OR_AGENT_MODELS={args.out}) once every task has a model there")
+    print(f"use them with --models {args.out} (or OR_AGENT_MODELS={args.out}) once every task has a model there")
     return 0
 
 
 def cmd_compare(args) -> int:
     from calibration.compare import run_compare
 
-    run_compare(args.videos, args.models, models_dir=args.models_dir, write=not args.no_write)
+    run_compare(args.videos, args.variants, models_dir=args.models_dir, write=not args.no_write)
     return 0
 
 
@@ -64,6 +63,7 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` and its actions to ``or-agent``'s subcommands; returns its parser."""
     from calibration.fp16 import DEFAULT_OUT as FP16_OUT
     from calibration.int8 import DEFAULT_FRAMES, DEFAULT_OUT as INT8_OUT
+    from agent.cli import add_models_option
 
     p = subparsers.add_parser("calibrate", help="INT8/FP16 models for the box (precision in the ONNX file), "
                                                 "their comparison with FP32, and the phase model's confidence calibration")
@@ -77,22 +77,22 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                         "are used to stratify: <name>-phase.txt, <name>-flags.csv)")
     q.add_argument("--out", default=str(INT8_OUT), help=f"models directory to write <name>-int8/ into (default {INT8_OUT})")
     q.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"calibration frames (default {DEFAULT_FRAMES})")
-    q.add_argument("--models-dir", default=None, help="where the FP32 models are (default: $OR_AGENT_MODELS or the bundled models/)")
+    add_models_option(q, "where the FP32 models are")
     q.set_defaults(func=cmd_int8)
 
     q = sub.add_parser("fp16", help="FP16: float16 weights and activations, float32 inputs and outputs")
     q.add_argument("--model", required=True, help="model folder or name in the models directory, or 'all'")
     q.add_argument("--out", default=str(FP16_OUT), help=f"models directory to write <name>-fp16/ into (default {FP16_OUT})")
-    q.add_argument("--models-dir", default=None, help="where the FP32 models are (default: $OR_AGENT_MODELS or the bundled models/)")
+    add_models_option(q, "where the FP32 models are")
     q.set_defaults(func=cmd_fp16)
 
     q = sub.add_parser("compare", help="FP32 vs FP16 vs INT8 on held-out video: accuracy, agreement with FP32, ms/frame")
     q.add_argument("--videos", nargs="+", metavar="PATH",
                    help="held-out videos with labels and masks next to them (default: the first held-out synthetic surgery)")
-    q.add_argument("--models", nargs="+", metavar="DIR",
+    q.add_argument("--variants", nargs="+", metavar="DIR",
                    help="model folders or models directories to compare (default: the FP32 models, "
                         "out/models-fp16 and out/models-int8)")
-    q.add_argument("--models-dir", default=None, help="where the FP32 references are (default: $OR_AGENT_MODELS or the bundled models/)")
+    add_models_option(q, "where the FP32 references are")
     q.add_argument("--no-write", action="store_true", help="print only; do not store the figures in the manifests")
     q.set_defaults(func=cmd_compare)
 
@@ -100,7 +100,7 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--videos", nargs="+", required=True, metavar="PATH",
                    help="videos with phase labels next to them (<name>-phase.txt or .csv); not the training videos")
     q.add_argument("--model", default=None, help="phase model folder or name (default: the installed phase model)")
-    q.add_argument("--models-dir", default=None, help="models directory (default: $OR_AGENT_MODELS or the bundled models/)")
+    add_models_option(q)
     q.add_argument("--check", nargs="+", metavar="PATH", default=None,
                    help="labelled videos kept out of the fit: ECE before/after measured there too, and the "
                         "temperature is written only if it helps there (lower ECE and NLL)")

@@ -15,15 +15,15 @@ import numpy as np
 
 from pipelines.errors import DependencyError, InputError, ManifestError
 from pipelines.files import atomic_write_bytes, atomic_write_text
-from pipelines.manifest import MANIFEST_NAME, ModelManifest, default_models_dir, load_manifest, sha256_of
+from pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir, sha256_of
 from pipelines.preprocess import ContentArea, ContentAreaTracker
+from pipelines.schedule import frame_stepper
 from pipelines.sources import video_files
 from pipelines.surgery import PHASES
 from synth.dataset import read_phase_file
 
 VISIBILITY_STATES = ("in_body", "out_of_body", "smoke_or_blur")
 MAX_OPSET = 17  # models/README.md: opset <= 17
-DEFAULT_STEP_RATE_HZ = 5.0
 
 
 def require_onnx():
@@ -44,7 +44,7 @@ def precision_of(m: ModelManifest) -> str:
 
 def resolve_model(name: str, models_dir: str | os.PathLike | None = None) -> ModelManifest:
     """The model called ``name`` (its folder or its manifest's name) in ``models_dir``, hash-checked."""
-    root = Path(models_dir) if models_dir is not None else default_models_dir()
+    root = resolve_models_dir(models_dir)
     if not root.is_dir():
         raise InputError(f"{root}: models directory does not exist")
     manifests = []
@@ -306,12 +306,6 @@ def iter_video(video: Path, tracker_every: int = 25) -> Iterator[tuple[int, np.n
         raise InputError(f"{video}: no frames could be read from the video")
 
 
-def step_stride(fps: float, manifest: ModelManifest) -> int:
-    """Frames between phase-model steps at the manifest's step rate (5 Hz by default)."""
-    rate = float(manifest.extra.get("step_rate_hz", DEFAULT_STEP_RATE_HZ))
-    return max(1, int(round(fps / rate)))
-
-
 # -- stepping the phase model through a video ---------------------------------------------------
 
 class OutOfBodyJudge:
@@ -368,18 +362,18 @@ class PhaseStep:
 
 
 def phase_steps(video: Path, backend, judge: OutOfBodyJudge, fps: float | None = None) -> Iterator[PhaseStep]:
-    """Step a phase model through a video as the pipeline does: every ``fps / step_rate_hz`` frames,
+    """Step a phase model through a video as the pipeline does: on its cadence's frames (media time),
     skipping frames judged out of body, state carried from step to step, zeros at the start."""
     from pipelines.preprocess import crop_resize, normalise
 
     m = backend.manifest
     if fps is None:
         fps = video_info(video)[0]
-    stride = step_stride(fps, m)
+    steps = frame_stepper(m.cadence, fps)
     state = {s.name: np.zeros(s.shape, np.float32) for s in m.state_inputs}
     logit_name = next(o.name for o in m.outputs if o.state_of is None)
     for f, frame, area in iter_video(video):
-        if f % stride or judge(f, frame, area):
+        if not steps(f) or judge(f, frame, area):
             continue
         img = crop_resize(frame, area, m.input_spec.height, m.input_spec.width)
         out = backend.run({m.input.name: normalise(img, m.input_spec), **state})

@@ -19,7 +19,7 @@ The figures are printed as a table and stored in each converted model's manifest
 ``metrics.precision_comparison`` (with the FP32 reference's figures from the same run beside them).
 The FP32 manifests are not modified.
 
-The default held-out video is the first of ``models.training.data.HELD_OUT`` (seed 2, time scale
+The default held-out video is the first of ``synth.splits.HELD_OUT`` (seed 2, time scale
 1/25), the surgery the models' held-out figures come from; it is taken from ``data/`` when the
 training set-up generated it there, and otherwise generated into ``.cache/calibration/``.
 """
@@ -36,13 +36,14 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from calibration.common import (OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of, step_stride,
+from calibration.common import (OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of,
                                 update_manifest, video_info)
 from pipelines.backends.onnxruntime import OnnxRuntimeBackend, cpu_int8_kernels
 from pipelines.errors import InputError
-from pipelines.manifest import MANIFEST_NAME, ModelManifest, default_models_dir, load_manifest
+from pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir
 from pipelines.metrics import accuracy, confusion, mean_iou_present, recall
 from pipelines.preprocess import paste_back
+from pipelines.schedule import Cadence, frame_stepper
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 
 TASK_ORDER = ("segmentation", "phase", "visibility")
@@ -81,7 +82,7 @@ def pair_models(model_paths: Sequence[str | Path] | None, models_dir=None) -> li
     ``models_dir`` (the bundled ones) and ``out/models-fp16`` / ``out/models-int8`` where they exist.
     A task without an FP32 model among them takes it from ``models_dir``.
     """
-    ref_root = Path(models_dir) if models_dir is not None else default_models_dir()
+    ref_root = resolve_models_dir(models_dir)
     if model_paths:
         manifests = [m for p in model_paths for m in _manifests_in(Path(p))]
     else:
@@ -131,7 +132,7 @@ def default_held_out(log: Callable[[str], None] = print, data_dir: Path | None =
     when it is there and complete, else generated once into ``cache``."""
     from dataclasses import asdict
 
-    from models.training.data import HELD_OUT
+    from synth.splits import HELD_OUT
     from synth.dataset import write_video
     from synth.render import GENERATOR_VERSION
 
@@ -228,7 +229,8 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
             masks = video.parent / "masks" / video.stem
             has_masks = masks.is_dir() and any(masks.glob("frame*.png"))
             phase_ref_manifest = by_task["phase"][0].reference if by_task["phase"] else None
-            stride = step_stride(fps, phase_ref_manifest) if phase_ref_manifest else max(1, int(round(fps / 5)))
+            # visibility is compared on the phase model's steps (the frames where it decides whether to step)
+            steps = frame_stepper(phase_ref_manifest.cadence if phase_ref_manifest else Cadence(hz=5.0), fps)
             for k, s in stages.items():
                 if isinstance(s, PhaseStage):
                     s.reset()
@@ -248,7 +250,7 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                         prepared[stage.spec] = stage.pre_process(frame, area)
                     return prepared[stage.spec]
 
-                if f % stride == 0:
+                if steps(f):
                     vis_now = {}
                     for p in by_task["visibility"]:
                         for m in _members(p):

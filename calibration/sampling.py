@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from calibration.common import (OutOfBodyJudge, VISIBILITY_STATES, VideoLabels, find_labels, iter_video,
-                                phase_steps, step_stride, video_info)
+                                phase_steps, video_info)
 from pipelines.errors import InputError
 from pipelines.manifest import ModelManifest
 from pipelines.preprocess import crop_resize, normalise
@@ -238,7 +238,7 @@ def sample_frames(videos: Sequence[Path], manifest: ModelManifest, frames: int, 
                     c = _Candidate(vi, step.frame, lab.phase_at(step.frame), lab.visibility_at(step.frame))
                     pool.append((c, step.image, step.state))
                 oob_sources[video.name] = judge.source
-                say(f"  {video.name}: {len(pool) - n0} phase steps (every {step_stride(fps, manifest)} frames, "
+                say(f"  {video.name}: {len(pool) - n0} phase steps (at {manifest.cadence}, "
                     f"out-of-body judged by {judge.source})")
         finally:
             backend.close()

@@ -22,11 +22,11 @@ from pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from pipelines.manifest import ModelManifest, find_model
 from pipelines.metrics import accuracy, confusion, mean_iou_present, per_class_iou, recall
 from pipelines.preprocess import ContentAreaTracker, paste_back
+from pipelines.schedule import frame_stepper
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from pipelines.surgery import ANATOMY_NAMES
 from synth.dataset import read_phase_file
 
-PHASE_RATE_HZ = 5.0
 
 
 @dataclass
@@ -85,7 +85,7 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
         meta = json.loads((dataset / f"{name}.json").read_text())
         flags = _read_flags(dataset / f"{name}-flags.csv")
         truth_phase = read_phase_file(dataset / f"{name}-phase.txt")
-        stride = max(1, int(round(meta["fps"] / PHASE_RATE_HZ)))
+        steps = frame_stepper(m["phase"].cadence, meta["fps"])  # as the pipeline steps the phase model
         cap = cv2.VideoCapture(str(dataset / f"{name}.mp4"))
         tracker = ContentAreaTracker()
         phase.reset()
@@ -97,7 +97,7 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
             if not ok:
                 break
             area = tracker.update(frame)
-            if f % stride == 0:
+            if steps(f):
                 v = vis.post_process(timed("visibility", vis.predict, vis.pre_process(frame, area)))
                 if not v.out_of_body:  # as in the pipeline: the room says nothing about the phase
                     est = phase.post_process(timed("phase", phase.predict, phase.pre_process(frame, area)), f / meta["fps"])
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     printed (the manifests are not touched; ``models.training.train measure`` writes them)."""
     import argparse
 
-    from models.training.data import HELD_OUT, ensure_dataset
+    from synth.splits import HELD_OUT, ensure_dataset
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")

@@ -13,15 +13,47 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ManifestError
 from pipelines.preprocess import InputSpec
+from pipelines.schedule import Cadence
 
 SCHEMA = "or-agent/model-manifest/v1"
-TASKS = ("segmentation", "phase", "visibility")
 MANIFEST_NAME = "manifest.json"
+SET_FILE = "model-set.json"
+SETS_ROOT = Path(__file__).resolve().parent.parent / "models"  # where the bundled model sets live
+DEFAULT_SET = "synthetic"
+
+
+class Task(str, Enum):
+    """What a model computes; a manifest's ``task``. (A ``str`` so that it is its own JSON value.)"""
+
+    SEGMENTATION = "segmentation"  # per-pixel classes (anatomy, tools)
+    PHASE = "phase"  # the surgical phase, a recurrent model stepped on media time
+    VISIBILITY = "visibility"  # out of body / low visibility: decides whether the others' outputs count
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TASKS = tuple(t.value for t in Task)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a model was trained on, with the terms its use inherits."""
+
+    name: str
+    license: str
+    attribution: str
+
+    def __post_init__(self):
+        for key in ("name", "license", "attribution"):
+            if not str(getattr(self, key)).strip():
+                raise ValueError(f"{key} is empty")
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,9 @@ class ModelManifest:
     state_inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     labels: tuple[Label, ...]
+    license: str = ""
+    datasets: tuple[DatasetRef, ...] = ()
+    cadence: Cadence = Cadence()
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,9 +185,10 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
     schema = r.get(doc, "schema", str, "")
     if schema != SCHEMA:
         raise r.fail("schema", f"unsupported schema {schema!r} (expected {SCHEMA!r})")
-    task = r.get(doc, "task", str, "")
-    if task not in TASKS:
-        raise r.fail("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    task_name = r.get(doc, "task", str, "")
+    if task_name not in TASKS:
+        raise r.fail("task", f"must be one of {', '.join(TASKS)}, got {task_name!r}")
+    task = Task(task_name)
     sha = r.get(doc, "sha256", str, "")
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise r.fail("sha256", "must be 64 lowercase hex digits")
@@ -201,8 +237,28 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
     if [lab.id for lab in labels] != list(range(len(labels))):
         raise r.fail("labels", "ids must be 0, 1, 2, ... in order")
 
+    license_ = r.get(doc, "license", str, "").strip()
+    if not license_:
+        raise r.fail("license", "must name the licence the model is used under (e.g. CC-BY-NC-SA-4.0)")
+    datasets = []
+    for i, d in enumerate(r.get(doc, "datasets", list, "")):
+        where = f"datasets[{i}]"
+        if not isinstance(d, dict):
+            raise r.fail(where, "must be an object with name, license and attribution")
+        try:
+            datasets.append(DatasetRef(r.get(d, "name", str, where), r.get(d, "license", str, where),
+                                       r.get(d, "attribution", str, where)))
+        except ValueError as exc:
+            raise r.fail(where, str(exc)) from None
+    if not datasets:
+        raise r.fail("datasets", "must list the datasets the model was trained on")
+    try:
+        cadence = Cadence.parse(r.get(doc, "cadence", str, ""))
+    except ValueError as exc:
+        raise r.fail("cadence", str(exc)) from None
+
     known = {"schema", "name", "version", "task", "file", "sha256", "input", "state_inputs", "outputs",
-             "labels", "training", "metrics"}
+             "labels", "license", "datasets", "cadence", "training", "metrics"}
     return ModelManifest(
         path=path,
         name=r.get(doc, "name", str, ""),
@@ -215,33 +271,51 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
         state_inputs=states,
         outputs=outputs,
         labels=tuple(labels),
+        license=license_,
+        datasets=tuple(datasets),
+        cadence=cadence,
         training=r.get(doc, "training", dict, "", required=False, default={}),
         metrics=r.get(doc, "metrics", dict, "", required=False, default={}),
         extra={k: v for k, v in doc.items() if k not in known},
     )
 
 
+def set_names(root: Path = SETS_ROOT) -> list[str]:
+    """The model sets installed under ``root`` (folders with a ``model-set.json``)."""
+    return sorted(p.parent.name for p in root.glob(f"*/{SET_FILE}")) if root.is_dir() else []
+
+
+def resolve_models_dir(spec: str | os.PathLike | None = None) -> Path:
+    """The folder a ``--models SET|DIR`` value names: ``None`` is ``$OR_AGENT_MODELS`` or the default set."""
+    if spec is None or str(spec) == "":
+        spec = os.environ.get("OR_AGENT_MODELS") or DEFAULT_SET
+    path, text = Path(spec), str(spec)
+    if "/" not in text and os.sep not in text and (SETS_ROOT / text / SET_FILE).is_file():
+        return SETS_ROOT / text
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ManifestError(f"{path}: not a directory (give a model set's name or folder, or a models directory)")
+    known = ", ".join(set_names()) or "none"
+    raise ManifestError(f"{text}: no such model set or models directory (bundled sets: {known})")
+
+
 def default_models_dir() -> Path:
-    """``$OR_AGENT_MODELS`` if set, else the reference models shipped in ``models/``."""
-    env = os.environ.get("OR_AGENT_MODELS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "models"
+    """``$OR_AGENT_MODELS`` (a set's name or a folder) if set, else the default set's folder."""
+    return resolve_models_dir(None)
 
 
 def discover(models_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Manifest paths one level under ``models_dir`` (``<dir>/<model>/manifest.json``)."""
-    root = Path(models_dir) if models_dir is not None else default_models_dir()
-    if not root.is_dir():
-        raise ManifestError(f"{root}: models directory does not exist")
-    return sorted(p for p in root.glob(f"*/{MANIFEST_NAME}"))
+    """Manifest paths one level under the folder ``models_dir`` names (``<dir>/<model>/manifest.json``)."""
+    return sorted(p for p in resolve_models_dir(models_dir).glob(f"*/{MANIFEST_NAME}"))
 
 
 def find_model(task: str, models_dir: str | os.PathLike | None = None) -> ModelManifest:
-    """The installed model for ``task``, validated and hash-checked."""
-    found = [m for m in (load_manifest(p) for p in discover(models_dir)) if m.task == task]
+    """The installed model for ``task`` in the set or folder ``models_dir`` names, validated and hash-checked."""
+    root = resolve_models_dir(models_dir)
+    found = [m for m in (load_manifest(p) for p in discover(root)) if m.task == task]
     if not found:
-        raise ManifestError(f"{models_dir or default_models_dir()}: no model with task {task!r} installed")
+        raise ManifestError(f"{root}: no model with task {task!r} installed")
     if len(found) > 1:
         names = ", ".join(str(m.path.parent.name) for m in found)
         raise ManifestError(f"more than one {task} model installed ({names}): keep one per task")

@@ -1,7 +1,7 @@
 """Decision-support rules: transparent conditions on typed inputs, with hysteresis and evidence.
 
 Rules are declared in a TOML file (``[[rules]]`` tables; the built-in set for laparoscopic
-cholecystectomy is ``pipelines/rules_cholecystectomy.toml``, every rule documented with its
+cholecystectomy is the synthetic model set's ``rules_cholecystectomy.toml``, every rule documented with its
 rationale). Each rule has an id, a severity, a condition of one of the kinds below, enter and exit
 hysteresis (seconds of media time), a cooldown after it clears, the states that suppress it (out of
 body, low visibility), a message template filled from its evidence, and it records the values that
@@ -50,7 +50,8 @@ SEVERITIES = ("info", "warning", "critical")
 KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "state")
 STATES = ("low_visibility", "out_of_body", "stale", "source_lost", "model_error", "frame_drop_rate")
 SUPPRESSORS = ("out_of_body", "low_visibility")
-BUILTIN_RULES = Path(__file__).with_name("rules_cholecystectomy.toml")
+# the reference set's rules (a model set names its own in its set manifest)
+BUILTIN_RULES = Path(__file__).resolve().parent.parent / "models" / "synthetic" / "rules_cholecystectomy.toml"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class RuleInputs:
 
     @classmethod
     def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> "RuleInputs":
-        areas = (0.0,) * len(ANATOMY_NAMES)
+        areas: tuple[float, ...] = ()  # no estimate: every class absent (see ``area``)
         cmap, scale = None, 1.0
         if r.anatomy is not None and not r.out_of_body:
             a = r.anatomy
@@ -94,6 +95,10 @@ class RuleInputs:
                    phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
                    out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
                    areas=areas, class_map=cmap, px_per_cell=scale, system=system)
+
+    def area(self, cls: int) -> float:
+        """Fraction of the frame that class ``cls`` covers (0 when there is no anatomy estimate)."""
+        return self.areas[cls] if cls < len(self.areas) else 0.0
 
     def distance_px(self, a: int, b: int) -> float:
         """Smallest distance between any pixel of class a and any of class b (inf if either is absent)."""
@@ -119,6 +124,8 @@ class Rule:
     cooldown_s: float = 0.0
     suppress_when: tuple[str, ...] = ("out_of_body",)
     rationale: str = ""
+    classes: tuple[str, ...] = ANATOMY_NAMES  # the segmentation classes the rule may name (its model set's)
+    owner: str = "the reference models"  # who those classes belong to, for errors
 
     def __post_init__(self):
         if self.severity not in SEVERITIES:
@@ -145,10 +152,11 @@ class AlertTransition:
     t_s: float
 
 
-def _class_id(name: str, where: str) -> int:
-    if name not in ANATOMY_NAMES:
-        raise InputError(f"{where}: unknown anatomy class {name!r} (known: {', '.join(ANATOMY_NAMES)})")
-    return ANATOMY_NAMES.index(name)
+def _class_id(name: str, where: str, rule: "Rule") -> int:
+    if name not in rule.classes:
+        raise InputError(f"{where}: unknown anatomy class {name!r}: no model of {rule.owner} has it "
+                         f"(known: {', '.join(rule.classes)})")
+    return rule.classes.index(name)
 
 
 def _phase_id(name: str, where: str) -> int:
@@ -181,13 +189,13 @@ class _Condition:
             classes = need("classes", list)
             if len(classes) != 2:
                 raise InputError(f"{where}.classes: give exactly two class names")
-            self.a, self.b = (_class_id(c, f"{where}.classes") for c in classes)
+            self.a, self.b = (_class_id(c, f"{where}.classes", rule) for c in classes)
             self.threshold = need("threshold_px", float)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
         elif k == "structures_not_seen_before":
             self.at = _phase_id(need("phase", str), f"{where}.phase")
             self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
-            self.required = [_class_id(c, f"{where}.required") for c in need("required", list)]
+            self.required = [_class_id(c, f"{where}.required", rule) for c in need("required", list)]
             if not self.required:
                 raise InputError(f"{where}.required: name at least one class")
             self.min_area = need("min_area", float, 0.002)
@@ -199,7 +207,7 @@ class _Condition:
             self.prev_phase: int | None = None
             self.fired_for_entry = False
         elif k == "area_growth":
-            self.cls = _class_id(need("class", str), f"{where}.class")
+            self.cls = _class_id(need("class", str), f"{where}.class", rule)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
             self.growth = need("growth", float)
             self.window_s = need("window_s", float)
@@ -236,7 +244,7 @@ class _Condition:
         if k == "structures_not_seen_before":
             return self._cvs(x)
         if k == "area_growth":
-            area = x.areas[self.cls]
+            area = x.area(self.cls)
             self.history.append((x.t_s, area))
             while self.history and self.history[0][0] < x.t_s - self.window_s:
                 self.history.popleft()
@@ -263,7 +271,7 @@ class _Condition:
         dt = 0.0 if self.last_t is None else max(0.0, x.t_s - self.last_t)
         self.last_t = x.t_s
         if x.phase == self.during and not x.out_of_body:
-            seen = [x.areas[c] >= self.min_area for c in self.required]
+            seen = [x.area(c) >= self.min_area for c in self.required]
             for i, s in enumerate(seen):
                 self.seen_s[i] += dt if s else 0.0
             if len(self.required) > 1 and all(seen):
@@ -272,7 +280,7 @@ class _Condition:
         entered = x.phase == self.at and self.prev_phase is not None and self.prev_phase != self.at
         if x.phase is not None:
             self.prev_phase = x.phase
-        evidence = {ANATOMY_NAMES[c] + "_seen_s": round(s, 1) for c, s in zip(self.required, self.seen_s)}
+        evidence = {self.rule.classes[c] + "_seen_s": round(s, 1) for c, s in zip(self.required, self.seen_s)}
         if len(self.required) > 1:
             evidence["seen_separately_s"] = round(self.together_s, 1)
         evidence["min_seen_s"] = self.min_seen_s
@@ -366,8 +374,10 @@ class RulesEngine:
 RULE_KEYS = {"id", "severity", "kind", "message", "enter_s", "exit_s", "cooldown_s", "suppress_when", "rationale"}
 
 
-def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> list[Rule]:
-    """Rules from a TOML file (default: the built-in cholecystectomy set), validated; errors name the rule and key."""
+def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None = None,
+               classes: tuple[str, ...] = ANATOMY_NAMES, owner: str = "the reference models") -> list[Rule]:
+    """Rules from a TOML file (default: the built-in cholecystectomy set), validated against the segmentation
+    ``classes`` of the models they will read (``owner`` names them in errors); errors name the rule and key."""
     path = Path(path) if path is not None else BUILTIN_RULES
     try:
         doc = tomllib.loads(path.read_text())
@@ -396,7 +406,8 @@ def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None
             rule = Rule(id=rid, severity=t["severity"], kind=t["kind"], message=t["message"], params=params,
                         enter_s=float(t.get("enter_s", 0.0)), exit_s=float(t.get("exit_s", 0.0)),
                         cooldown_s=float(t.get("cooldown_s", 0.0)),
-                        suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""))
+                        suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""),
+                        classes=tuple(classes), owner=owner)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {exc}") from None
         _Condition(rule, where)  # checks the kind's parameters, naming this file's table

@@ -27,6 +27,7 @@ from pipelines.frame_path import FramePath, HostFramePath
 from pipelines.masks import anatomy_polygons
 from pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
 from pipelines.preprocess import ContentArea, ContentAreaTracker
+from pipelines.schedule import Cadence, FrameSchedule
 from pipelines.stages import AnatomyStage, PhaseEstimate, PhaseStage, VisibilityEstimate, VisibilityStage
 from pipelines.telemetry import StageClock
 
@@ -35,17 +36,16 @@ _END = object()  # end-of-stream marker that flows through every queue
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    phase_rate_hz: float = 5.0  # phase model steps per second of media time
-    anatomy_every: int = 1  # run anatomy on every k-th frame
+    # run anatomy every k frame periods of media time instead of its manifest's cadence (a box too slow
+    # for every frame); the phase model's rate is its manifest's alone
+    anatomy_every: int | None = None
     queue_size: int = 2
     content_every: int = 25  # re-estimate the endoscope's circle every N frames
     keep_images: bool = True  # attach the frame to each result (drawing, recording, JPEG stream)
     encode_polygons: bool = False  # outline anatomy as frame-coordinate polygons (for the wire)
 
     def __post_init__(self):
-        if self.phase_rate_hz <= 0:
-            raise ValueError(f"phase_rate_hz must be positive, got {self.phase_rate_hz}")
-        if self.anatomy_every < 1 or self.queue_size < 1 or self.content_every < 1:
+        if (self.anatomy_every is not None and self.anatomy_every < 1) or self.queue_size < 1 or self.content_every < 1:
             raise ValueError("anatomy_every, queue_size and content_every must be at least 1")
 
 
@@ -93,8 +93,16 @@ class Pipeline:
         self._last_polygons = None
         self._last_phase: PhaseEstimate | None = None
         self._last_phase_s = 0.0
-        self._next_phase_ms = 0.0
+        self._schedule: FrameSchedule | None = None
+        self._last_visibility: VisibilityEstimate | None = None  # every model runs on the first frame
         self._tracker = ContentAreaTracker(self.config.content_every)
+
+    def frame_schedule(self, nominal_fps: float | None) -> FrameSchedule:
+        """When each stage runs: its manifest's cadence (anatomy's overridden by ``anatomy_every``)."""
+        anatomy = (Cadence(every_frames=self.config.anatomy_every) if self.config.anatomy_every is not None
+                   else self.anatomy.backend.manifest.cadence)
+        return FrameSchedule({"visibility": self.visibility.backend.manifest.cadence,
+                              "phase": self.phase.backend.manifest.cadence, "anatomy": anatomy}, nominal_fps)
 
     # ----- subscription ---------------------------------------------------------------------
     def subscribe(self, callback: Callable[[FrameResult], None]) -> None:
@@ -112,6 +120,7 @@ class Pipeline:
         self.frame_path.reset()
         self.source.start()
         self.phase.reset()
+        self._schedule = self.frame_schedule(getattr(self.source, "nominal_fps", None))
         self._started_ns = time.monotonic_ns()
         steps = [self._preprocess, self._infer_light, self._infer_anatomy, self._postprocess, self._publish]
         self._queues = [queue.Queue(maxsize=self.config.queue_size) for _ in steps]
@@ -240,23 +249,20 @@ class Pipeline:
             self._fail(exc)
 
     def _preprocess(self, w: _Work) -> None:
-        cfg = self.config
         img = w.frame.image
         w.area = self._tracker.update(img)
-        stages = [self.visibility]
-        if w.frame.media_ms >= self._next_phase_ms:
-            stages.append(self.phase)
-            step_ms = 1000.0 / cfg.phase_rate_hz
-            self._next_phase_ms = max(self._next_phase_ms + step_ms, w.frame.media_ms - step_ms / 2)
-        if w.frame.seq % cfg.anatomy_every == 0:
-            stages.append(self.anatomy)
+        due = self._schedule.due(w.frame.media_ms)
+        stages = [stage for name, stage in (("visibility", self.visibility), ("phase", self.phase),
+                                            ("anatomy", self.anatomy)) if name in due]
         inputs = dict(zip(stages, self.frame_path.prepare(img, w.area, stages)))
-        w.vis_x, w.phase_x, w.anatomy_x = inputs[self.visibility], inputs.get(self.phase), inputs.get(self.anatomy)
+        w.vis_x, w.phase_x, w.anatomy_x = inputs.get(self.visibility), inputs.get(self.phase), inputs.get(self.anatomy)
         w.marks["preprocess"] = time.monotonic_ns()
 
     def _infer_light(self, w: _Work) -> None:
         try:
-            w.visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
+            if w.vis_x is not None:  # between its runs (a cadence below every frame) its verdict holds
+                self._last_visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
+            w.visibility = self._last_visibility
             if w.phase_x is not None and not w.visibility.out_of_body:
                 # Out of the body the phase model is not stepped: the room says nothing about the phase.
                 self._last_phase = self.phase.post_process(self.phase.predict(w.phase_x), w.frame.media_ms / 1000.0)

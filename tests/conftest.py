@@ -42,7 +42,7 @@ def small_dataset(tmp_path_factory) -> Path:
 def held_out_video(tmp_path_factory) -> Path:
     """The first held-out surgery the models were measured on (time scale 1/25), regenerated
     bit-for-bit from its seed; about 100 s of video with masks every 25 frames."""
-    from models.training.data import HELD_OUT
+    from synth.splits import HELD_OUT
     from synth.dataset import write_video
 
     out = tmp_path_factory.mktemp("held-out")

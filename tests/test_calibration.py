@@ -32,7 +32,7 @@ from synth.dataset import SynthConfig, write_video
 from tests.conftest import ROOT, assert_runs_with_documented_shapes
 from tests.test_models import TENSORRT_OPS
 
-MODELS = ROOT / "models"
+MODELS = ROOT / "models" / "synthetic"
 
 
 def _models_snapshot() -> dict:
@@ -308,7 +308,7 @@ def test_default_held_out_video_is_reused_not_regenerated(tmp_path, held_out_vid
     from dataclasses import asdict
 
     from calibration.compare import default_held_out
-    from models.training.data import HELD_OUT
+    from synth.splits import HELD_OUT
     from synth.render import GENERATOR_VERSION
 
     stamp = json.dumps({**asdict(HELD_OUT), "generator_version": GENERATOR_VERSION})

@@ -26,7 +26,7 @@ from pipelines.stages import AnatomyReduction, AnatomyStage, PhaseStage, Visibil
 from synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
-MODELS = ROOT / "models"
+MODELS = ROOT / "models" / "synthetic"
 
 
 def stages():

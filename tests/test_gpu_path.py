@@ -54,7 +54,7 @@ def fake_ort(manifest, threads):
 
 @pytest.fixture(scope="module")
 def anatomy():
-    return load_manifest(ROOT / "models" / "anatomy")
+    return load_manifest(ROOT / "models" / "synthetic" / "anatomy")
 
 
 # --------------------------------------------------------------------------- engine key and cache
@@ -230,7 +230,7 @@ def test_missing_dependencies_raise_clear_errors():
     from pipelines.gpu import GpuPreprocessor
 
     with pytest.raises(DependencyError, match="no CUDA GPU found"):
-        GpuPreprocessor(load_manifest(ROOT / "models" / "anatomy").input_spec, (1080, 1920))
+        GpuPreprocessor(load_manifest(ROOT / "models" / "synthetic" / "anatomy").input_spec, (1080, 1920))
 
 
 # --------------------------------------------------------------------------- CPU references
@@ -251,7 +251,7 @@ def test_gpu_arithmetic_reproduces_the_cpu_path(anatomy, shape):
     h, w = shape
     frame = _frame(h, w)
     area = ContentArea.from_circle(w / 2 + 3, h / 2 - 1, h / 2 - 7, w, h)
-    for m in (anatomy, load_manifest(ROOT / "models" / "phase"), load_manifest(ROOT / "models" / "visibility")):
+    for m in (anatomy, load_manifest(ROOT / "models" / "synthetic" / "phase"), load_manifest(ROOT / "models" / "synthetic" / "visibility")):
         spec = m.input_spec
         ref = preprocess_reference(frame, area, spec)
         cpu = normalise(crop_resize(frame, area, spec.height, spec.width), spec)
@@ -308,7 +308,7 @@ def test_doctor_names_a_corrupt_model(tmp_path):
     from agent.doctor import run_doctor
 
     models = tmp_path / "models"
-    shutil.copytree(ROOT / "models", models, ignore=shutil.ignore_patterns("training", "*.py", "__pycache__"))
+    shutil.copytree(ROOT / "models" / "synthetic", models, ignore=shutil.ignore_patterns("training", "*.py", "__pycache__"))
     onnx = models / "phase" / find_model("phase").file
     onnx.write_bytes(onnx.read_bytes()[:-100] + b"\0" * 100)
     lines = []

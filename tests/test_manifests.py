@@ -9,7 +9,7 @@ from pipelines.errors import ManifestError
 from pipelines.manifest import discover, find_model, load_manifest, sha256_of
 from tests.conftest import ROOT, run_cli
 
-SHIPPED = ROOT / "models"
+SHIPPED = ROOT / "models" / "synthetic"
 
 
 def test_shipped_manifests_validate_and_hashes_match():
@@ -73,8 +73,11 @@ def test_changed_model_file_fails_hash_check(model_copy):
 def test_models_command_lists_and_verifies():
     proc = run_cli("models", "--models-dir", str(SHIPPED), check=True)
     lines = proc.stdout.splitlines()
-    assert len(lines) == 3 and all(line.startswith("ok ") for line in lines)
-    assert "anatomy 1.0.0 (segmentation) input frame 1x3x256x448 RGB, 13 labels" in proc.stdout
+    assert len(lines) == 4 and lines[0].startswith("set   synthetic 1.0.0 (laparoscopic-cholecystectomy), licence Apache-2.0; "
+                                                   "rules rules_cholecystectomy.toml checked against 13 classes")
+    assert all(line.startswith("ok ") for line in lines[1:])
+    assert "anatomy 1.0.0 (segmentation, every frame) input frame 1x3x256x448 RGB, 13 labels" in proc.stdout
+    assert "phase 1.0.0 (phase, 5 Hz)" in proc.stdout and "licence Apache-2.0" in lines[1]
 
 
 def test_models_command_reports_a_tampered_model(model_copy):
@@ -88,7 +91,7 @@ def test_models_command_reports_a_tampered_model(model_copy):
 def test_models_command_on_a_missing_directory(tmp_path):
     proc = run_cli("models", "--models-dir", str(tmp_path / "nope"))
     assert proc.returncode == 3
-    assert proc.stderr.strip() == f"or-agent: error: {tmp_path / 'nope'}: models directory does not exist"
+    assert proc.stderr.strip() == f"or-agent: error: {tmp_path / 'nope'}: no such model set or models directory (bundled sets: synthetic)"
 
 
 def test_sha256_of_matches_hashlib(tmp_path):

@@ -14,7 +14,7 @@ from pipelines.preprocess import ContentArea
 from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from tests.conftest import ROOT, assert_runs_with_documented_shapes
 
-MODELS = ROOT / "models"
+MODELS = ROOT / "models" / "synthetic"
 # Ops every TensorRT 10/11 ONNX parser supports.
 TENSORRT_OPS = {"Conv", "Relu", "Resize", "Concat", "Gemm", "Sigmoid", "Tanh", "Mul", "Add", "Sub",
                 "ReduceMean", "ReduceMax", "Slice", "Constant", "Shape", "Gather", "Unsqueeze", "Cast", "Div"}

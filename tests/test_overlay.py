@@ -17,7 +17,7 @@ def _result(oob=False, anatomy=None):
 
 
 def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
-    labels = find_model("segmentation", ROOT / "models").labels
+    labels = find_model("segmentation", ROOT / "models" / "synthetic").labels
     img = np.full((240, 320, 3), 100, np.uint8)
     cmap = np.zeros((60, 80), np.uint8)
     cmap[:, 40:] = 2  # liver on the right half
@@ -33,21 +33,21 @@ def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
 
 def test_out_of_body_frame_is_redacted_and_paused():
     img = np.full((240, 320, 3), 200, np.uint8)
-    out = OverlayRenderer(find_model("segmentation", ROOT / "models").labels).draw(img, _result(oob=True))
+    out = OverlayRenderer(find_model("segmentation", ROOT / "models" / "synthetic").labels).draw(img, _result(oob=True))
     assert (out[20:60] == 0).all() and (out[200:220] == 0).all(), "the room is blacked out, not dimmed"
     yellow = (out[..., 2] > 200) & (out[..., 1] > 180) & (out[..., 0] < 60)
     assert yellow.sum() > 200, "AI PAUSED is written in large yellow letters"
 
 
 def test_no_result_and_stale_results_pause_too():
-    r = OverlayRenderer(find_model("segmentation", ROOT / "models").labels)
+    r = OverlayRenderer(find_model("segmentation", ROOT / "models" / "synthetic").labels)
     img = np.full((240, 320, 3), 200, np.uint8)
     assert r.draw(img, None).mean() < 150
     assert r.draw(img, _result(), paused_reason="results stale").mean() < 150
 
 
 def test_alert_banner_in_severity_colour():
-    r = OverlayRenderer(find_model("segmentation", ROOT / "models").labels)
+    r = OverlayRenderer(find_model("segmentation", ROOT / "models" / "synthetic").labels)
     out = r.draw(np.zeros((240, 320, 3), np.uint8), _result(), alerts=[AlertBanner("critical", "bleeding")])
     assert (np.abs(out[-12].astype(int) - (20, 20, 210)).sum(1) < 10).mean() > 0.5
 

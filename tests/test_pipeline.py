@@ -19,7 +19,7 @@ from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
-MODELS = ROOT / "models"
+MODELS = ROOT / "models" / "synthetic"
 
 
 def stages():

@@ -47,8 +47,8 @@ def test_content_area_found_on_real_frames(real_data):
 
 
 def test_anatomy_and_visibility_run_on_real_clips(real_data):
-    anatomy = AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", ROOT / "models")))
-    vis = VisibilityStage(OnnxRuntimeBackend(find_model("visibility", ROOT / "models")))
+    anatomy = AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", ROOT / "models" / "synthetic")))
+    vis = VisibilityStage(OnnxRuntimeBackend(find_model("visibility", ROOT / "models" / "synthetic")))
     for path in clips(real_data):
         cap = cv2.VideoCapture(str(path))
         tracker = ContentAreaTracker()

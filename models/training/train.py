@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.training.data import HELD_OUT, TRAIN, ensure_dataset, video_names
+from synth.splits import HELD_OUT, TRAIN, ensure_dataset, video_names
 from models.training.samples import ANATOMY_SIZE, PHASE_RATE_HZ, PHASE_SIZE, VISIBILITY_SIZE, decode_video
 from pipelines.manifest import SCHEMA, sha256_of
 from pipelines.surgery import ANATOMY_CLASSES, PHASES
 
-MODELS_DIR = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(__file__).resolve().parent.parent / "synthetic"  # the reference model set
 MEAN = (0.485, 0.456, 0.406)  # RGB, ImageNet statistics: a hospital's own backbones usually expect them
 STD = (0.229, 0.224, 0.225)
 PHASE_COLOURS = [(52, 101, 164), (78, 154, 6), (196, 160, 0), (204, 0, 0), (117, 80, 123), (206, 92, 0), (0, 150, 150)]
@@ -53,7 +53,7 @@ def jitter(rng: np.random.Generator, batch: np.ndarray) -> np.ndarray:
 
 
 def load(cfg):
-    d = ensure_dataset(MODELS_DIR.parent / "data", cfg)
+    d = ensure_dataset(MODELS_DIR.parent.parent / "data", cfg)
     return [decode_video(d, n) for n in video_names(d)]
 
 
@@ -182,7 +182,7 @@ def train_visibility(torch, videos, steps: int, seed: int = 0):
 
 
 def manifest_for(task: str, name: str, size: tuple[int, int], outputs: list[dict], labels: list[dict],
-                 state_inputs: list[dict] | None = None, extra: dict | None = None) -> dict:
+                 state_inputs: list[dict] | None = None, extra: dict | None = None, cadence: str = "every frame") -> dict:
     return {
         "schema": SCHEMA,
         "name": name,
@@ -190,6 +190,12 @@ def manifest_for(task: str, name: str, size: tuple[int, int], outputs: list[dict
         "task": task,
         "file": "model.onnx",
         "sha256": "",
+        "license": "Apache-2.0",
+        "datasets": [{"name": f"or-agent synthetic laparoscopic cholecystectomies (or-agent synth, {TRAIN.videos} videos, "
+                              f"seed {TRAIN.seed}, time scale 1/{TRAIN.time_scale:g})",
+                      "license": "Apache-2.0",
+                      "attribution": "procedurally rendered by or-agent's own generator (synth/); no patient data"}],
+        "cadence": cadence,
         "input": {"name": "frame", "shape": [1, 3, size[0], size[1]], "layout": "NCHW", "color_order": "RGB",
                   "value_range": [0, 1], "mean": list(MEAN), "std": list(STD),
                   "crop": "endoscope content area (bounding box of the circular field of view)"},
@@ -220,7 +226,7 @@ MODEL_SPECS = {
         outputs=[{"name": "phase_logits", "shape": [1, len(PHASES)], "meaning": "logits over the 7 Cholec80 phases (softmax = probabilities)"},
                  {"name": "state_out", "shape": [1, 64], "meaning": "recurrent state for the next step", "state_of": "state_in"}],
         labels=[{"id": i, "name": n, "color": list(PHASE_COLOURS[i])} for i, n in enumerate(PHASES)],
-        extra={"step_rate_hz": PHASE_RATE_HZ, "temporal_filter": {"smoothing": 0.5, "hold_steps": 2, "margin": 0.05}}),
+        cadence=f"{PHASE_RATE_HZ:g} Hz", extra={"temporal_filter": {"smoothing": 0.5, "hold_steps": 2, "margin": 0.05}}),
     "visibility": lambda: manifest_for(
         "visibility", "visibility", VISIBILITY_SIZE,
         outputs=[{"name": "visibility_logits", "shape": [1, 2],
@@ -254,7 +260,7 @@ def write_model(torch, which: str, net) -> Path:
 def measure_held_out() -> dict:
     from models.evaluate import evaluate_dataset
 
-    d = ensure_dataset(MODELS_DIR.parent / "data", HELD_OUT)
+    d = ensure_dataset(MODELS_DIR.parent.parent / "data", HELD_OUT)
     summary = evaluate_dataset(d, models_dir=MODELS_DIR).summary()
     held = f"{HELD_OUT.videos} held-out synthetic videos (seed {HELD_OUT.seed}, time scale 1/{HELD_OUT.time_scale:g})"
     picks = {

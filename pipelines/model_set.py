@@ -1,0 +1,126 @@
+"""Model sets: the models a hospital installs for a procedure, with the rules that read their classes.
+
+A model set is a folder ``models/<set>/`` holding a set manifest (``model-set.json``, schema
+``or-agent/model-set/v1``): its name and version, the procedure it is for, its licence and provenance,
+the rules file written for its class names, and its models, each in its own folder with its model
+manifest. Selected with ``--models SET|DIR`` (or ``$OR_AGENT_MODELS``): a set's name, a set's folder,
+or a plain models directory (``<dir>/<model>/manifest.json``, as ``calibrate`` writes), which is taken
+as a set of its own with the built-in cholecystectomy rules.
+
+A set is checked as a whole when it is loaded: every model manifest and sha256, one model per task,
+and the rules against the classes its models have, so a rule naming a class no model produces is
+refused with the rule and the class named, before any case starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import ManifestError
+from pipelines.manifest import (DEFAULT_SET, MANIFEST_NAME, SET_FILE, SETS_ROOT, TASKS, ModelManifest, Task,
+                                load_manifest, resolve_models_dir)
+
+SET_SCHEMA = "or-agent/model-set/v1"
+PROCEDURES = ("laparoscopic-cholecystectomy",)
+DEFAULT_RULES = SETS_ROOT / DEFAULT_SET / "rules_cholecystectomy.toml"  # for a plain models directory
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    path: Path  # the set's folder
+    name: str
+    version: str
+    procedure: str
+    license: str
+    provenance: str
+    rules_file: Path
+    models: tuple[ModelManifest, ...]
+    declared: bool = True  # False for a plain models directory taken as a set
+
+    def for_task(self, task: Task | str) -> list[ModelManifest]:
+        return [m for m in self.models if m.task == task]
+
+    def model(self, task: Task | str) -> ModelManifest:
+        """The set's one model for ``task``."""
+        found = self.for_task(task)
+        if not found:
+            raise ManifestError(f"{self.path}: no model with task {str(task)!r} in model set {self.name!r}")
+        return found[0]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes the set's segmentation models produce (what rules may name)."""
+        return tuple(lab.name for m in self.for_task(Task.SEGMENTATION) for lab in m.labels)
+
+
+def _field(doc: dict, key: str, path: Path, kind=str):
+    value = doc.get(key)
+    if value is None:
+        raise ManifestError(f"{path}: {key}: missing")
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        raise ManifestError(f"{path}: {key}: must be a non-empty {'string' if kind is str else kind.__name__}")
+    return value
+
+
+def _check_one_per_task(folder: Path, models: list[ModelManifest]) -> None:
+    for task in TASKS:
+        found = [m for m in models if m.task == task]
+        if not found:
+            raise ManifestError(f"{folder}: no model with task {task!r} installed")
+        if len(found) > 1:
+            names = ", ".join(m.path.parent.name for m in found)
+            raise ManifestError(f"more than one {task} model installed ({names}): keep one per task")
+
+
+def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -> ModelSet:
+    """Read and check a model set (see the module doc); ``verify`` also checks every model's sha256."""
+    from pipelines.rules import load_rules  # the rules engine reads results; the set only validates against it
+
+    folder = resolve_models_dir(spec)
+    set_file = folder / SET_FILE
+    if set_file.is_file():
+        try:
+            doc = json.loads(set_file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{set_file}: cannot read ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{set_file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{set_file}: must be a JSON object")
+        if doc.get("schema") != SET_SCHEMA:
+            raise ManifestError(f"{set_file}: schema: unsupported schema {doc.get('schema')!r} (expected {SET_SCHEMA!r})")
+        procedure = _field(doc, "procedure", set_file)
+        if procedure not in PROCEDURES:
+            raise ManifestError(f"{set_file}: procedure: must be one of {', '.join(PROCEDURES)}, got {procedure!r}")
+        names = _field(doc, "models", set_file, list)
+        if not names or not all(isinstance(n, str) and n and "/" not in n for n in names):
+            raise ManifestError(f"{set_file}: models: must list the set's model folders by name")
+        models = []
+        for n in names:
+            if not (folder / n / MANIFEST_NAME).is_file():
+                raise ManifestError(f"{set_file}: models: {n}/{MANIFEST_NAME} does not exist")
+            models.append(load_manifest(folder / n))
+        rules_file = folder / _field(doc, "rules", set_file)
+        meta = dict(name=_field(doc, "name", set_file), version=_field(doc, "version", set_file), procedure=procedure,
+                    license=_field(doc, "license", set_file), provenance=_field(doc, "provenance", set_file))
+        declared = True
+    else:
+        paths = sorted(folder.glob(f"*/{MANIFEST_NAME}"))
+        if not paths:
+            raise ManifestError(f"{folder}: neither a model set ({SET_FILE}) nor a models directory (*/{MANIFEST_NAME})")
+        models = [load_manifest(p) for p in paths]
+        rules_file = DEFAULT_RULES
+        licences = sorted({m.license for m in models})
+        meta = dict(name=folder.name, version="-", procedure=PROCEDURES[0], license=", ".join(licences),
+                    provenance=f"models directory {folder} (no {SET_FILE})")
+        declared = False
+    _check_one_per_task(folder, models)
+    if verify:
+        for m in models:
+            m.verify_file()
+    model_set = ModelSet(path=folder, rules_file=rules_file, models=tuple(models), declared=declared, **meta)
+    load_rules(rules_file, classes=model_set.class_names, owner=f"model set {model_set.name!r}")
+    return model_set
