@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 SEVERITIES = ("info", "warning", "critical")
 KINDS = ("raised", "updated", "cleared", "acknowledged", "reannounced")
@@ -144,5 +144,5 @@ class AlertLog:
             events = [r for r in self._history if r.sequence > after_sequence]
             oldest = self._history[0].sequence if self._history else self._seq + 1
         # A fresh display (0) simply gets the history; a returning one is told if it missed some.
-        truncated = 0 < after_sequence and after_sequence + 1 < oldest
+        truncated = after_sequence > 0 and after_sequence + 1 < oldest
         return events, truncated

@@ -54,12 +54,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
-from pipelines.errors import InputError
+from or_agent.pipelines.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class AuditLog:
     def last_hash(self) -> str:
         return self._hash
 
-    def open(self) -> "AuditLog":
+    def open(self) -> AuditLog:
         with self._lock:
             if self._opened:
                 return self
@@ -281,7 +281,7 @@ class AuditLog:
                 self._opened = False
                 self._release()
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self.open()
 
     def __exit__(self, *exc) -> None:

@@ -38,9 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import is_plain_name
-from pipelines.errors import InputError
-from pipelines.files import atomic_write_bytes, part_path
+from or_agent.agent.config import is_plain_name
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import atomic_write_bytes, part_path
 
 CA_DAYS = 3650
 CERT_DAYS = 825  # the longest validity many TLS clients accept for a leaf certificate

@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.backends.select import PREFERENCES
-from pipelines.errors import InputError, OrAgentError
-from pipelines.frame_path import FRAME_PATHS
+from or_agent.pipelines.backends.select import PREFERENCES
+from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.frame_path import FRAME_PATHS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -26,8 +26,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args) -> int:
-    from agent.progress import Progress
-    from synth.dataset import SynthConfig, write_dataset
+    from or_agent.agent.progress import Progress
+    from or_agent.synth.dataset import SynthConfig, write_dataset
 
     cfg = SynthConfig(videos=args.videos, seed=args.seed, time_scale=args.time_scale, width=args.size[0],
                       height=args.size[1], fps=args.fps, mask_every=args.mask_every, first_index=args.first_index)
@@ -49,8 +49,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from pipelines.manifest import SETS_ROOT, discover, load_manifest, resolve_models_dir, set_names
-    from pipelines.model_set import load_model_set
+    from or_agent.pipelines.manifest import SETS_ROOT, discover, load_manifest, resolve_models_dir, set_names
+    from or_agent.pipelines.model_set import load_model_set
 
     if args.models_dir or os.environ.get("OR_AGENT_MODELS"):
         folders = [resolve_models_dir(args.models_dir)]
@@ -90,14 +90,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from agent.demo import run_demo
+    from or_agent.agent.demo import run_demo
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir,
                     headless=args.headless)
 
 
 def cmd_replay(args) -> int:
-    from agent.replay import run_replay
+    from or_agent.agent.replay import run_replay
 
     if args.anatomy_every is not None and args.anatomy_every < 1:
         raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
@@ -116,8 +116,8 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_serve(args) -> int:
     import asyncio
 
-    from agent.config import load_config
-    from agent.server import serve_forever
+    from or_agent.agent.config import load_config
+    from or_agent.agent.server import serve_forever
 
     _setup_logging(True)
     cfg = load_config(args.config).with_overrides(**{
@@ -134,7 +134,7 @@ def _client_credentials(args):
         if args.tls_cert or args.tls_key:
             raise InputError("--tls-cert/--tls-key need --tls-ca (the CA that signed the agent's certificate)")
         return None
-    from agent.certs import channel_credentials
+    from or_agent.agent.certs import channel_credentials
 
     return channel_credentials(Path(args.tls_ca), Path(args.tls_cert) if args.tls_cert else None,
                                Path(args.tls_key) if args.tls_key else None)
@@ -143,7 +143,7 @@ def _client_credentials(args):
 def cmd_display(args) -> int:
     import asyncio
 
-    from agent.display import Display, has_screen
+    from or_agent.agent.display import Display, has_screen
 
     _setup_logging(args.verbose)
     headless = args.headless
@@ -160,14 +160,14 @@ def cmd_display(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from agent.doctor import run_doctor
+    from or_agent.agent.doctor import run_doctor
 
     return run_doctor(models_dir=args.models_dir, cache_dir=args.cache_dir, audit_dir=args.audit_dir,
                       probe_capture=not args.no_capture_probe)
 
 
 def cmd_qualify(args) -> int:
-    from agent.qualify import run_qualify
+    from or_agent.agent.qualify import run_qualify
 
     return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend,
                        preprocessing=args.preprocessing, cuda_graphs=args.cuda_graphs,
@@ -175,8 +175,8 @@ def cmd_qualify(args) -> int:
 
 
 def cmd_build_engines(args) -> int:
-    from pipelines.backends import tensorrt as trt_backend
-    from pipelines.manifest import discover, load_manifest
+    from or_agent.pipelines.backends import tensorrt as trt_backend
+    from or_agent.pipelines.manifest import discover, load_manifest
 
     cache = trt_backend.EngineCache(Path(args.cache_dir) if args.cache_dir else trt_backend.default_cache_dir())
     gpu, version = trt_backend.gpu_info(), trt_backend.tensorrt_version()  # DependencyError: one line, exit 5
@@ -195,7 +195,7 @@ def cmd_build_engines(args) -> int:
 
 
 def cmd_audit_verify(args) -> int:
-    from agent.audit import cmd_audit_verify as run
+    from or_agent.agent.audit import cmd_audit_verify as run
 
     return run(args)
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log connection changes")
     p.set_defaults(func=cmd_display)
 
-    from agent.certs import add_arguments as add_cert_arguments
+    from or_agent.agent.certs import add_arguments as add_cert_arguments
 
     add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
 
@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=PREFERENCES, help="the backend to qualify (default auto)")
     p.add_argument("--preprocessing", default="auto", choices=FRAME_PATHS,
                    help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
-    p.add_argument("--cuda-graphs", action="store_true", help="qualify TensorRT engines replayed as CUDA graphs (config pipeline.cuda_graphs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="qualify TensorRT engines replayed as CUDA graphs (config pipeline.cuda_graphs)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of the clip played live for the latency check (default 20)")
     p.add_argument("--frames", type=int, default=200, help="frames compared between backends (default 200)")
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH", help="audit directory, or audit-*.jsonl files in order")
     v.set_defaults(func=cmd_audit_verify)
 
-    from calibration.cli import add_arguments as add_calibrate_arguments
+    from or_agent.calibration.cli import add_arguments as add_calibrate_arguments
 
     add_calibrate_arguments(sub)
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.backends.select import PREFERENCES
-from pipelines.errors import InputError
-from pipelines.frame_path import FRAME_PATHS
+from or_agent.pipelines.backends.select import PREFERENCES
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.frame_path import FRAME_PATHS
 
 try:
     import tomllib
@@ -97,7 +97,7 @@ class AgentConfig:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
-    def with_overrides(self, **dotted: Any) -> "AgentConfig":
+    def with_overrides(self, **dotted: Any) -> AgentConfig:
         """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given."""
         cfg = self
         for key, value in dotted.items():

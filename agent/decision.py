@@ -8,9 +8,9 @@ and in the audit trail). Critical alerts ask for acknowledgement and are announc
 
 from __future__ import annotations
 
-from agent.alert_log import AlertLog
-from pipelines.messages import FrameResult
-from pipelines.rules import AlertTransition, Rule, RulesEngine
+from or_agent.agent.alert_log import AlertLog
+from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.rules import AlertTransition, Rule, RulesEngine
 
 
 class DecisionSupport:

@@ -19,16 +19,16 @@ import cv2
 import grpc
 import numpy as np
 
-from agent.config import load_config
-from agent.display import Display, has_screen
-from agent.progress import Progress
-from agent.server import AgentServer
-from pipelines.errors import InputError
-from pipelines.metrics import RELAXED_WINDOW_S, accuracy, phase_scores, relax_boundaries
-from pipelines.surgery import ANATOMY_NAMES, PHASES
-from proto.oragent.v1 import agent_pb2 as pb
-from proto.oragent.v1 import agent_pb2_grpc as pbg
-from synth.dataset import SynthConfig, read_phase_file, write_dataset
+from or_agent.agent.config import load_config
+from or_agent.agent.display import Display, has_screen
+from or_agent.agent.progress import Progress
+from or_agent.agent.server import AgentServer
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.metrics import RELAXED_WINDOW_S, accuracy, phase_scores, relax_boundaries
+from or_agent.pipelines.surgery import ANATOMY_NAMES, PHASES
+from or_agent.proto.oragent.v1 import agent_pb2 as pb
+from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
+from or_agent.synth.dataset import SynthConfig, read_phase_file, write_dataset
 
 MASK_EVERY = 5  # frames with ground-truth masks in the demo surgery
 

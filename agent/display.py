@@ -27,11 +27,11 @@ import cv2
 import grpc
 import numpy as np
 
-from pipelines.errors import InputError
-from pipelines.files import part_path
-from pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
-from proto.oragent.v1 import agent_pb2 as pb
-from proto.oragent.v1 import agent_pb2_grpc as pbg
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import part_path
+from or_agent.pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
+from or_agent.proto.oragent.v1 import agent_pb2 as pb
+from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 
 log = logging.getLogger("or-agent.display")
 SEVERITY_NAME = {pb.INFO: "info", pb.WARNING: "warning", pb.CRITICAL: "critical"}
@@ -71,7 +71,7 @@ def draw_status(img: np.ndarray, state: DisplayState, off_reason: str | None, ta
     dot = (60, 200, 60) if state.connected else (40, 40, 220)
     cv2.circle(img, (w - int(14 * fs * 2), int(16 * fs * 2)), int(7 * fs * 2), dot, -1, cv2.LINE_AA)
     label = f"{target}: {'connected' if state.connected else state.status_text}"
-    (tw, th), _ = cv2.getTextSize(label, FONT, fs, 1)
+    (tw, _th), _ = cv2.getTextSize(label, FONT, fs, 1)
     cv2.putText(img, label, (w - tw - int(30 * fs * 2), int(22 * fs * 2)), FONT, fs, (255, 255, 255), 1, cv2.LINE_AA)
     if off_reason is not None:
         big = max(1.0, h / 260)
@@ -242,7 +242,8 @@ class Display:
                 img = (img.astype(np.uint16) * 2 // 5).astype(np.uint8)  # the picture is old: dim it
         else:
             img = np.zeros((480, 854, 3), np.uint8)
-        banners = [AlertBanner(SEVERITY_NAME.get(a.severity, "warning"), a.message + (" (ack)" if a.kind == pb.AlertEvent.ACKNOWLEDGED else ""))
+        banners = [AlertBanner(SEVERITY_NAME.get(a.severity, "warning"),
+                               a.message + (" (ack)" if a.kind == pb.AlertEvent.ACKNOWLEDGED else ""))
                    for a in sorted(s.alerts.values(), key=lambda a: -a.severity)]
         draw_alerts(img, banners)
         return draw_status(img, s, off, self.target)
@@ -264,11 +265,11 @@ class Display:
         return cv2.waitKey(1) & 0xFF
 
     async def run(self) -> int:
-        from pipelines.manifest import find_model
+        from or_agent.pipelines.manifest import find_model
 
         try:
             self._labels = {lab.id: tuple(lab.color[::-1]) for lab in find_model("segmentation").labels}
-        except Exception:  # noqa: BLE001 - colours are a nicety; a display without local models still works
+        except Exception:
             self._labels = {}
         cap = None
         if self.video_path is not None:

@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from pipelines.errors import OrAgentError
+from or_agent.pipelines.errors import OrAgentError
 
 MIN_FREE_BYTES = 2 * 1024**3  # below this a case's recordings and audit trail may not fit
 WARN_FREE_BYTES = 10 * 1024**3
@@ -56,7 +56,7 @@ def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
 
 
 def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
-    from pipelines.backends import tensorrt as trt_mod
+    from or_agent.pipelines.backends import tensorrt as trt_mod
 
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     if smi:
@@ -97,7 +97,7 @@ def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
 
 def _check_gpu_kernels(r: Report) -> None:
     """The frame path's pycuda kernels are compiled when the agent starts; nvcc must be there."""
-    from pipelines.frame_path import GpuFramePath
+    from or_agent.pipelines.frame_path import GpuFramePath
 
     try:
         GpuFramePath().close()
@@ -119,7 +119,7 @@ def _check_onnxruntime(r: Report) -> None:
 
 
 def _check_models(r: Report, models_dir) -> list:
-    from pipelines.manifest import TASKS, discover, load_manifest, resolve_models_dir
+    from or_agent.pipelines.manifest import TASKS, discover, load_manifest, resolve_models_dir
 
     try:
         root = resolve_models_dir(models_dir)
@@ -220,7 +220,7 @@ def run_doctor(models_dir: str | os.PathLike | None = None, cache_dir: str | os.
                out: Callable[[str], None] = print, work_dir: str | os.PathLike = ".",
                audit_dir: str | os.PathLike | None = "audit", probe_capture: bool = True) -> int:
     """Print the checks; 0 if a live case can run here, 1 if not."""
-    from pipelines.backends.tensorrt import default_cache_dir
+    from or_agent.pipelines.backends.tensorrt import default_cache_dir
 
     r = Report(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

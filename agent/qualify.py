@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import VERSION
-from agent.session import LoadedModels
-from pipelines.errors import InputError
-from pipelines.files import atomic_write_text
-from pipelines.metrics import confusion, mean_iou_present
-from pipelines.messages import FrameResult
-from pipelines.runtime import PipelineConfig
-from pipelines.sources import FirstFrames, VideoFileSource
+from or_agent.agent import VERSION
+from or_agent.agent.session import LoadedModels
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.metrics import confusion, mean_iou_present
+from or_agent.pipelines.runtime import PipelineConfig
+from or_agent.pipelines.sources import FirstFrames, VideoFileSource
 
 MIN_ANATOMY_MIOU = 0.98
 MIN_PHASE_AGREEMENT = 0.99
@@ -36,8 +36,8 @@ MIN_VISIBILITY_AGREEMENT = 0.99
 
 def default_clip(cache: Path) -> Path:
     """The first held-out synthetic surgery, regenerated from its seed (identical on every box)."""
-    from synth.splits import HELD_OUT
-    from synth.dataset import write_video
+    from or_agent.synth.dataset import write_video
+    from or_agent.synth.splits import HELD_OUT
 
     cache.mkdir(parents=True, exist_ok=True)
     clip = cache / "video01.mp4"
@@ -103,11 +103,11 @@ def _identity(deployed: LoadedModels) -> dict:
     ident = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
              "cpu_cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "agent_version": VERSION}
     try:
-        from pipelines.backends.tensorrt import gpu_info, tensorrt_version
+        from or_agent.pipelines.backends.tensorrt import gpu_info, tensorrt_version
 
         ident["gpu"] = gpu_info().describe()
         ident["tensorrt"] = tensorrt_version()
-    except Exception as exc:  # noqa: BLE001 - absent GPU/TensorRT is a fact to report, not a failure
+    except Exception as exc:
         ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
     ident["models"] = {t: {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": deployed.backend_name(t),
                            "why": deployed.reasons.get(t, ""), "cuda_graph": getattr(deployed.stage(t).backend, "graph_status", "n/a")}

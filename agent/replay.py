@@ -23,29 +23,35 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-from agent.progress import Progress
-from agent.report import phase_ribbon, write_html_report, write_png
-from agent.session import LoadedModels
-from pipelines.errors import InputError, OrAgentError
-from pipelines.files import atomic_write_text, part_path
-from pipelines.messages import FrameResult, SourceEvent
-from pipelines.metrics import (RELAXED_WINDOW_S, confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores,
-                              relax_boundaries)
-from pipelines.overlay import AlertBanner, OverlayRenderer
-from pipelines.preprocess import paste_back
-from pipelines.rules import AlertTransition, Rule, RulesEngine
-from pipelines.runtime import PipelineConfig
-from pipelines.sinks import QueuedSubscriber
-from pipelines.sources import VideoFileSource, video_files
-from synth.dataset import read_phase_file
-
+from or_agent.agent.progress import Progress
+from or_agent.agent.report import phase_ribbon, write_html_report, write_png
+from or_agent.agent.session import LoadedModels
+from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.files import atomic_write_text, part_path
+from or_agent.pipelines.messages import FrameResult, SourceEvent
+from or_agent.pipelines.metrics import (
+    RELAXED_WINDOW_S,
+    confusion,
+    mean_iou_present,
+    per_class_dice,
+    per_class_iou,
+    phase_scores,
+    relax_boundaries,
+)
+from or_agent.pipelines.overlay import AlertBanner, OverlayRenderer
+from or_agent.pipelines.preprocess import paste_back
+from or_agent.pipelines.rules import AlertTransition, Rule, RulesEngine
+from or_agent.pipelines.runtime import PipelineConfig
+from or_agent.pipelines.sinks import QueuedSubscriber
+from or_agent.pipelines.sources import VideoFileSource, video_files
+from or_agent.synth.dataset import read_phase_file
 
 
 @dataclass(frozen=True)
@@ -270,7 +276,7 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
         if not ok:
             try:
                 recorder.stop()
-            except Exception:  # noqa: BLE001 - the pipeline's own failure is the one to report
+            except Exception:
                 pass
         recording.close(commit=ok)
         bar.close()
@@ -281,7 +287,7 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
     pred = np.array(collector.phase, np.int64)
     seq = np.array(collector.seq, np.int64)
     summary = {
-        "video": str(video), "frames": int(len(seq)), "fps": fps, "duration_s": float(len(seq) / fps),
+        "video": str(video), "frames": len(seq), "fps": fps, "duration_s": float(len(seq) / fps),
         "fps_processed": round(stats["fps_out"], 2), "frames_dropped": stats["frames_dropped_source"],
         "latency_ms": stats["latency_ms"]["end_to_end"], "stage_latency_ms": stats["latency_ms"],
         "out_of_body_frames": int(np.sum(collector.oob)),
@@ -344,7 +350,7 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
                 failed += 1
                 print(f"FAILED {item.video}: {exc}")
                 continue
-            except Exception as exc:  # noqa: BLE001 - one video's failure must not stop the others
+            except Exception as exc:
                 failed += 1
                 print(f"FAILED {item.video}: internal error: {type(exc).__name__}: {exc}")
                 continue

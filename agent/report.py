@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-from pipelines.files import atomic_path, atomic_write_text
-from pipelines.overlay import format_duration
+from or_agent.pipelines.files import atomic_path, atomic_write_text
+from or_agent.pipelines.overlay import format_duration
 
 
 def phase_ribbon(pred: np.ndarray, truth: np.ndarray | None, names: Sequence[str],

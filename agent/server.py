@@ -18,10 +18,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.config import AgentConfig, is_loopback, listen_host
-from agent.service import SERVICE_NAME, _SHUTDOWN, AgentService, OrAgentHandlers, generic_handler
-from agent.session import CaseSpec, LoadedModels
-from pipelines.errors import InputError
+from or_agent.agent.config import AgentConfig, is_loopback, listen_host
+from or_agent.agent.service import _SHUTDOWN, SERVICE_NAME, AgentService, OrAgentHandlers, generic_handler
+from or_agent.agent.session import CaseSpec, LoadedModels
+from or_agent.pipelines.errors import InputError
 
 log = logging.getLogger("or-agent.server")
 
@@ -30,7 +30,7 @@ def _credentials(cfg) -> grpc.ServerCredentials | None:
     s = cfg.server
     if not s.tls_cert:
         return None
-    from agent.certs import server_credentials
+    from or_agent.agent.certs import server_credentials
 
     return server_credentials(Path(s.tls_cert), Path(s.tls_key), Path(s.tls_ca) if s.tls_ca else None,
                               require_client_auth=s.require_client_auth)

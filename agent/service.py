@@ -27,16 +27,16 @@ import cv2
 import grpc
 from google.protobuf.message import DecodeError
 
-from agent import VERSION
-from agent.alert_log import AlertLog, AlertRecord
-from agent.decision import DecisionSupport
-from agent.config import AgentConfig, is_loopback, is_plain_name, listen_host
-from agent.session import CaseSession, CaseSpec, LoadedModels
-from pipelines.errors import OrAgentError
-from pipelines.messages import FrameResult, SourceEvent
-from pipelines.overlay import AlertBanner, OverlayRenderer
-from pipelines.sinks import QueuedSubscriber
-from proto.oragent.v1 import agent_pb2 as pb
+from or_agent.agent import VERSION
+from or_agent.agent.alert_log import AlertLog, AlertRecord
+from or_agent.agent.config import AgentConfig, is_loopback, is_plain_name, listen_host
+from or_agent.agent.decision import DecisionSupport
+from or_agent.agent.session import CaseSession, CaseSpec, LoadedModels
+from or_agent.pipelines.errors import OrAgentError
+from or_agent.pipelines.messages import FrameResult, SourceEvent
+from or_agent.pipelines.overlay import AlertBanner, OverlayRenderer
+from or_agent.pipelines.sinks import QueuedSubscriber
+from or_agent.proto.oragent.v1 import agent_pb2 as pb
 
 log = logging.getLogger("or-agent.service")
 SERVICE_NAME = "oragent.v1.OrAgent"
@@ -290,7 +290,7 @@ class AgentService:
     def start_workers(self) -> None:
         self._jpeg_worker = QueuedSubscriber(self._compose_jpegs, maxsize=1, drop_oldest=True, name="jpeg").start()
         if self.config.audit.directory:
-            from agent.audit import AuditLog
+            from or_agent.agent.audit import AuditLog
 
             self._audit_log = AuditLog(Path(self.config.audit.directory), max_bytes=self.config.audit.max_bytes).open()
             self._audit_writer = QueuedSubscriber(self._write_audit, maxsize=1024, name="audit").start()
@@ -304,7 +304,7 @@ class AgentService:
         if self._jpeg_worker is not None:
             try:
                 self._jpeg_worker.stop(timeout_s=2.0)
-            except Exception:  # noqa: BLE001 - shutting down; the failure was already logged
+            except Exception:
                 log.exception("JPEG worker failed")
         if self._audit_writer is not None:
             self._audit_writer.stop(timeout_s=30.0)  # every queued record reaches the disk
@@ -493,7 +493,8 @@ def generic_handler(handlers: OrAgentHandlers) -> grpc.GenericRpcHandler:
         "GetStatus": grpc.unary_unary_rpc_method_handler(handlers.GetStatus, _tolerant(pb.StatusRequest.FromString), out),
         "StartCase": grpc.unary_unary_rpc_method_handler(handlers.StartCase, _tolerant(pb.StartCaseRequest.FromString), out),
         "StopCase": grpc.unary_unary_rpc_method_handler(handlers.StopCase, _tolerant(pb.StopCaseRequest.FromString), out),
-        "AcknowledgeAlert": grpc.unary_unary_rpc_method_handler(handlers.AcknowledgeAlert, _tolerant(pb.AcknowledgeRequest.FromString), out),
+        "AcknowledgeAlert": grpc.unary_unary_rpc_method_handler(handlers.AcknowledgeAlert,
+                                                                _tolerant(pb.AcknowledgeRequest.FromString), out),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 

@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from agent.config import PipelineSettings, is_plain_name
-from pipelines.backends.select import choose_backend
-from pipelines.errors import InputError
-from pipelines.frame_path import choose_frame_path
-from pipelines.manifest import ModelManifest
-from pipelines.model_set import ModelSet, load_model_set
-from pipelines.messages import FrameResult, SourceEvent
-from pipelines.rules import Rule, load_rules
-from pipelines.runtime import Pipeline, PipelineConfig
-from pipelines.sources import open_source
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.agent.config import PipelineSettings, is_plain_name
+from or_agent.pipelines.backends.select import choose_backend
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.frame_path import choose_frame_path
+from or_agent.pipelines.manifest import ModelManifest
+from or_agent.pipelines.messages import FrameResult, SourceEvent
+from or_agent.pipelines.model_set import ModelSet, load_model_set
+from or_agent.pipelines.rules import Rule, load_rules
+from or_agent.pipelines.runtime import Pipeline, PipelineConfig
+from or_agent.pipelines.sources import open_source
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 
 log = logging.getLogger("or-agent.session")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import models_option, select_models
-from pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
-from pipelines.surgery import PHASE_ID, Anatomy
+from or_agent.pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
+from or_agent.pipelines.surgery import PHASE_ID, Anatomy
 
 FPS = 25.0
 CALOT = PHASE_ID["CalotTriangleDissection"]
@@ -72,10 +72,10 @@ def scripted() -> list[tuple[str, str, float | None, int]]:
 
 
 def held_out(videos: int) -> dict:
-    from agent.replay import ReplayInputs, replay_one
-    from agent.session import LoadedModels
-    from synth.splits import HELD_OUT
-    from synth.dataset import write_video
+    from or_agent.agent.replay import ReplayInputs, replay_one
+    from or_agent.agent.session import LoadedModels
+    from or_agent.synth.dataset import write_video
+    from or_agent.synth.splits import HELD_OUT
 
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-alerts-"))
     models = LoadedModels(live_session=False)

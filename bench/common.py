@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def pin_one_core() -> str:
@@ -51,7 +51,7 @@ def row(label: str, value: float, unit: str, reference: float | None = None, ref
 
 def models_option(ap) -> None:
     """``--models SET|DIR`` for a benchmark (the same option and default as the agent's commands)."""
-    from agent.cli import add_models_option
+    from or_agent.agent.cli import add_models_option
 
     add_models_option(ap, "the model set to measure")
 
@@ -59,7 +59,7 @@ def models_option(ap) -> None:
 def select_models(args) -> str:
     """Make ``--models`` the set every loader in this process uses (they default to ``$OR_AGENT_MODELS``);
     returns the folder, validated as a set, for the benchmark's header."""
-    from pipelines.model_set import load_model_set
+    from or_agent.pipelines.model_set import load_model_set
 
     model_set = load_model_set(args.models_dir)
     os.environ["OR_AGENT_MODELS"] = str(model_set.path)

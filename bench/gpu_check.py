@@ -32,8 +32,8 @@ def _frame(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _specs():
-    from pipelines.manifest import discover, load_manifest
-    from pipelines.preprocess import InputSpec
+    from or_agent.pipelines.manifest import discover, load_manifest
+    from or_agent.pipelines.preprocess import InputSpec
 
     try:
         ms = [load_manifest(p) for p in discover()]
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=200)
     args = ap.parse_args(argv)
 
-    from pipelines.backends.tensorrt import gpu_info, tensorrt_version
-    from pipelines.errors import DependencyError
+    from or_agent.pipelines.backends.tensorrt import gpu_info, tensorrt_version
+    from or_agent.pipelines.errors import DependencyError
 
     try:
         info = gpu_info()
@@ -62,9 +62,8 @@ def main(argv=None) -> int:
         trt = str(exc)
     print(f"GPU {info.describe()}, {info.total_memory / 1024**3:.0f} GiB, CUDA driver {info.driver_cuda}; {trt}")
 
-    from pipelines.gpu.kernels import (GpuLogitsReducer, GpuPreprocessor, preprocess_reference,
-                                       reduce_logits_reference, same_input)
-    from pipelines.preprocess import ContentArea, crop_resize, normalise
+    from or_agent.pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, preprocess_reference, reduce_logits_reference, same_input
+    from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
 
     specs, manifests = _specs()
     failures = []
@@ -159,8 +158,8 @@ def main(argv=None) -> int:
     # device buffers (prepare), handed back (release), and the anatomy logits reduced on the device.
     from types import SimpleNamespace
 
-    from pipelines.backends import DeviceTensor
-    from pipelines.frame_path import GpuFramePath
+    from or_agent.pipelines.backends import DeviceTensor
+    from or_agent.pipelines.frame_path import GpuFramePath
 
     class _LogitsOnDevice(DeviceTensor):  # what TensorRT hands back for an output left on the device
         def __init__(self, reducer):

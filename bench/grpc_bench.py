@@ -26,8 +26,8 @@ from bench.common import models_option, select_models
 def _subscribers(target: str, n: int, seconds: float, out: mp.Queue) -> None:
     import grpc
 
-    from proto.oragent.v1 import agent_pb2 as pb
-    from proto.oragent.v1 import agent_pb2_grpc as pbg
+    from or_agent.proto.oragent.v1 import agent_pb2 as pb
+    from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 
     async def one(i, lat, counts):
         async with grpc.aio.insecure_channel(target) as ch:
@@ -53,8 +53,8 @@ def _subscribers(target: str, n: int, seconds: float, out: mp.Queue) -> None:
 
 
 async def _run(video: Path, subs: int, seconds: float) -> tuple[float, list[float], list[int]]:
-    from agent.config import load_config
-    from agent.server import AgentServer
+    from or_agent.agent.config import load_config
+    from or_agent.agent.server import AgentServer
 
     cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "server.max_subscribers": 32,
                                               "audit.directory": tempfile.mkdtemp(prefix="or-agent-audit-")})
@@ -85,20 +85,20 @@ async def _run(video: Path, subs: int, seconds: float) -> tuple[float, list[floa
 
 
 def _spec(video: Path):
-    from agent.session import CaseSpec
+    from or_agent.agent.session import CaseSpec
 
     return CaseSpec(str(video), "bench", paced=False)
 
 
 def overlay_cost() -> tuple[int, float, int]:
     """Bytes and serialisation time of an overlay for a 1080p frame with anatomy."""
-    from agent.service import overlay_to_pb
-    from agent.session import LoadedModels
-    from pipelines.masks import anatomy_polygons
-    from pipelines.messages import FrameResult
-    from pipelines.preprocess import detect_content_area
-    from synth.render import SurgeryRenderer
-    from synth.timeline import sample_timeline
+    from or_agent.agent.service import overlay_to_pb
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.masks import anatomy_polygons
+    from or_agent.pipelines.messages import FrameResult
+    from or_agent.pipelines.preprocess import detect_content_area
+    from or_agent.synth.render import SurgeryRenderer
+    from or_agent.synth.timeline import sample_timeline
 
     tl = sample_timeline(np.random.default_rng(3), time_scale=20)
     img = cv2.resize(SurgeryRenderer(tl, seed=4).render(tl.frames // 3).image, (1920, 1080))
@@ -108,7 +108,7 @@ def overlay_cost() -> tuple[int, float, int]:
     r = FrameResult(1, 40.0, (1920, 1080), {"capture": time.monotonic_ns(), "preprocess": 0, "inference": 0, "postprocess": 0,
                                             "publish": time.monotonic_ns()},
                     m.visibility(img, area), m.phase(img, area, 0.0), an, polygons=anatomy_polygons(an))
-    from proto.oragent.v1 import agent_pb2 as pb
+    from or_agent.proto.oragent.v1 import agent_pb2 as pb
     info = [pb.ModelInfo(task="segmentation", name="anatomy", version="1.0.0", sha256="0" * 64)] * 3
     names = [lab.name for lab in m.manifests["segmentation"].labels]
     runs = 200
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     models_option(ap)
     args = ap.parse_args(argv)
     print(select_models(args))
-    from synth.dataset import SynthConfig, write_dataset
+    from or_agent.synth.dataset import SynthConfig, write_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-grpc-bench-"))
     write_dataset(tmp, SynthConfig(videos=1, seed=12, time_scale=10.0, mask_every=100_000))

@@ -13,12 +13,12 @@ import argparse
 import numpy as np
 
 from bench.common import median_ms, models_option, pin_one_core, select_models
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.manifest import find_model
-from pipelines.preprocess import detect_content_area
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from synth.render import SurgeryRenderer
-from synth.timeline import sample_timeline
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.manifest import find_model
+from or_agent.pipelines.preprocess import detect_content_area
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.synth.render import SurgeryRenderer
+from or_agent.synth.timeline import sample_timeline
 
 BUDGET_MS = {"segmentation": 15.0, "phase": 10.0, "visibility": None}
 
@@ -42,15 +42,12 @@ def main(argv=None) -> int:
     print(f"  {'model':<14} {'input':<12} {'preprocess':>10} {'inference':>10} {'post':>8} {'budget':>8} {'budget/inference':>17}")
     for task, stage in stages.items():
         x = stage.pre_process(frame, area)
-        pre = median_ms(lambda: stage.pre_process(frame, area), args.runs)
-        inf = median_ms(lambda: stage.predict(x), args.runs)
         y = stage.predict(x)
-        if task == "segmentation":
-            post = median_ms(lambda: stage.post_process(y, area), args.runs)
-        elif task == "phase":
-            post = median_ms(lambda: stage.post_process(y, 0.0), args.runs)
-        else:
-            post = median_ms(lambda: stage.post_process(y), args.runs)
+        # what post-processing takes besides the logits: the crop for anatomy, media time for phase
+        post_args = {"segmentation": (area,), "phase": (0.0,)}.get(task, ())
+        pre = median_ms(lambda stage=stage: stage.pre_process(frame, area), args.runs)
+        inf = median_ms(lambda stage=stage, x=x: stage.predict(x), args.runs)
+        post = median_ms(lambda stage=stage, y=y, post_args=post_args: stage.post_process(y, *post_args), args.runs)
         budget = BUDGET_MS[task]
         shape = "x".join(str(d) for d in stage.manifest.input.shape[2:])
         ratio = f"{budget / inf:16.2f}x" if budget else f"{'-':>17}"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import models_option, rate, select_models
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.manifest import find_model
-from pipelines.messages import Frame
-from pipelines.overlay import OverlayRenderer
-from pipelines.preprocess import ContentAreaTracker
-from pipelines.runtime import Pipeline, PipelineConfig
-from pipelines.sinks import QueuedSubscriber
-from pipelines.sources import FirstFrames, VideoFileSource
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from synth.dataset import SynthConfig, write_dataset
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.manifest import find_model
+from or_agent.pipelines.messages import Frame
+from or_agent.pipelines.overlay import OverlayRenderer
+from or_agent.pipelines.preprocess import ContentAreaTracker
+from or_agent.pipelines.runtime import Pipeline, PipelineConfig
+from or_agent.pipelines.sinks import QueuedSubscriber
+from or_agent.pipelines.sources import FirstFrames, VideoFileSource
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.synth.dataset import SynthConfig, write_dataset
 
 
 def stages():
@@ -89,14 +89,15 @@ class LoopingSource:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=600, help="frames per measurement (default 600)")
-    ap.add_argument("--soak-minutes", type=float, default=2.0, help="media minutes of the memory soak (default 2; the goal is stated for 10)")
+    ap.add_argument("--soak-minutes", type=float, default=2.0,
+                    help="media minutes of the memory soak (default 2; the goal is stated for 10)")
     ap.add_argument("--preprocessing", choices=["cpu", "gpu"], default="cpu",
                     help="frame path of the pipeline runs (d) and the soak: cpu, or gpu (the pycuda kernels; needs a GPU)")
     models_option(ap)
     args = ap.parse_args(argv)
     print(select_models(args))
-    from pipelines.errors import DependencyError
-    from pipelines.frame_path import GpuFramePath, HostFramePath
+    from or_agent.pipelines.errors import DependencyError
+    from or_agent.pipelines.frame_path import GpuFramePath, HostFramePath
 
     try:
         frame_path = GpuFramePath() if args.preprocessing == "gpu" else HostFramePath()
@@ -145,8 +146,9 @@ def main(argv=None) -> int:
             phase.post_process(phase.predict(xs_p[i]), i / fps)
     logits = [anatomy.predict(xs_a[i]) for i in range(min(n, 50))]
     ests = [anatomy.post_process(lg, areas[i]) for i, lg in enumerate(logits)]
-    from pipelines.messages import FrameResult
-    results = [FrameResult(i, i * 40.0, (imgs[i].shape[1], imgs[i].shape[0]), {"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0},
+    from or_agent.pipelines.messages import FrameResult
+    no_marks = {"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0}
+    results = [FrameResult(i, i * 40.0, (imgs[i].shape[1], imgs[i].shape[0]), no_marks,
                            vis.post_process(vis.predict(xs_v[i])), phase.post_process(phase.predict(xs_p[i]), i / fps), ests[i])
                for i in range(len(ests))]
     stage_rates = {

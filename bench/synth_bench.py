@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from bench.common import pin_one_core, rate, row
-from synth.render import SurgeryRenderer
-from synth.timeline import sample_timeline
+from or_agent.synth.render import SurgeryRenderer
+from or_agent.synth.timeline import sample_timeline
 
 GOAL_FPS = 100.0
 

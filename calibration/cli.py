@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from calibration.common import precision_of, require_onnx
-from pipelines.errors import InputError
+from or_agent.calibration.common import precision_of, require_onnx
+from or_agent.pipelines.errors import InputError
 
 
 def _model_names(name: str, models_dir) -> list[str]:
     """``all``: every FP32 model in the models directory; otherwise the one name."""
     if name != "all":
         return [name]
-    from pipelines.manifest import discover, load_manifest, resolve_models_dir
+    from or_agent.pipelines.manifest import discover, load_manifest, resolve_models_dir
 
     root = resolve_models_dir(models_dir)
     names = [p.parent.name for p in discover(root) if precision_of(load_manifest(p)) == "fp32"]
@@ -23,7 +23,7 @@ def _model_names(name: str, models_dir) -> list[str]:
 
 
 def cmd_int8(args) -> int:
-    from calibration.int8 import calibrate_int8
+    from or_agent.calibration.int8 import calibrate_int8
 
     require_onnx()
     if args.frames < 1:
@@ -35,7 +35,7 @@ def cmd_int8(args) -> int:
 
 
 def cmd_fp16(args) -> int:
-    from calibration.fp16 import calibrate_fp16
+    from or_agent.calibration.fp16 import calibrate_fp16
 
     require_onnx()
     for name in _model_names(args.model, args.models_dir):
@@ -45,14 +45,14 @@ def cmd_fp16(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from calibration.compare import run_compare
+    from or_agent.calibration.compare import run_compare
 
     run_compare(args.videos, args.variants, models_dir=args.models_dir, write=not args.no_write)
     return 0
 
 
 def cmd_temperature(args) -> int:
-    from calibration.temperature import calibrate_temperature
+    from or_agent.calibration.temperature import calibrate_temperature
 
     result = calibrate_temperature(args.videos, model=args.model, models_dir=args.models_dir, write=not args.dry_run,
                                    check=args.check)
@@ -61,9 +61,10 @@ def cmd_temperature(args) -> int:
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` and its actions to ``or-agent``'s subcommands; returns its parser."""
-    from calibration.fp16 import DEFAULT_OUT as FP16_OUT
-    from calibration.int8 import DEFAULT_FRAMES, DEFAULT_OUT as INT8_OUT
-    from agent.cli import add_models_option
+    from or_agent.agent.cli import add_models_option
+    from or_agent.calibration.fp16 import DEFAULT_OUT as FP16_OUT
+    from or_agent.calibration.int8 import DEFAULT_FRAMES
+    from or_agent.calibration.int8 import DEFAULT_OUT as INT8_OUT
 
     p = subparsers.add_parser("calibrate", help="INT8/FP16 models for the box (precision in the ONNX file), "
                                                 "their comparison with FP32, and the phase model's confidence calibration")

@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 
-from pipelines.errors import DependencyError, InputError, ManifestError
-from pipelines.files import atomic_write_bytes, atomic_write_text
-from pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir, sha256_of
-from pipelines.preprocess import ContentArea, ContentAreaTracker
-from pipelines.schedule import frame_stepper
-from pipelines.sources import video_files
-from pipelines.surgery import PHASES
-from synth.dataset import read_phase_file
+from or_agent.pipelines.errors import DependencyError, InputError, ManifestError
+from or_agent.pipelines.files import atomic_write_bytes, atomic_write_text
+from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir, sha256_of
+from or_agent.pipelines.preprocess import ContentArea, ContentAreaTracker
+from or_agent.pipelines.schedule import frame_stepper
+from or_agent.pipelines.sources import video_files
+from or_agent.pipelines.surgery import PHASES
+from or_agent.synth.dataset import read_phase_file
 
 VISIBILITY_STATES = ("in_body", "out_of_body", "smoke_or_blur")
 MAX_OPSET = 17  # models/README.md: opset <= 17
@@ -256,7 +256,7 @@ def find_labels(video: Path) -> VideoLabels:
 
 def _why_undecodable(video: Path) -> str:
     try:  # the replay's own diagnosis when available, so both commands say the same thing
-        from pipelines.sources import _undecodable_reason
+        from or_agent.pipelines.sources import _undecodable_reason
 
         return _undecodable_reason(video)
     except Exception:
@@ -331,9 +331,9 @@ class OutOfBodyJudge:
         if not self._tried:
             self._tried = True
             try:
-                from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-                from pipelines.manifest import find_model
-                from pipelines.stages import VisibilityStage
+                from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+                from or_agent.pipelines.manifest import find_model
+                from or_agent.pipelines.stages import VisibilityStage
 
                 self._stage = VisibilityStage(OnnxRuntimeBackend(find_model("visibility", self._models_dir), threads=1))
             except Exception:  # no single usable visibility model: step on every frame
@@ -364,7 +364,7 @@ class PhaseStep:
 def phase_steps(video: Path, backend, judge: OutOfBodyJudge, fps: float | None = None) -> Iterator[PhaseStep]:
     """Step a phase model through a video as the pipeline does: on its cadence's frames (media time),
     skipping frames judged out of body, state carried from step to step, zeros at the start."""
-    from pipelines.preprocess import crop_resize, normalise
+    from or_agent.pipelines.preprocess import crop_resize, normalise
 
     m = backend.manifest
     if fps is None:

@@ -29,22 +29,21 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
-from calibration.common import (OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of,
-                                update_manifest, video_info)
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend, cpu_int8_kernels
-from pipelines.errors import InputError
-from pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir
-from pipelines.metrics import accuracy, confusion, mean_iou_present, recall
-from pipelines.preprocess import paste_back
-from pipelines.schedule import Cadence, frame_stepper
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.calibration.common import OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of, update_manifest, video_info
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend, cpu_int8_kernels
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir
+from or_agent.pipelines.metrics import accuracy, confusion, mean_iou_present, recall
+from or_agent.pipelines.preprocess import paste_back
+from or_agent.pipelines.schedule import Cadence, frame_stepper
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 
 TASK_ORDER = ("segmentation", "phase", "visibility")
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
@@ -132,9 +131,9 @@ def default_held_out(log: Callable[[str], None] = print, data_dir: Path | None =
     when it is there and complete, else generated once into ``cache``."""
     from dataclasses import asdict
 
-    from synth.splits import HELD_OUT
-    from synth.dataset import write_video
-    from synth.render import GENERATOR_VERSION
+    from or_agent.synth.dataset import write_video
+    from or_agent.synth.render import GENERATOR_VERSION
+    from or_agent.synth.splits import HELD_OUT
 
     wanted = {**asdict(HELD_OUT), "generator_version": GENERATOR_VERSION}
     for stamp in (data_dir.glob("synth-seed*/COMPLETE.json") if data_dir is not None else ()):
@@ -231,7 +230,7 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
             phase_ref_manifest = by_task["phase"][0].reference if by_task["phase"] else None
             # visibility is compared on the phase model's steps (the frames where it decides whether to step)
             steps = frame_stepper(phase_ref_manifest.cadence if phase_ref_manifest else Cadence(hz=5.0), fps)
-            for k, s in stages.items():
+            for s in stages.values():
                 if isinstance(s, PhaseStage):
                     s.reset()
             cur = {k: (0, 0) for k, s in stages.items() if isinstance(s, PhaseStage)}

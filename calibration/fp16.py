@@ -18,11 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.common import (check_model, default_opset, derived_manifest, require_onnx, resolve_model,
-                                strip_unused_opsets, toposort, write_model_dir)
-from calibration.int8 import smoke_run
-from pipelines.errors import InputError, ModelError
-from pipelines.manifest import ModelManifest
+from or_agent.calibration.common import (
+    check_model,
+    default_opset,
+    derived_manifest,
+    require_onnx,
+    resolve_model,
+    strip_unused_opsets,
+    toposort,
+    write_model_dir,
+)
+from or_agent.calibration.int8 import smoke_run
+from or_agent.pipelines.errors import InputError, ModelError
+from or_agent.pipelines.manifest import ModelManifest
 
 DEFAULT_OUT = Path("out") / "models-fp16"
 

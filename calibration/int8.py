@@ -23,16 +23,25 @@ source videos' names).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from calibration.common import (check_model, default_opset, derived_manifest, list_videos, require_onnx, resolve_model,
-                                scratch_dir, strip_unused_opsets, write_model_dir)
-from calibration.sampling import CalibrationSet, coverage_lines, sample_frames
-from pipelines.errors import InputError, ModelError
-from pipelines.manifest import ModelManifest
+from or_agent.calibration.common import (
+    check_model,
+    default_opset,
+    derived_manifest,
+    list_videos,
+    require_onnx,
+    resolve_model,
+    scratch_dir,
+    strip_unused_opsets,
+    write_model_dir,
+)
+from or_agent.calibration.sampling import CalibrationSet, coverage_lines, sample_frames
+from or_agent.pipelines.errors import InputError, ModelError
+from or_agent.pipelines.manifest import ModelManifest
 
 DEFAULT_OUT = Path("out") / "models-int8"
 DEFAULT_FRAMES = 256

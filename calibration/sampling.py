@@ -22,18 +22,17 @@ is printed by ``or-agent calibrate int8`` and stored in the INT8 model's manifes
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from calibration.common import (OutOfBodyJudge, VISIBILITY_STATES, VideoLabels, find_labels, iter_video,
-                                phase_steps, video_info)
-from pipelines.errors import InputError
-from pipelines.manifest import ModelManifest
-from pipelines.preprocess import crop_resize, normalise
-from pipelines.surgery import PHASES
+from or_agent.calibration.common import VISIBILITY_STATES, OutOfBodyJudge, VideoLabels, find_labels, iter_video, phase_steps, video_info
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.manifest import ModelManifest
+from or_agent.pipelines.preprocess import crop_resize, normalise
+from or_agent.pipelines.surgery import PHASES
 
 OOB = VISIBILITY_STATES.index("out_of_body")
 
@@ -78,7 +77,7 @@ def _spaced(n_items: int, k: int) -> np.ndarray:
 def _allocate(cells: dict[tuple[int, int], int], budget: int) -> dict[tuple[int, int], int]:
     """Frames per (phase, visibility) cell: one for every phase and visibility state present first,
     then the rest spread evenly (water-filling: small cells take all they have)."""
-    alloc = {k: 0 for k in cells}
+    alloc = dict.fromkeys(cells, 0)
     cover: list[tuple[int, int]] = []
     for axis in (0, 1):
         for value in sorted({k[axis] for k in cells if k[axis] >= 0}):
@@ -127,9 +126,9 @@ def select(candidates: Sequence[_Candidate], budget: int) -> list[int]:
 def coverage_report(frames: Sequence[CalibrationFrame], eligible: Sequence[_Candidate], videos: Sequence[str],
                     requested: int, recurrent: bool, oob_excluded: bool, oob_sources: dict[str, str]) -> dict:
     """What the chosen frames cover, and what they do not."""
-    per_phase = {name: 0 for name in PHASES}
-    per_vis = {name: 0 for name in VISIBILITY_STATES}
-    per_video = {name: 0 for name in videos}
+    per_phase = dict.fromkeys(PHASES, 0)
+    per_vis = dict.fromkeys(VISIBILITY_STATES, 0)
+    per_video = dict.fromkeys(videos, 0)
     unlabelled_phase = unlabelled_vis = 0
     for fr in frames:
         per_video[fr.video] += 1
@@ -224,7 +223,7 @@ def sample_frames(videos: Sequence[Path], manifest: ModelManifest, frames: int, 
     chosen_frames: list[CalibrationFrame] = []
 
     if recurrent:
-        from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+        from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(manifest, threads=1, verify=False)
         pool: list[tuple[_Candidate, np.ndarray, dict]] = []

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration.common import OutOfBodyJudge, find_labels, list_videos, phase_steps, resolve_model, update_manifest, \
-    video_info
-from pipelines.errors import InputError
-from pipelines.manifest import ModelManifest, find_model
+from or_agent.calibration.common import OutOfBodyJudge, find_labels, list_videos, phase_steps, resolve_model, update_manifest, video_info
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.manifest import ModelManifest, find_model
 
 T_MIN, T_MAX = 0.05, 20.0
 ECE_BINS = 15
@@ -95,7 +94,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN
 def collect_phase_logits(videos: Sequence[Path], manifest: ModelManifest, models_dir=None,
                          log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw phase logits and labelled phases, one row per pipeline step over ``videos``."""
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
     say = log or (lambda s: None)
     labels = [find_labels(v) for v in videos]
@@ -169,7 +168,7 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
     conf_before = float(np.exp(_log_softmax(logits)).max(1).mean())
     conf_after = float(np.exp(_log_softmax(logits / t)).max(1).mean())
     result = {"temperature": round(t, 4), "ece_before": round(before, 4), "ece_after": round(after, 4),
-              "nll_before": round(nll_before, 4), "nll_after": round(nll_after, 4), "steps": int(len(labels)),
+              "nll_before": round(nll_before, 4), "nll_after": round(nll_after, 4), "steps": len(labels),
               "accuracy_raw": round(acc, 4), "mean_confidence_before": round(conf_before, 4),
               "mean_confidence_after": round(conf_after, 4)}
     log(f"{len(labels)} steps, raw accuracy {acc:.3f}; mean confidence {conf_before:.3f} -> {conf_after:.3f}")
@@ -181,7 +180,7 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
         log(f"checking on {len(check_paths)} video(s) kept out of the fit")
         c_logits, c_labels = collect_phase_logits(check_paths, m, models_dir, log)
         c = {"videos": [p.name for p in check_paths], "folders": sorted({p.parent.name for p in check_paths}),
-             "steps": int(len(c_labels)),
+             "steps": len(c_labels),
              "ece_before": round(expected_calibration_error(c_logits, c_labels), 4),
              "ece_after": round(expected_calibration_error(c_logits, c_labels, t), 4),
              "nll_before": round(nll(c_logits, c_labels), 4), "nll_after": round(nll(c_logits, c_labels, t), 4)}
@@ -195,7 +194,7 @@ def calibrate_temperature(videos: Sequence[str], model: str | None = None, model
             return result
     if write:
         fit = {"videos": [p.name for p in paths], "folders": sorted({p.parent.name for p in paths}),
-               "steps": int(len(labels)), "bins": ECE_BINS,
+               "steps": len(labels), "bins": ECE_BINS,
                "nll_before": result["nll_before"], "nll_after": result["nll_after"],
                "method": f"NLL minimised over log T in [{T_MIN}, {T_MAX}] (grid, then golden section); "
                          "raw logits of the pipeline's 5 Hz steps, out-of-body frames skipped",

@@ -18,15 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.manifest import ModelManifest, find_model
-from pipelines.metrics import accuracy, confusion, mean_iou_present, per_class_iou, recall
-from pipelines.preprocess import ContentAreaTracker, paste_back
-from pipelines.schedule import frame_stepper
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from pipelines.surgery import ANATOMY_NAMES
-from synth.dataset import read_phase_file
-
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.manifest import ModelManifest, find_model
+from or_agent.pipelines.metrics import accuracy, confusion, mean_iou_present, per_class_iou, recall
+from or_agent.pipelines.preprocess import ContentAreaTracker, paste_back
+from or_agent.pipelines.schedule import frame_stepper
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.surgery import ANATOMY_NAMES
+from or_agent.synth.dataset import read_phase_file
 
 
 @dataclass
@@ -127,11 +126,11 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
 
 
 def main(argv=None) -> int:
-    """``python -m models.evaluate [--models-dir DIR]``: the held-out figures of the installed models,
+    """``python -m or_agent.models.evaluate [--models-dir DIR]``: the held-out figures of the installed models,
     printed (the manifests are not touched; ``models.training.train measure`` writes them)."""
     import argparse
 
-    from synth.splits import HELD_OUT, ensure_dataset
+    from or_agent.synth.splits import HELD_OUT, ensure_dataset
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--models-dir", default=None, help="models directory (default: the bundled models/)")

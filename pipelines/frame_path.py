@@ -24,15 +24,15 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipelines.backends import DeviceTensor
-from pipelines.errors import DependencyError, InputError, ModelError
-from pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, GpuResources, preprocess_reference
-from pipelines.preprocess import ContentArea, InputSpec
-from pipelines.stages import AnatomyReduction, reduce_logits
+from or_agent.pipelines.backends import DeviceTensor
+from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, GpuResources, preprocess_reference
+from or_agent.pipelines.preprocess import ContentArea, InputSpec
+from or_agent.pipelines.stages import AnatomyReduction, reduce_logits
 
 FRAME_PATHS = ("auto", "cpu", "gpu")
 log = logging.getLogger("or-agent.frame-path")
@@ -79,7 +79,7 @@ class HostFramePath(FramePath):
 class _Slot(DeviceTensor):
     """One model input buffer from a pool; ``release`` returns it."""
 
-    def __init__(self, pool: "_SlotPool", task: str, shape: tuple[int, ...]):
+    def __init__(self, pool: _SlotPool, task: str, shape: tuple[int, ...]):
         self.pool, self.task, self.shape, self.dtype = pool, task, tuple(shape), np.dtype(np.float32)
         self.in_use = False
 
@@ -100,7 +100,7 @@ class _HostSlot(_Slot):
 class _SlotPool:
     """Per-model free lists of input buffers; grows on demand up to ``limit`` per model."""
 
-    def __init__(self, make: Callable[["_SlotPool", str, tuple[int, ...]], _Slot], limit: int):
+    def __init__(self, make: Callable[[_SlotPool, str, tuple[int, ...]], _Slot], limit: int):
         self._make, self.limit = make, limit
         self._lock = threading.Lock()
         self._all: dict[str, list[_Slot]] = {}
@@ -201,7 +201,7 @@ class ReferenceFramePath(_PooledFramePath):
 # --------------------------------------------------------------------------- the GPU
 
 class _GpuSlot(_Slot):
-    def __init__(self, pool, task, shape, path: "GpuFramePath"):
+    def __init__(self, pool, task, shape, path: GpuFramePath):
         super().__init__(pool, task, shape)
         self._path = path
         self.device = path.memory.alloc(self.nbytes)

@@ -17,9 +17,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ManifestError
-from pipelines.preprocess import InputSpec
-from pipelines.schedule import Cadence
+from or_agent.pipelines.errors import ManifestError
+from or_agent.pipelines.preprocess import InputSpec
+from or_agent.pipelines.schedule import Cadence
 
 SCHEMA = "or-agent/model-manifest/v1"
 MANIFEST_NAME = "manifest.json"
@@ -210,7 +210,8 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
     except (ValueError, TypeError) as exc:
         raise r.fail("input", str(exc)) from None
 
-    states = tuple(r.tensor(s, f"state_inputs[{i}]") for i, s in enumerate(r.get(doc, "state_inputs", list, "", required=False, default=[])))
+    state_docs = r.get(doc, "state_inputs", list, "", required=False, default=[])
+    states = tuple(r.tensor(s, f"state_inputs[{i}]") for i, s in enumerate(state_docs))
     outputs = tuple(r.tensor(o, f"outputs[{i}]") for i, o in enumerate(r.get(doc, "outputs", list, "")))
     if not outputs:
         raise r.fail("outputs", "must list at least one output")

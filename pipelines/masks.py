@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines.stages import AnatomyEstimate
+from or_agent.pipelines.stages import AnatomyEstimate
 
 
 def anatomy_polygons(est: AnatomyEstimate, epsilon_px: float = 1.0, min_area_px: float = 12.0,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.stages import AnatomyEstimate, PhaseEstimate, VisibilityEstimate
+from or_agent.pipelines.stages import AnatomyEstimate, PhaseEstimate, VisibilityEstimate
 
 # Stage boundaries, in the order a frame crosses them.
 STAGE_MARKS = ("capture", "preprocess", "inference", "postprocess", "publish")

@@ -19,9 +19,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import ManifestError
-from pipelines.manifest import (DEFAULT_SET, MANIFEST_NAME, SET_FILE, SETS_ROOT, TASKS, ModelManifest, Task,
-                                load_manifest, resolve_models_dir)
+from or_agent.pipelines.errors import ManifestError
+from or_agent.pipelines.manifest import (
+    DEFAULT_SET,
+    MANIFEST_NAME,
+    SET_FILE,
+    SETS_ROOT,
+    TASKS,
+    ModelManifest,
+    Task,
+    load_manifest,
+    resolve_models_dir,
+)
 
 SET_SCHEMA = "or-agent/model-set/v1"
 PROCEDURES = ("laparoscopic-cholecystectomy",)
@@ -77,7 +86,7 @@ def _check_one_per_task(folder: Path, models: list[ModelManifest]) -> None:
 
 def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -> ModelSet:
     """Read and check a model set (see the module doc); ``verify`` also checks every model's sha256."""
-    from pipelines.rules import load_rules  # the rules engine reads results; the set only validates against it
+    from or_agent.pipelines.rules import load_rules  # the rules engine reads results; the set only validates against it
 
     folder = resolve_models_dir(spec)
     set_file = folder / SET_FILE

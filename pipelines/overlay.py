@@ -10,15 +10,15 @@ so they are redacted (blacked out) rather than drawn: nothing of them reaches a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-from pipelines.manifest import Label
-from pipelines.messages import FrameResult
-from pipelines.stages import AnatomyEstimate
+from or_agent.pipelines.manifest import Label
+from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.stages import AnatomyEstimate
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SEVERITY_COLOURS = {"info": (160, 110, 30), "warning": (0, 150, 230), "critical": (20, 20, 210)}  # BGR
@@ -76,7 +76,7 @@ class OverlayRenderer:
         self.hidden[list(hidden_classes)] = True
         self.shown_lut = np.where(self.hidden, 0, 255).astype(np.uint8)
         self._kernel = np.ones((3, 3), np.uint8)
-        self._grid_cache = None
+        self._grid_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     def draw(self, image: np.ndarray, result: FrameResult | None, alerts: Sequence[AlertBanner] = (),
              paused_reason: str | None = None) -> np.ndarray:
@@ -93,7 +93,7 @@ class OverlayRenderer:
             paused_reason = "no AI result"
         if paused_reason is not None:
             self._paused(out, paused_reason)
-        else:
+        elif result is not None:
             if result.anatomy is not None:
                 self._anatomy(out, result.anatomy)
             if result.phase is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.surgery import PHASE_TRANSITIONS, PHASES
+from or_agent.pipelines.surgery import PHASE_TRANSITIONS, PHASES
 
 
 def reachable_phases() -> np.ndarray:

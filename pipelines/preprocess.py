@@ -38,11 +38,11 @@ class ContentArea:
             raise ValueError(f"content radius must be positive, got {self.radius}")
 
     @classmethod
-    def whole_frame(cls, width: int, height: int) -> "ContentArea":
+    def whole_frame(cls, width: int, height: int) -> ContentArea:
         return cls(width / 2, height / 2, float(np.hypot(width, height) / 2), 0, 0, width, height)
 
     @classmethod
-    def from_circle(cls, cx: float, cy: float, radius: float, width: int, height: int) -> "ContentArea":
+    def from_circle(cls, cx: float, cy: float, radius: float, width: int, height: int) -> ContentArea:
         x0, y0 = max(0, int(np.floor(cx - radius))), max(0, int(np.floor(cy - radius)))
         x1, y1 = min(width, int(np.ceil(cx + radius))), min(height, int(np.ceil(cy + radius)))
         if x1 - x0 < 8 or y1 - y0 < 8:
@@ -59,7 +59,7 @@ def detect_content_area(frame: np.ndarray) -> ContentArea | None:
     h, w = frame.shape[:2]
     small = cv2.resize(frame, (max(1, w // _DOWNSCALE), max(1, h // _DOWNSCALE)), interpolation=cv2.INTER_AREA)
     grey = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    mask = (grey > _BORDER_LEVEL).astype(np.uint8)
+    mask: np.ndarray = (grey > _BORDER_LEVEL).astype(np.uint8)
     if mask.sum() < _MIN_AREA_FRACTION * mask.size:
         return None
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))

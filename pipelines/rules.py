@@ -29,21 +29,23 @@ for acknowledgement and re-announces them is the agent's business. No rule ever 
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
-from pipelines.messages import FrameResult
-from pipelines.surgery import ANATOMY_NAMES, PHASE_DURATIONS, PHASES
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.surgery import ANATOMY_NAMES, PHASE_DURATIONS, PHASES
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 SEVERITIES = ("info", "warning", "critical")
@@ -81,7 +83,7 @@ class RuleInputs:
     system: SystemHealth = SystemHealth()
 
     @classmethod
-    def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> "RuleInputs":
+    def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> RuleInputs:
         areas: tuple[float, ...] = ()  # no estimate: every class absent (see ``area``)
         cmap, scale = None, 1.0
         if r.anatomy is not None and not r.out_of_body:
@@ -152,7 +154,7 @@ class AlertTransition:
     t_s: float
 
 
-def _class_id(name: str, where: str, rule: "Rule") -> int:
+def _class_id(name: str, where: str, rule: Rule) -> int:
     if name not in rule.classes:
         raise InputError(f"{where}: unknown anatomy class {name!r}: no model of {rule.owner} has it "
                          f"(known: {', '.join(rule.classes)})")
@@ -181,7 +183,7 @@ class _Condition:
             v = p[key]
             if isinstance(v, int) and not isinstance(v, bool) and float in (types if isinstance(types, tuple) else (types,)):
                 v = float(v)
-            if not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
                 raise InputError(f"{where}.{key}: wrong type {type(v).__name__}")
             return v
 

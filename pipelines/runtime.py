@@ -19,17 +19,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
-from pipelines.errors import ModelError, OrAgentError
-from pipelines.frame_path import FramePath, HostFramePath
-from pipelines.masks import anatomy_polygons
-from pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
-from pipelines.preprocess import ContentArea, ContentAreaTracker
-from pipelines.schedule import Cadence, FrameSchedule
-from pipelines.stages import AnatomyStage, PhaseEstimate, PhaseStage, VisibilityEstimate, VisibilityStage
-from pipelines.telemetry import StageClock
+from or_agent.pipelines.errors import ModelError, OrAgentError
+from or_agent.pipelines.frame_path import FramePath, HostFramePath
+from or_agent.pipelines.masks import anatomy_polygons
+from or_agent.pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
+from or_agent.pipelines.preprocess import ContentArea, ContentAreaTracker
+from or_agent.pipelines.schedule import Cadence, FrameSchedule
+from or_agent.pipelines.stages import AnatomyStage, PhaseEstimate, PhaseStage, VisibilityEstimate, VisibilityStage
+from or_agent.pipelines.telemetry import StageClock
 
 _END = object()  # end-of-stream marker that flows through every queue
 
@@ -65,6 +65,11 @@ class _Work:
     phase_fresh: bool = False
     anatomy_fresh: bool = False
     result: FrameResult | None = None
+
+    @property
+    def out_of_body(self) -> bool:
+        assert self.visibility is not None, "visibility is decided before anything reads it"
+        return self.visibility.out_of_body
 
 
 class Pipeline:
@@ -226,7 +231,7 @@ class Pipeline:
                 if not self._put(self._queues[0], _Work(frame, {"capture": frame.capture_ns})):
                     return
             self._put(self._queues[0], _END)
-        except BaseException as exc:  # noqa: BLE001 - any failure ends the run with a named error
+        except BaseException as exc:
             self._fail(exc)
 
     def _stage_loop(self, step, in_q: queue.Queue, out_q: queue.Queue | None) -> None:
@@ -245,12 +250,13 @@ class Pipeline:
                 step(item)
                 if out_q is not None and not self._put(out_q, item):
                     return
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self._fail(exc)
 
     def _preprocess(self, w: _Work) -> None:
         img = w.frame.image
         w.area = self._tracker.update(img)
+        assert self._schedule is not None, "frames flow only after start()"
         due = self._schedule.due(w.frame.media_ms)
         stages = [stage for name, stage in (("visibility", self.visibility), ("phase", self.phase),
                                             ("anatomy", self.anatomy)) if name in due]
@@ -263,7 +269,7 @@ class Pipeline:
             if w.vis_x is not None:  # between its runs (a cadence below every frame) its verdict holds
                 self._last_visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
             w.visibility = self._last_visibility
-            if w.phase_x is not None and not w.visibility.out_of_body:
+            if w.phase_x is not None and not w.out_of_body:
                 # Out of the body the phase model is not stepped: the room says nothing about the phase.
                 self._last_phase = self.phase.post_process(self.phase.predict(w.phase_x), w.frame.media_ms / 1000.0)
                 w.phase_fresh = True
@@ -280,7 +286,7 @@ class Pipeline:
 
     def _infer_anatomy(self, w: _Work) -> None:
         try:
-            if w.anatomy_x is not None and not w.visibility.out_of_body:
+            if w.anatomy_x is not None and not w.out_of_body:
                 logits = self.anatomy.predict(w.anatomy_x, on_device=self.frame_path.reduces_on_device)
                 # Reduced here when the logits are on the device: the engine reuses that buffer next frame.
                 w.anatomy_logits = self.frame_path.reduce(logits)
@@ -290,7 +296,7 @@ class Pipeline:
         w.marks["inference"] = time.monotonic_ns()
 
     def _postprocess(self, w: _Work) -> None:
-        if w.visibility.out_of_body:
+        if w.out_of_body:
             anatomy = None  # nothing is drawn or measured on the room
         elif w.anatomy_logits is not None:
             anatomy = self.anatomy.post_process(w.anatomy_logits, w.area)

@@ -15,8 +15,8 @@ time is counted from the frame that ran.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 _EVERY_FRAME = re.compile(r"every frame")
 _EVERY_K = re.compile(r"every (\d+) frames")
@@ -38,7 +38,7 @@ class Cadence:
             raise ValueError(f"a cadence of every K frames needs K >= 1, got {self.every_frames}")
 
     @classmethod
-    def parse(cls, text: str) -> "Cadence":
+    def parse(cls, text: str) -> Cadence:
         """``"every frame"``, ``"every 3 frames"`` or ``"5 Hz"``; ValueError naming the forms otherwise."""
         t = str(text).strip()
         if _EVERY_FRAME.fullmatch(t):
@@ -77,7 +77,7 @@ class FrameSchedule:
 
     def reset(self) -> None:
         """Back to the start of a case: every model is due on the first frame."""
-        self._beat_ms: dict[str, float | None] = {name: None for name in self.cadences}
+        self._beat_ms: dict[str, float | None] = dict.fromkeys(self.cadences)
         self._last_media_ms: float | None = None
         self._intervals: list[float] = []
 

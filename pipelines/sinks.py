@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _STOP = object()
@@ -31,7 +32,7 @@ class QueuedSubscriber(Generic[T]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
 
-    def start(self) -> "QueuedSubscriber[T]":
+    def start(self) -> QueuedSubscriber[T]:
         self._thread.start()
         return self
 
@@ -66,7 +67,7 @@ class QueuedSubscriber(Generic[T]):
             try:
                 self.handle(item)
                 self.handled += 1
-            except BaseException as exc:  # noqa: BLE001 - reported through .error, never lost silently
+            except BaseException as exc:
                 self.error = exc
                 return
 

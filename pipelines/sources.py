@@ -31,16 +31,17 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
-from pipelines.messages import Frame, SourceEvent
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.messages import Frame, SourceEvent
 
 EVENT_QUEUE_LEN = 256  # events kept for a consumer that drains rarely; the oldest go first
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -240,6 +241,8 @@ class _LiveGrabber:
                 self._cond.notify_all()
 
     def _read(self) -> tuple[np.ndarray, float, int] | None:
+        if self._cap is None:
+            return None
         image = _read_bgr(self._cap)
         if image is None:
             return None
@@ -280,6 +283,7 @@ class _LiveGrabber:
 
     def _reconnect(self) -> bool:
         """Reopen until a frame comes back; False when stopped first."""
+        assert self._reopen is not None, "only a grabber that can reopen its source reconnects"
         lost_ns = time.monotonic_ns()
         if self._cap is not None:
             self._cap.release()  # a V4L2 device stays busy until released
@@ -369,7 +373,7 @@ class FrameSource(ABC):
         if self._started:
             self._close()
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:
         self.start()
         return self
 
@@ -571,13 +575,15 @@ class VideoFileSource(FrameSource):
         if self._done:
             return None
         # Unpaced frames are decoded on demand, so the timeout never matters here.
+        got: tuple[np.ndarray, float] | None
         if self._first is not None:
             got, self._first = self._first, None
         else:
-            got = self._decode(self._cap, self._decoded)
+            got = None if self._cap is None else self._decode(self._cap, self._decoded)
         if got is None:
             self._done = True
-            self._cap.release()
+            if self._cap is not None:
+                self._cap.release()
             self._cap = None
             self._finish(self._decoded)
             return None
@@ -736,10 +742,10 @@ class _LiveCaptureSource(FrameSource):
             self._grabber.stop()
 
     def _read(self, timeout_s: float | None) -> Frame | None:
-        return self._grabber.take(timeout_s)
+        return None if self._grabber is None else self._grabber.take(timeout_s)
 
     def _is_ended(self) -> bool:
-        return self._grabber.ended
+        return self._grabber is None or self._grabber.ended
 
 
 class CaptureDeviceSource(_LiveCaptureSource):
@@ -775,7 +781,7 @@ class CaptureDeviceSource(_LiveCaptureSource):
     def _configure(self, cap: Capture) -> None:
         width, height, fps = self._want
         if self._fourcc:  # before the size: the size on offer depends on the pixel format
-            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self._fourcc))
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*self._fourcc))
         if width:
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         if height:

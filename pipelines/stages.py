@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.backends import InferenceBackend
-from pipelines.errors import ManifestError, ModelError
-from pipelines.phase_filter import PhaseFilter
-from pipelines.preprocess import ContentArea, crop_resize, normalise
+from or_agent.pipelines.backends import InferenceBackend
+from or_agent.pipelines.errors import ManifestError, ModelError
+from or_agent.pipelines.phase_filter import PhaseFilter
+from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -1,10 +1,12 @@
 """The checked-in codegen step: regenerate the Python stubs from the .proto files.
 
-    python -m proto.generate            # rewrite proto/oragent/v1/*_pb2*.py
-    python -m proto.generate --check    # exit 1 if the checked-in stubs are stale
+    python -m or_agent.proto.generate            # rewrite proto/oragent/v1/*_pb2*.py
+    python -m or_agent.proto.generate --check    # exit 1 if the checked-in stubs are stale
 
 Uses grpcio-tools (the `dev` extra). The stubs are committed so that the agent needs only grpcio
-and protobuf at run time.
+and protobuf at run time. protoc names the stubs' modules after the .proto's path (``proto/...``);
+they are installed under the one ``or_agent`` package, so their module names are moved there
+(the .proto file name and the wire package ``oragent.v1`` stay as they are).
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ PROTOS = sorted((ROOT / "proto").rglob("*.proto"))
 
 
 def generate(out_root: Path) -> list[Path]:
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     written = []
@@ -34,8 +35,17 @@ def generate(out_root: Path) -> list[Path]:
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {rel}")
         stem = rel.with_suffix("")
-        written += [out_root / f"{stem}_pb2.py", out_root / f"{stem}_pb2.pyi", out_root / f"{stem}_pb2_grpc.py"]
+        outputs = [out_root / f"{stem}_pb2.py", out_root / f"{stem}_pb2.pyi", out_root / f"{stem}_pb2_grpc.py"]
+        for out in outputs:
+            out.write_text(_into_package(out.read_text()))
+        written += outputs
     return written
+
+
+def _into_package(text: str) -> str:
+    """The generated stubs' own module names (``proto.oragent...``), under the ``or_agent`` package."""
+    return (text.replace("from proto.oragent.", "from or_agent.proto.oragent.")
+                .replace("'proto.oragent.", "'or_agent.proto.oragent."))
 
 
 def main(argv=None) -> int:
@@ -55,7 +65,7 @@ def main(argv=None) -> int:
                 shutil.copyfile(f, target)
                 print(f"wrote {rel}")
     if stale:
-        print("stale generated stubs (run: python -m proto.generate): " + ", ".join(stale), file=sys.stderr)
+        print("stale generated stubs (run: python -m or_agent.proto.generate): " + ", ".join(stale), file=sys.stderr)
         return 1
     return 0
 

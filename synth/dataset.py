@@ -18,18 +18,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
-from pipelines.files import atomic_path, atomic_write_text
-from pipelines.surgery import PHASES, TOOLS
-from synth.render import GENERATOR_VERSION, SurgeryRenderer
-from synth.timeline import sample_timeline
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import atomic_path, atomic_write_text
+from or_agent.pipelines.surgery import PHASES, TOOLS
+from or_agent.synth.render import GENERATOR_VERSION, SurgeryRenderer
+from or_agent.synth.timeline import sample_timeline
 
 
 @dataclass(frozen=True)

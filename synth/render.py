@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipelines.surgery import PHASES, TOOLS, Anatomy
-from synth.textures import make_room, make_texture_stack
-from synth.timeline import Timeline
+from or_agent.pipelines.surgery import PHASES, TOOLS, Anatomy
+from or_agent.synth.textures import make_room, make_texture_stack
+from or_agent.synth.timeline import Timeline
 
 P = {name: i for i, name in enumerate(PHASES)}
 #: Bumped whenever rendering changes what a seed produces, so cached datasets are rebuilt.
@@ -136,7 +136,7 @@ class SurgeryRenderer:
         return vignette, inside
 
     def _make_smoke(self, rng) -> np.ndarray:
-        from synth.textures import smooth_noise
+        from or_agent.synth.textures import smooth_noise
         h, w = self.height, self.width
         n = 0.6 * smooth_noise(rng, (h, w), 5) + 0.4 * smooth_noise(rng, (h, w), 11)
         grey = np.clip(200 + 40 * n, 0, 255).astype(np.uint8)
@@ -144,7 +144,7 @@ class SurgeryRenderer:
 
     def _sample_tools(self, rng) -> dict:
         params = {}
-        for i, name in enumerate(TOOLS):
+        for _i, name in enumerate(TOOLS):
             # Trocars: graspers from the upper right, energy and clip applier from the left.
             side = {"Grasper": 0.15, "Bipolar": 0.3, "Hook": 3.6, "Scissors": 3.5, "Clipper": 3.4,
                     "Irrigator": 2.6, "SpecimenBag": 1.4}[name]
@@ -247,7 +247,8 @@ class SurgeryRenderer:
         if phase == P["CleaningCoagulation"]:  # old blood pooled in the liver bed
             for k in range(3):
                 at = bed_c + (0.05 * (k - 1), 0.06 + 0.02 * k)
-                _ellipse(None, lab, self._w(*at), (0.02 * W * (1 - 0.7 * p) + 2, 0.012 * H * (1 - 0.7 * p) + 2), 20 * k, None, Anatomy.BLOOD)
+                axes = (0.02 * W * (1 - 0.7 * p) + 2, 0.012 * H * (1 - 0.7 * p) + 2)
+                _ellipse(None, lab, self._w(*at), axes, 20 * k, None, Anatomy.BLOOD)
         return lab
 
     def _shade_edges(self, colour: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -348,7 +349,8 @@ class SurgeryRenderer:
             axes = (0.28 * r, 0.2 * r)
             ang = float(np.degrees(np.arctan2(u[1], u[0])))
             _ellipse(img, lab, centre, axes, ang, (200, 205, 200), cls)
-            cv2.ellipse(img, (int(centre[0]), int(centre[1])), (int(axes[0] * 0.7), int(axes[1] * 0.5)), ang, 200, 340, (240, 240, 240), 3, cv2.LINE_AA)
+            cv2.ellipse(img, (int(centre[0]), int(centre[1])), (int(axes[0] * 0.7), int(axes[1] * 0.5)), ang, 200, 340,
+                        (240, 240, 240), 3, cv2.LINE_AA)
             # the bag's drawstring runs back to the trocar
             cv2.line(lab, np.int32(centre), np.int32(entry), int(cls), 4)
             cv2.line(img, np.int32(centre), np.int32(entry), (215, 215, 210), 4, cv2.LINE_AA)
@@ -375,7 +377,8 @@ class SurgeryRenderer:
             jaw_len = (0.11 if name != "Scissors" else 0.14) * r
             for sign in (1, -1):
                 d = u * np.cos(0.35 * opening) + sign * v * np.sin(0.35 * opening)
-                jaw = np.array([shaft_end + sign * v * w_tip * 0.9, shaft_end + d * jaw_len, shaft_end + d * jaw_len * 0.9 - sign * v * 2, shaft_end])
+                jaw = np.array([shaft_end + sign * v * w_tip * 0.9, shaft_end + d * jaw_len,
+                                shaft_end + d * jaw_len * 0.9 - sign * v * 2, shaft_end])
                 jq = np.int32(np.round(jaw))
                 cv2.fillConvexPoly(lab, jq, int(cls))
                 cv2.fillConvexPoly(img, jq, (120, 90, 70) if name == "Bipolar" else metal, cv2.LINE_AA)
@@ -449,6 +452,7 @@ class SurgeryRenderer:
         zoom = float(np.hypot(cam[0, 0], cam[1, 0]))
         r = (4 + 0.09 * self.fov.radius * grow) * zoom
         _ellipse(img, lab, c, (r, r * 0.7), 30, (15, 10, 110), Anatomy.BLOOD)
-        cv2.ellipse(img, (int(c[0] - r * 0.3), int(c[1] - r * 0.2)), (max(1, int(r * 0.25)), max(1, int(r * 0.1))), 30, 0, 360, (170, 170, 230), -1)
+        cv2.ellipse(img, (int(c[0] - r * 0.3), int(c[1] - r * 0.2)), (max(1, int(r * 0.25)), max(1, int(r * 0.1))), 30, 0, 360,
+                    (170, 170, 230), -1)
         inside = 0 <= c[0] < self.width and 0 <= c[1] < self.height
         return bool(inside)

@@ -15,8 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from synth.dataset import SynthConfig, write_video
-from synth.render import GENERATOR_VERSION
+from or_agent.synth.dataset import SynthConfig, write_video
+from or_agent.synth.render import GENERATOR_VERSION
 
 TRAIN = SynthConfig(videos=12, seed=1, time_scale=25.0, mask_every=10)
 HELD_OUT = SynthConfig(videos=3, seed=2, time_scale=25.0, mask_every=25)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines.surgery import Anatomy
+from or_agent.pipelines.surgery import Anatomy
 
 # Base colours (BGR) picked from the real Cholec80 footage, with how strongly each tissue
 # varies in brightness and whether it shows vessels.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.errors import InputError
-from pipelines.surgery import PHASE_DURATIONS, PHASE_ID, PHASE_TRANSITIONS, PHASES, CHOLEC80_VIDEOS
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.surgery import CHOLEC80_VIDEOS, PHASE_DURATIONS, PHASE_ID, PHASE_TRANSITIONS, PHASES
 
 _Z90 = 1.2815515655446004  # standard normal 90th percentile
 

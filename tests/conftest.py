@@ -14,7 +14,7 @@ def run_cli(*args: str, check: bool = False):
     """Run the installed command line in a subprocess, as a user would."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "or_agent.agent.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"or-agent {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -31,7 +31,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """One short synthetic surgery (about 35 s) with masks every 10 frames."""
-    from synth.dataset import SynthConfig, write_dataset
+    from or_agent.synth.dataset import SynthConfig, write_dataset
 
     out = tmp_path_factory.mktemp("synth-small")
     write_dataset(out, SynthConfig(videos=1, seed=5, time_scale=60.0, mask_every=10))
@@ -42,8 +42,8 @@ def small_dataset(tmp_path_factory) -> Path:
 def held_out_video(tmp_path_factory) -> Path:
     """The first held-out surgery the models were measured on (time scale 1/25), regenerated
     bit-for-bit from its seed; about 100 s of video with masks every 25 frames."""
-    from synth.splits import HELD_OUT
-    from synth.dataset import write_video
+    from or_agent.synth.dataset import write_video
+    from or_agent.synth.splits import HELD_OUT
 
     out = tmp_path_factory.mktemp("held-out")
     write_video(out, 1, HELD_OUT)
@@ -55,7 +55,7 @@ def assert_runs_with_documented_shapes(manifest) -> None:
     output has its declared shape, float32 and finite values."""
     import numpy as np
 
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
     with OnnxRuntimeBackend(manifest) as backend:
         feed = {manifest.input.name: np.random.default_rng(0).normal(size=manifest.input.shape).astype(np.float32)}

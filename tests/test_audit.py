@@ -9,9 +9,8 @@ from argparse import Namespace
 
 import pytest
 
-from agent.audit import (HEAD_NAME, ZERO_HASH, AuditLog, VerifyResult, audit_files, canonical, cmd_audit_verify,
-                         record_hash, verify)
-from pipelines.errors import InputError
+from or_agent.agent.audit import HEAD_NAME, ZERO_HASH, AuditLog, VerifyResult, audit_files, canonical, cmd_audit_verify, record_hash, verify
+from or_agent.pipelines.errors import InputError
 
 KIND_CYCLE = ["note", "alert_raised", "config", "alert_cleared", "models"]
 
@@ -232,7 +231,7 @@ def test_a_crash_mid_write_leaves_a_truncated_tail_that_is_not_tampering(tmp_pat
 
 def test_reopening_after_a_crash_continues_in_a_new_file(tmp_path):
     d = tmp_path / "audit"
-    log, f = crashed_chain(d)
+    _log, f = crashed_chain(d)
     before = {p.name: p.read_bytes() for p in audit_files(d)}
     last_complete = json.loads(lines(f)[-2])
     with AuditLog(d, max_bytes=4096) as log2:

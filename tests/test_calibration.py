@@ -18,17 +18,17 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from calibration.common import find_labels, resolve_model
-from calibration.compare import pair_models, run_compare
-from calibration.fp16 import float_types
-from calibration.int8 import qdq_summary
-from calibration.sampling import _Candidate, sample_frames, select
-from calibration.temperature import apply_temperature, expected_calibration_error, fit_temperature, nll
-from pipelines.backends.onnxruntime import cpu_int8_kernels
-from pipelines.errors import InputError, OrAgentError
-from pipelines.manifest import load_manifest, sha256_of
-from pipelines.surgery import PHASES
-from synth.dataset import SynthConfig, write_video
+from or_agent.calibration.common import find_labels, resolve_model
+from or_agent.calibration.compare import pair_models, run_compare
+from or_agent.calibration.fp16 import float_types
+from or_agent.calibration.int8 import qdq_summary
+from or_agent.calibration.sampling import _Candidate, sample_frames, select
+from or_agent.calibration.temperature import apply_temperature, expected_calibration_error, fit_temperature, nll
+from or_agent.pipelines.backends.onnxruntime import cpu_int8_kernels
+from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.manifest import load_manifest, sha256_of
+from or_agent.pipelines.surgery import PHASES
+from or_agent.synth.dataset import SynthConfig, write_video
 from tests.conftest import ROOT, assert_runs_with_documented_shapes
 from tests.test_models import TENSORRT_OPS
 
@@ -55,7 +55,7 @@ FP16_ANATOMY_AGREEMENT_MIN = 0.98
 def calibrate_cli(*argv: str) -> tuple[int, str, str]:
     """``or-agent calibrate ...`` in this process: through agent.cli once it is wired there, else through
     ``calibration.cli.add_arguments`` with agent.cli's one-line error handling."""
-    from agent import cli
+    from or_agent.agent import cli
 
     parser = cli.build_parser()
     wired = any(isinstance(a, argparse._SubParsersAction) and "calibrate" in a.choices for a in parser._actions)
@@ -64,7 +64,7 @@ def calibrate_cli(*argv: str) -> tuple[int, str, str]:
         if wired:
             code = cli.main(["calibrate", *argv])
         else:
-            from calibration.cli import add_arguments
+            from or_agent.calibration.cli import add_arguments
 
             ap = argparse.ArgumentParser(prog="or-agent")
             add_arguments(ap.add_subparsers(dest="command"))
@@ -93,7 +93,7 @@ def converted(tmp_path_factory, calib_video):
     code, out, err = calibrate_cli("int8", "--model", "visibility", "--videos", str(calib_video), "--frames", "24",
                                    "--out", str(int8))
     assert code == 0, err
-    from calibration.int8 import calibrate_int8
+    from or_agent.calibration.int8 import calibrate_int8
 
     calibrate_int8("anatomy", [str(calib_video)], int8, frames=12, log=lambda s: None)
     calibrate_int8("phase", [str(calib_video)], int8, frames=32, log=lambda s: None)
@@ -141,7 +141,7 @@ def test_fp16_has_float32_io_and_float16_weights_and_runs(converted, name):
     assert set(types["inputs"].values()) == {"float"} and set(types["outputs"].values()) == {"float"}
     assert types["initializers"] == ["float16"]
     assert all(t.data_type != TensorProto.FLOAT for t in model.graph.initializer)
-    assert set(n.op_type for n in model.graph.node) <= TENSORRT_OPS
+    assert {n.op_type for n in model.graph.node} <= TENSORRT_OPS
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 17
     onnx.checker.check_model(model)
     assert_runs_with_documented_shapes(m)
@@ -210,10 +210,10 @@ def test_sampler_covers_every_phase_and_visibility_state_in_the_labels(calib_vid
 def test_calibration_inputs_are_what_the_stage_feeds_the_model(calib_video):
     """The sampler keeps model-sized uint8 crops and normalises them later; that must equal the stage's
     own pre_process of the decoded frame with the tracker's content area, and so must the phase stepping."""
-    from calibration.common import OutOfBodyJudge, iter_video, phase_steps
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-    from pipelines.preprocess import normalise
-    from pipelines.stages import PhaseStage, VisibilityStage
+    from or_agent.calibration.common import OutOfBodyJudge, iter_video, phase_steps
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.preprocess import normalise
+    from or_agent.pipelines.stages import PhaseStage, VisibilityStage
 
     m = resolve_model("visibility")
     cal = sample_frames([calib_video], m, 3)
@@ -307,9 +307,9 @@ def test_compare_pairs_each_converted_model_with_its_fp32_source(converted):
 def test_default_held_out_video_is_reused_not_regenerated(tmp_path, held_out_video):
     from dataclasses import asdict
 
-    from calibration.compare import default_held_out
-    from synth.splits import HELD_OUT
-    from synth.render import GENERATOR_VERSION
+    from or_agent.calibration.compare import default_held_out
+    from or_agent.synth.render import GENERATOR_VERSION
+    from or_agent.synth.splits import HELD_OUT
 
     stamp = json.dumps({**asdict(HELD_OUT), "generator_version": GENERATOR_VERSION})
     data = tmp_path / "data" / "synth-seed2-n3-x25-m25"
@@ -372,7 +372,7 @@ def test_apply_temperature_writes_the_phase_manifest(tmp_path):
 def test_temperature_command_fits_on_labelled_replay(tmp_path, calib_video):
     shutil.copytree(MODELS / "phase", tmp_path / "models" / "phase")
     shutil.copytree(MODELS / "visibility", tmp_path / "models" / "visibility")
-    code, out, err = calibrate_cli("temperature", "--videos", str(calib_video), "--models-dir", str(tmp_path / "models"))
+    code, out, err = calibrate_cli("temperature", "--videos", str(calib_video), "--models", str(tmp_path / "models"))
     assert code == 0, err
     assert "ECE (15 bins)" in out and "wrote calibration.temperature" in out
     m = load_manifest(tmp_path / "models" / "phase")
@@ -386,7 +386,7 @@ def test_temperature_is_written_only_if_it_helps_on_videos_kept_out_of_the_fit(t
     shutil.copytree(MODELS / "phase", tmp_path / "models" / "phase")
     shutil.copytree(MODELS / "visibility", tmp_path / "models" / "visibility")
     code, out, err = calibrate_cli("temperature", "--videos", str(calib_video), "--check", str(held_out_video / "video01.mp4"),
-                                   "--models-dir", str(tmp_path / "models"))
+                                   "--models", str(tmp_path / "models"))
     line = next(x for x in out.splitlines() if x.startswith("kept out of the fit: ECE "))
     before, after = (float(v) for v in line.split("ECE ")[1].split(",")[0].split(" -> "))
     n_before, n_after = (float(v) for v in line.split("NLL ")[1].split(":")[0].split(" -> "))
@@ -413,6 +413,12 @@ def _no_frames_video(path: Path) -> Path:
     return path
 
 
+def test_an_unknown_model_set_is_one_line_error(tmp_path):
+    code, _out, err = calibrate_cli("compare", "--models", str(tmp_path / "nowhere"))
+    assert code == 3  # as every command's: a model set that cannot be loaded
+    assert err == f"or-agent: error: {tmp_path / 'nowhere'}: no such model set or models directory (bundled sets: synthetic)\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["int8", "--model", "nope", "--videos", "{video}", "--out", "{tmp}/o"],
      "nope: no such model in {models} (installed: anatomy, phase, visibility)"),
@@ -431,14 +437,14 @@ def _no_frames_video(path: Path) -> Path:
      "{tmp}/unlabelled.mp4: no phase labels next to it (unlabelled-phase.txt, unlabelled-phase.csv or unlabelled-flags.csv)"),
     (["temperature", "--model", "anatomy", "--videos", "{video}"],
      "anatomy: temperature scaling is for the phase model, anatomy is a segmentation model"),
-    (["compare", "--models", "{tmp}/nowhere"], "{tmp}/nowhere: no such models directory"),
+    (["compare", "--variants", "{tmp}/nowhere"], "{tmp}/nowhere: no such models directory"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, calib_video, argv, message):
     _no_frames_video(tmp_path / "none.avi")
     (tmp_path / "empty.mp4").write_bytes(b"")
     shutil.copy(calib_video, tmp_path / "unlabelled.mp4")
     fill = {"video": str(calib_video), "tmp": str(tmp_path), "models": str(MODELS)}
-    code, out, err = calibrate_cli(*[a.format(**fill) for a in argv])
+    code, _out, err = calibrate_cli(*[a.format(**fill) for a in argv])
     assert code == 2
     assert err == f"or-agent: error: {message.format(**fill)}\n"
     assert not (tmp_path / "o").exists()

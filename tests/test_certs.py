@@ -18,9 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.certs import (CertificateSet, add_arguments, channel_credentials, cmd_certs, describe, load_tls_files,
-                         make_certificates, server_credentials)
-from pipelines.errors import InputError
+from or_agent.agent.certs import (
+    CertificateSet,
+    add_arguments,
+    channel_credentials,
+    cmd_certs,
+    describe,
+    load_tls_files,
+    make_certificates,
+    server_credentials,
+)
+from or_agent.pipelines.errors import InputError
 
 AGAIN = "; run with --force-new-ca to make a new CA (every display then needs a new certificate)"
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.backends import DeviceTensor, InferenceBackend
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.errors import DependencyError, InputError, ModelError
-from pipelines.frame_path import (GpuFramePath, HostFramePath, ReferenceFramePath, _HostSlot, _SlotPool,
-                                  choose_frame_path)
-from pipelines.manifest import find_model
-from pipelines.metrics import confusion, mean_iou_present
-from pipelines.preprocess import ContentArea
-from pipelines.runtime import Pipeline, PipelineConfig
-from pipelines.sources import FirstFrames, VideoFileSource
-from pipelines.stages import AnatomyReduction, AnatomyStage, PhaseStage, VisibilityStage, reduce_logits
-from synth.dataset import read_phase_file
+from or_agent.pipelines.backends import DeviceTensor, InferenceBackend
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.frame_path import GpuFramePath, HostFramePath, ReferenceFramePath, _HostSlot, _SlotPool, choose_frame_path
+from or_agent.pipelines.manifest import find_model
+from or_agent.pipelines.metrics import confusion, mean_iou_present
+from or_agent.pipelines.preprocess import ContentArea
+from or_agent.pipelines.runtime import Pipeline, PipelineConfig
+from or_agent.pipelines.sources import FirstFrames, VideoFileSource
+from or_agent.pipelines.stages import AnatomyReduction, AnatomyStage, PhaseStage, VisibilityStage, reduce_logits
+from or_agent.synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
 MODELS = ROOT / "models" / "synthetic"
@@ -79,7 +78,7 @@ def test_gpu_requested_on_a_machine_without_one_says_so():
 
 
 def test_config_refuses_an_unknown_preprocessing(tmp_path):
-    from agent.config import load_config
+    from or_agent.agent.config import load_config
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[pipeline]\npreprocessing = "fpga"\n')

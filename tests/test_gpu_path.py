@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.backends import InferenceBackend
-from pipelines.backends import tensorrt as trt_mod
-from pipelines.backends.select import choose_backend, plan_backend
-from pipelines.errors import DependencyError, InputError, ModelError
-from pipelines.manifest import find_model, load_manifest
+from or_agent.pipelines.backends import InferenceBackend
+from or_agent.pipelines.backends import tensorrt as trt_mod
+from or_agent.pipelines.backends.select import choose_backend, plan_backend
+from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.manifest import find_model, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 H200 = trt_mod.GpuInfo("NVIDIA H200", (9, 0), 132, 140 * 1024**3, 13000)
@@ -199,7 +199,7 @@ def test_missing_engines_built_at_start_only_when_configured(anatomy, tmp_path):
 
 
 def test_build_engines_live_is_a_checked_setting(tmp_path):
-    from agent.config import load_config
+    from or_agent.agent.config import load_config
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[pipeline]\nbuild_engines_live = true\ncuda_graphs = true\n')
@@ -211,9 +211,9 @@ def test_build_engines_live_is_a_checked_setting(tmp_path):
 
 
 def test_modules_import_without_tensorrt_or_pycuda():
-    import pipelines.gpu  # noqa: F401
-    import agent.doctor  # noqa: F401
     import bench.gpu_check  # noqa: F401
+    import or_agent.agent.doctor
+    import or_agent.pipelines.gpu  # noqa: F401
 
 
 def test_missing_dependencies_raise_clear_errors():
@@ -227,7 +227,7 @@ def test_missing_dependencies_raise_clear_errors():
         trt_mod.tensorrt_version()
     with pytest.raises(DependencyError, match=r"^no CUDA GPU found \(pycuda: "):
         trt_mod.gpu_info()
-    from pipelines.gpu import GpuPreprocessor
+    from or_agent.pipelines.gpu import GpuPreprocessor
 
     with pytest.raises(DependencyError, match="no CUDA GPU found"):
         GpuPreprocessor(load_manifest(ROOT / "models" / "synthetic" / "anatomy").input_spec, (1080, 1920))
@@ -244,9 +244,9 @@ def _frame(h, w, seed=0):
 @pytest.mark.parametrize("shape", [(1080, 1920), (2160, 3840), (480, 854)])
 def test_gpu_arithmetic_reproduces_the_cpu_path(anatomy, shape):
     """The kernels' arithmetic (area average rounded to whole grey levels) is OpenCV's INTER_AREA."""
-    from pipelines.gpu import preprocess_reference, same_input
-    from pipelines.gpu.kernels import grey_level_differences
-    from pipelines.preprocess import ContentArea, crop_resize, normalise
+    from or_agent.pipelines.gpu import preprocess_reference, same_input
+    from or_agent.pipelines.gpu.kernels import grey_level_differences
+    from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
 
     h, w = shape
     frame = _frame(h, w)
@@ -259,7 +259,7 @@ def test_gpu_arithmetic_reproduces_the_cpu_path(anatomy, shape):
         same, worst, share = same_input(ref, cpu, spec)
         assert same and share < 1e-4, (m.name, worst, share)
     # without the rounding (the exact area average) the inputs would differ by up to half a level everywhere
-    from pipelines.gpu import area_resize_reference
+    from or_agent.pipelines.gpu import area_resize_reference
 
     spec = anatomy.input_spec
     crop = frame[area.y0:area.y1, area.x0:area.x1]
@@ -270,9 +270,9 @@ def test_gpu_arithmetic_reproduces_the_cpu_path(anatomy, shape):
 
 
 def test_reduce_reference_matches_anatomy_stage(anatomy):
-    from pipelines.gpu import reduce_logits_reference
-    from pipelines.preprocess import ContentArea
-    from pipelines.stages import AnatomyStage
+    from or_agent.pipelines.gpu import reduce_logits_reference
+    from or_agent.pipelines.preprocess import ContentArea
+    from or_agent.pipelines.stages import AnatomyStage
 
     class Dummy(InferenceBackend):
         def run(self, inputs):
@@ -288,7 +288,7 @@ def test_reduce_reference_matches_anatomy_stage(anatomy):
 # --------------------------------------------------------------------------- doctor
 
 def test_doctor_on_this_machine(tmp_path):
-    from agent.doctor import run_doctor
+    from or_agent.agent.doctor import run_doctor
 
     lines = []
     code = run_doctor(cache_dir=tmp_path / "engines", out=lines.append, work_dir=tmp_path, audit_dir=tmp_path / "audit")
@@ -305,7 +305,7 @@ def test_doctor_on_this_machine(tmp_path):
 
 
 def test_doctor_names_a_corrupt_model(tmp_path):
-    from agent.doctor import run_doctor
+    from or_agent.agent.doctor import run_doctor
 
     models = tmp_path / "models"
     shutil.copytree(ROOT / "models" / "synthetic", models, ignore=shutil.ignore_patterns("training", "*.py", "__pycache__"))
@@ -353,8 +353,8 @@ def _need_tensorrt():
 @pytest.mark.parametrize("shape", [(1080, 1920), (2160, 3840)])
 def test_gpu_preprocess_matches_reference(shape, anatomy):
     _need_gpu()
-    from pipelines.gpu import GpuPreprocessor, preprocess_reference, same_input
-    from pipelines.preprocess import ContentArea, crop_resize, normalise
+    from or_agent.pipelines.gpu import GpuPreprocessor, preprocess_reference, same_input
+    from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
 
     h, w = shape
     frame = _frame(h, w, 1)
@@ -373,7 +373,7 @@ def test_gpu_preprocess_matches_reference(shape, anatomy):
 @pytest.mark.gpu
 def test_gpu_reducer_matches_reference():
     _need_gpu()
-    from pipelines.gpu import GpuLogitsReducer, reduce_logits_reference
+    from or_agent.pipelines.gpu import GpuLogitsReducer, reduce_logits_reference
 
     logits = (np.random.default_rng(2).normal(size=(1, 13, 256, 448)) * 3).astype(np.float32)
     with GpuLogitsReducer(13, 256, 448) as red:
@@ -388,7 +388,7 @@ def test_gpu_reducer_matches_reference():
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     _need_tensorrt()
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
     m = find_model("phase")
     info, version = trt_mod.gpu_info(), trt_mod.tensorrt_version()

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from pipelines.errors import ManifestError
-from pipelines.manifest import discover, find_model, load_manifest, sha256_of
+from or_agent.pipelines.errors import ManifestError
+from or_agent.pipelines.manifest import discover, find_model, load_manifest, sha256_of
 from tests.conftest import ROOT, run_cli
 
 SHIPPED = ROOT / "models" / "synthetic"
@@ -19,7 +19,7 @@ def test_shipped_manifests_validate_and_hashes_match():
         m = load_manifest(p)
         m.verify_file()
         assert m.model_path.stat().st_size < 10 * 1024 * 1024
-        assert m.training["command"].startswith("python -m models.training.train")
+        assert m.training["command"].startswith("python -m or_agent.models.training.train")
         assert m.metrics, f"{p}: no held-out metrics recorded"
     assert find_model("phase", SHIPPED).state_inputs[0].name == "state_in"
 

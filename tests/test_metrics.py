@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from pipelines.metrics import (confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores,
-                               relax_boundaries, recall)
+from or_agent.pipelines.metrics import confusion, mean_iou_present, per_class_dice, per_class_iou, phase_scores, recall, relax_boundaries
 
 
 def test_iou_and_dice_on_known_masks():

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from pipelines.errors import InputError, ManifestError
-from pipelines.manifest import Task, load_manifest, resolve_models_dir
-from pipelines.model_set import load_model_set
-from pipelines.schedule import Cadence
+from or_agent.pipelines.errors import InputError, ManifestError
+from or_agent.pipelines.manifest import Task, load_manifest, resolve_models_dir
+from or_agent.pipelines.model_set import load_model_set
+from or_agent.pipelines.schedule import Cadence
 from tests.conftest import ROOT, run_cli
 
 SYNTHETIC = ROOT / "models" / "synthetic"
@@ -45,7 +45,8 @@ def test_a_rule_naming_a_class_no_model_has_is_refused_at_load(set_copy):
                                                'classes = ["L-hook Electrocautery", "Cystic Artery"]'))
     with pytest.raises(InputError) as e:
         load_model_set(set_copy)
-    assert "rules.energy_near_cystic_duct.classes: unknown anatomy class 'Cystic Artery': no model of model set 'synthetic' has it" in str(e.value)
+    assert ("rules.energy_near_cystic_duct.classes: unknown anatomy class 'Cystic Artery': "
+            "no model of model set 'synthetic' has it") in str(e.value)
 
 
 def test_a_plain_models_directory_is_a_set_with_the_built_in_rules(tmp_path):

@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.errors import ModelError
-from pipelines.manifest import discover, find_model, load_manifest
-from pipelines.preprocess import ContentArea
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.errors import ModelError
+from or_agent.pipelines.manifest import discover, find_model, load_manifest
+from or_agent.pipelines.preprocess import ContentArea
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
 from tests.conftest import ROOT, assert_runs_with_documented_shapes
 
 MODELS = ROOT / "models" / "synthetic"
@@ -60,7 +60,7 @@ def test_stage_refuses_a_model_of_another_task():
 
 
 def test_models_reach_their_recorded_accuracy_on_held_out_surgery(held_out_video):
-    from models.evaluate import evaluate_dataset
+    from or_agent.models.evaluate import evaluate_dataset
 
     s = evaluate_dataset(held_out_video, models_dir=MODELS).summary()
     anatomy = json.loads((MODELS / "anatomy" / "manifest.json").read_text())["metrics"]
@@ -77,9 +77,9 @@ def test_stages_produce_valid_typed_results(small_dataset):
     import cv2
 
     cap = cv2.VideoCapture(str(small_dataset / "video01.mp4"))
-    ok, frame = cap.read()
+    _ok, frame = cap.read()
     cap.release()
-    from pipelines.preprocess import detect_content_area
+    from or_agent.pipelines.preprocess import detect_content_area
 
     area = detect_content_area(frame)
     a = AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", MODELS)))(frame, area)
@@ -94,8 +94,8 @@ def test_stages_produce_valid_typed_results(small_dataset):
 def test_phase_stage_applies_the_manifest_temperature(tmp_path):
     import shutil
 
-    from calibration.temperature import apply_temperature
-    from pipelines.stages import softmax
+    from or_agent.calibration.temperature import apply_temperature
+    from or_agent.pipelines.stages import softmax
 
     shutil.copytree(MODELS / "phase", tmp_path / "phase")
     apply_temperature(tmp_path / "phase" / "manifest.json", 2.0, 0.05, 0.02)
@@ -107,7 +107,7 @@ def test_phase_stage_applies_the_manifest_temperature(tmp_path):
 
 
 def test_shipped_temperature_was_fitted_elsewhere_and_improves_held_out_likelihood(held_out_video):
-    from calibration.temperature import collect_phase_logits, nll
+    from or_agent.calibration.temperature import collect_phase_logits, nll
 
     m = find_model("phase")
     cal = m.extra["calibration"]

@@ -8,15 +8,15 @@ import time
 import numpy as np
 import pytest
 
-from pipelines.backends import InferenceBackend
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.errors import ModelError
-from pipelines.manifest import find_model
-from pipelines.messages import STAGE_MARKS
-from pipelines.runtime import Pipeline, PipelineConfig
-from pipelines.sources import VideoFileSource
-from pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
-from synth.dataset import read_phase_file
+from or_agent.pipelines.backends import InferenceBackend
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.errors import ModelError
+from or_agent.pipelines.manifest import find_model
+from or_agent.pipelines.messages import STAGE_MARKS
+from or_agent.pipelines.runtime import Pipeline, PipelineConfig
+from or_agent.pipelines.sources import VideoFileSource
+from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
 MODELS = ROOT / "models" / "synthetic"
@@ -100,7 +100,7 @@ def test_stop_midway_returns_promptly_and_twice(small_dataset):
     t0 = time.monotonic()
     p.stop()
     p.stop()
-    assert time.monotonic() - t0 < 10 and 0 < len(seen)  # a hang bound: it did not wait for the video's end
+    assert time.monotonic() - t0 < 10 and len(seen) > 0  # a hang bound: it did not wait for the video's end
 
 
 def test_no_unbounded_queue(small_dataset):
@@ -113,7 +113,7 @@ def test_no_unbounded_queue(small_dataset):
 
 
 def test_slow_subscriber_never_loses_a_frame_from_a_recording(small_dataset):
-    from pipelines.sinks import QueuedSubscriber
+    from or_agent.pipelines.sinks import QueuedSubscriber
 
     got = []
 
@@ -130,7 +130,7 @@ def test_slow_subscriber_never_loses_a_frame_from_a_recording(small_dataset):
 
 
 def test_live_style_subscriber_drops_oldest_and_counts():
-    from pipelines.sinks import QueuedSubscriber
+    from or_agent.pipelines.sinks import QueuedSubscriber
 
     release = threading.Event()
     got = []

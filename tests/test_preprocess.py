@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from pipelines.preprocess import ContentArea, ContentAreaTracker, InputSpec, crop_resize, detect_content_area, normalise, paste_back
+from or_agent.pipelines.preprocess import (
+    ContentArea,
+    ContentAreaTracker,
+    InputSpec,
+    crop_resize,
+    detect_content_area,
+    normalise,
+    paste_back,
+)
 
 
 @pytest.mark.parametrize("order", ["RGB", "BGR"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-import proto.generate as codegen
+import or_agent.proto.generate as codegen
 from tests.conftest import ROOT
 
 
@@ -21,4 +21,4 @@ def test_a_changed_proto_makes_the_check_fail(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(codegen, "ROOT", tmp_path)
     monkeypatch.setattr(codegen, "PROTOS", [proto])
     assert codegen.main(["--check"]) == 1
-    assert "stale generated stubs (run: python -m proto.generate): proto/oragent/v1/agent_pb2.py" in capsys.readouterr().err
+    assert "stale generated stubs (run: python -m or_agent.proto.generate): proto/oragent/v1/agent_pb2.py" in capsys.readouterr().err

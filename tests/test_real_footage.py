@@ -5,10 +5,10 @@ The footage is not redistributed with the project: these tests skip where it is 
 import cv2
 import pytest
 
-from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from pipelines.manifest import find_model
-from pipelines.preprocess import ContentAreaTracker, detect_content_area
-from pipelines.stages import AnatomyStage, VisibilityStage
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.manifest import find_model
+from or_agent.pipelines.preprocess import ContentAreaTracker, detect_content_area
+from or_agent.pipelines.stages import AnatomyStage, VisibilityStage
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.real_data
@@ -36,7 +36,7 @@ def test_real_clips_decode_completely(real_data):
 def test_content_area_found_on_real_frames(real_data):
     for path in clips(real_data):
         cap = cv2.VideoCapture(str(path))
-        ok, frame = cap.read()
+        _ok, frame = cap.read()
         cap.release()
         area = detect_content_area(frame)
         h, w = frame.shape[:2]

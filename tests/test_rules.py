@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
-from pipelines.surgery import Anatomy, PHASE_ID
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
+from or_agent.pipelines.surgery import PHASE_ID, Anatomy
 
 FPS = 25.0
 CALOT = PHASE_ID["CalotTriangleDissection"]
@@ -161,8 +161,8 @@ def test_rule_file_errors_name_the_rule_and_key(tmp_path, text, message):
 
 
 def test_frame_drop_rate_is_derived_from_sequence_gaps():
-    from pipelines.messages import FrameResult
-    from pipelines.stages import VisibilityEstimate
+    from or_agent.pipelines.messages import FrameResult
+    from or_agent.pipelines.stages import VisibilityEstimate
 
     def result(seq):
         return FrameResult(seq=seq, media_ms=seq * 40.0, frame_size=(320, 240),
@@ -170,7 +170,7 @@ def test_frame_drop_rate_is_derived_from_sequence_gaps():
                            visibility=VisibilityEstimate(0.0, 0.0), phase=None, anatomy=None)
 
     e = RulesEngine(load_rules())
-    kept = [s for s in range(0, 300) if s < 100 or s % 2 == 0]  # from frame 100 on, every other frame is dropped
+    kept = [s for s in range(300) if s < 100 or s % 2 == 0]  # from frame 100 on, every other frame is dropped
     raised = [t for s in kept for t in e.on_result(result(s)) if t.kind == "raised"]
     assert [t.rule for t in raised] == ["frame_drops"]
     assert 0.2 < float(raised[0].evidence["frame_drop_rate"]) <= 0.5  # above the 20 % threshold

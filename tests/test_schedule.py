@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.schedule import Cadence, FrameSchedule
+from or_agent.pipelines.schedule import Cadence, FrameSchedule
 
 
 def _run(schedule, times):
@@ -73,7 +73,7 @@ def test_bad_cadences_are_refused(text):
 
 
 def _media_times(video) -> list[float]:
-    from pipelines.sources import VideoFileSource
+    from or_agent.pipelines.sources import VideoFileSource
 
     src = VideoFileSource(video)
     src.start()

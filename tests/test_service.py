@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,15 +29,15 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agent.alert_log import AlertLog
-from agent.certs import channel_credentials, make_certificates
-from agent.config import load_config
-from agent.display import Display, ai_off_reason
-from agent.server import AgentServer
-from agent.session import LoadedModels
-from pipelines.errors import InputError, OrAgentError
-from proto.oragent.v1 import agent_pb2 as pb
-from proto.oragent.v1 import agent_pb2_grpc as pbg
+from or_agent.agent.alert_log import AlertLog
+from or_agent.agent.certs import channel_credentials, make_certificates
+from or_agent.agent.config import load_config
+from or_agent.agent.display import Display, ai_off_reason
+from or_agent.agent.server import AgentServer
+from or_agent.agent.session import LoadedModels
+from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.proto.oragent.v1 import agent_pb2 as pb
+from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 from tests.conftest import ROOT
 
 SERVICE = "oragent.v1.OrAgent"
@@ -119,7 +119,7 @@ class Agent:
         self.server = AgentServer(cfg, load_models())
         self._stopped = False
 
-    async def __aenter__(self) -> "Agent":
+    async def __aenter__(self) -> Agent:
         await self.server.start()
         return self
 
@@ -508,7 +508,7 @@ def test_alert_numbering_follows_the_order_of_changes_under_concurrency():
         for _ in range(8):
             log = AlertLog(history=100_000)
 
-            def work(raising: bool):
+            def work(raising: bool, log=log):
                 for _ in range(1500):
                     if raising:
                         log.raise_alert("r", "warning", "x")
@@ -547,7 +547,7 @@ class CuttableProxy:
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def start(self) -> "CuttableProxy":
+    async def start(self) -> CuttableProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -817,7 +817,7 @@ def test_example_config_is_the_defaults():
 
 def test_serve_beyond_loopback_without_tls_is_refused():
     # As tests.conftest.run_cli, with a short timeout: were the check broken, the server would serve.
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--listen", "0.0.0.0:0"],
+    proc = subprocess.run([sys.executable, "-m", "or_agent.agent.cli", "serve", "--listen", "0.0.0.0:0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -935,7 +935,7 @@ def _audit_records(audit_dir: Path) -> list[dict]:
 
 
 def test_a_stalled_stage_makes_the_ai_unavailable_then_records_the_gap(video):
-    from agent.audit import verify
+    from or_agent.agent.audit import verify
 
     async def scenario():
         agent = Agent(**{"pipeline.stale_after_s": 0.5})
@@ -1054,9 +1054,9 @@ def test_rules_fire_on_the_live_stream_with_evidence_and_on_the_overlay(held_out
 @pytest.mark.parametrize("name", ["case-1\n", "a/b", "-x", "a" * 65, "patient John"])
 def test_case_and_display_names_are_plain_with_nothing_after(name, tmp_path):
     """One rule for case ids (config and StartCase) and display names: not even a trailing newline."""
-    from agent.config import is_plain_name, load_config
-    from agent.session import CaseSpec
-    from pipelines.errors import InputError
+    from or_agent.agent.config import is_plain_name, load_config
+    from or_agent.agent.session import CaseSpec
+    from or_agent.pipelines.errors import InputError
 
     assert not is_plain_name(name) and is_plain_name("OR1-case.2026_11")
     with pytest.raises(InputError, match="case_id: use 1-64 letters"):

@@ -13,9 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.sources import (Backoff, CaptureDeviceSource, ImageFolderSource, StreamSource, VideoFileSource,
-                               open_source)
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.sources import Backoff, CaptureDeviceSource, ImageFolderSource, StreamSource, VideoFileSource, open_source
 
 FPS = 25.0
 W, H = 160, 120
@@ -281,7 +280,7 @@ def silent_server():
         while not done.is_set():
             try:
                 accepted.append(server.accept()[0])
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 pass
 
     thread = threading.Thread(target=accept, daemon=True)
@@ -385,7 +384,7 @@ def test_lost_feed_reconnects_with_backoff_and_frames_resume():
     assert src.ended
     assert all(cap.released for cap in factory.made)
     assert _kinds(events) == ["opened", "disconnected", "reconnected"]
-    assert "camera 3: opened, 160x120 at 200 fps (asked 1280x720 at 30 fps)" == events[0].message
+    assert events[0].message == "camera 3: opened, 160x120 at 200 fps (asked 1280x720 at 30 fps)"
     gap = events[2].gap_s
     # waits 0.02 + 0.04 + 0.08 (+0.08 for the opened-but-silent one) before the feed comes back
     assert gap is not None and 0.14 <= gap < 2

@@ -1,7 +1,7 @@
 import numpy as np
 
-from pipelines.phase_filter import PhaseFilter, reachable_phases
-from pipelines.surgery import ANATOMY_CLASSES, PHASE_ID, PHASES, Anatomy, allowed_transitions
+from or_agent.pipelines.phase_filter import PhaseFilter, reachable_phases
+from or_agent.pipelines.surgery import ANATOMY_CLASSES, PHASE_ID, PHASES, Anatomy, allowed_transitions
 
 
 def test_cholec80_phases_in_order():

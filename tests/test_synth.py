@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.preprocess import detect_content_area
-from pipelines.surgery import PHASE_DURATIONS, PHASE_ID, PHASE_TRANSITIONS, PHASES, TOOLS, Anatomy
-from synth.dataset import SynthConfig, read_phase_file
-from synth.render import SurgeryRenderer
-from synth.timeline import sample_duration_s, sample_phase_order, sample_timeline
-from pipelines.errors import InputError
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.preprocess import detect_content_area
+from or_agent.pipelines.surgery import PHASE_DURATIONS, PHASE_ID, PHASE_TRANSITIONS, PHASES, TOOLS, Anatomy
+from or_agent.synth.dataset import SynthConfig, read_phase_file
+from or_agent.synth.render import SurgeryRenderer
+from or_agent.synth.timeline import sample_duration_s, sample_phase_order, sample_timeline
 
 
 def test_phase_orders_follow_real_transitions_only():

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.preprocess import ContentAreaTracker, crop_resize
+from or_agent.pipelines.preprocess import ContentAreaTracker, crop_resize
 
 ANATOMY_SIZE = (256, 448)  # height, width
 PHASE_SIZE = (112, 192)

@@ -1,7 +1,7 @@
 """Train, export and measure the reference models; write their manifests.
 
-    python -m models.training.train all        # data + three models + held-out metrics (~25 min, 2 cores)
-    python -m models.training.train anatomy    # one model
+    python -m or_agent.models.training.train all        # data + three models + held-out metrics (~25 min, 2 cores)
+    python -m or_agent.models.training.train anatomy    # one model
 
 Needs the ``train`` extra (torch 2.13 CPU). Everything is seeded; figures reproduce within the
 tolerance stated in models/README.md (CPU thread scheduling makes training not bit-exact).
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.splits import HELD_OUT, TRAIN, ensure_dataset, video_names
-from models.training.samples import ANATOMY_SIZE, PHASE_RATE_HZ, PHASE_SIZE, VISIBILITY_SIZE, decode_video
-from pipelines.manifest import SCHEMA, sha256_of
-from pipelines.surgery import ANATOMY_CLASSES, PHASES
+from or_agent.models.training.samples import ANATOMY_SIZE, PHASE_RATE_HZ, PHASE_SIZE, VISIBILITY_SIZE, decode_video
+from or_agent.pipelines.manifest import SCHEMA, sha256_of
+from or_agent.pipelines.surgery import ANATOMY_CLASSES, PHASES
+from or_agent.synth.splits import HELD_OUT, TRAIN, ensure_dataset, video_names
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "synthetic"  # the reference model set
 MEAN = (0.485, 0.456, 0.406)  # RGB, ImageNet statistics: a hospital's own backbones usually expect them
@@ -80,7 +80,8 @@ def fit(torch, params, steps: int, lr: float, batch_loss, label: str, report_eve
 
 def train_anatomy(torch, videos, steps: int, seed: int = 0):
     from torch.nn import functional as F
-    from models.training.nets import AnatomyNet
+
+    from or_agent.models.training.nets import AnatomyNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -107,7 +108,8 @@ def train_anatomy(torch, videos, steps: int, seed: int = 0):
 
 def train_phase(torch, videos, enc_steps: int, gru_epochs: int, seed: int = 0):
     from torch.nn import functional as F
-    from models.training.nets import PhaseNet, PHASE_STATE
+
+    from or_agent.models.training.nets import PHASE_STATE, PhaseNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -161,7 +163,8 @@ def train_phase(torch, videos, enc_steps: int, gru_epochs: int, seed: int = 0):
 
 def train_visibility(torch, videos, steps: int, seed: int = 0):
     from torch.nn import functional as F
-    from models.training.nets import VisibilityNet
+
+    from or_agent.models.training.nets import VisibilityNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -205,7 +208,7 @@ def manifest_for(task: str, name: str, size: tuple[int, int], outputs: list[dict
         "training": {
             "data": (f"synthetic laparoscopic cholecystectomy (or-agent synth), {TRAIN.videos} videos, seed {TRAIN.seed}, "
                      f"time scale 1/{TRAIN.time_scale:g}, 854x480 at 25 fps; masks every {TRAIN.mask_every} frames"),
-            "command": "python -m models.training.train all",
+            "command": "python -m or_agent.models.training.train all",
             "trained_on": datetime.date.today().isoformat(),
             "not_for_clinical_use": "trained on synthetic data only: shows the pipeline working",
         },
@@ -222,8 +225,10 @@ MODEL_SPECS = {
         labels=[{"id": i, "name": n, "color": list(c)} for i, n, c in ANATOMY_CLASSES]),
     "phase": lambda: manifest_for(
         "phase", "phase", PHASE_SIZE,
-        state_inputs=[{"name": "state_in", "shape": [1, 64], "meaning": "recurrent state from the previous step; zeros at the start of a case"}],
-        outputs=[{"name": "phase_logits", "shape": [1, len(PHASES)], "meaning": "logits over the 7 Cholec80 phases (softmax = probabilities)"},
+        state_inputs=[{"name": "state_in", "shape": [1, 64],
+                       "meaning": "recurrent state from the previous step; zeros at the start of a case"}],
+        outputs=[{"name": "phase_logits", "shape": [1, len(PHASES)],
+                  "meaning": "logits over the 7 Cholec80 phases (softmax = probabilities)"},
                  {"name": "state_out", "shape": [1, 64], "meaning": "recurrent state for the next step", "state_of": "state_in"}],
         labels=[{"id": i, "name": n, "color": list(PHASE_COLOURS[i])} for i, n in enumerate(PHASES)],
         cadence=f"{PHASE_RATE_HZ:g} Hz", extra={"temporal_filter": {"smoothing": 0.5, "hold_steps": 2, "margin": 0.05}}),
@@ -258,7 +263,7 @@ def write_model(torch, which: str, net) -> Path:
 
 
 def measure_held_out() -> dict:
-    from models.evaluate import evaluate_dataset
+    from or_agent.models.evaluate import evaluate_dataset
 
     d = ensure_dataset(MODELS_DIR.parent.parent / "data", HELD_OUT)
     summary = evaluate_dataset(d, models_dir=MODELS_DIR).summary()

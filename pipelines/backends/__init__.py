@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
-from pipelines.manifest import ModelManifest
+from or_agent.pipelines.manifest import ModelManifest
 
 
 class DeviceTensor(ABC):
@@ -38,7 +38,7 @@ class DeviceTensor(ABC):
 
 def host_inputs(inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Inputs for a host backend: device tensors copied to the host, arrays as they are."""
-    return {k: (v.to_host() if isinstance(v, DeviceTensor) else v) for k, v in inputs.items()}
+    return {k: (v.to_host() if isinstance(v, DeviceTensor) else np.asarray(v)) for k, v in inputs.items()}
 
 
 class InferenceBackend(ABC):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Collection, Mapping
 from functools import lru_cache
-from typing import Collection, Mapping
 
 import numpy as np
 
-from pipelines.backends import DeviceTensor, InferenceBackend, host_inputs
-from pipelines.errors import ModelError
-from pipelines.manifest import ModelManifest
+from or_agent.pipelines.backends import DeviceTensor, InferenceBackend, host_inputs
+from or_agent.pipelines.errors import ModelError
+from or_agent.pipelines.manifest import ModelManifest
 
 
 @lru_cache(maxsize=1)

@@ -13,14 +13,14 @@ decision is testable on a machine with neither TensorRT nor a GPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from pipelines.backends import InferenceBackend
-from pipelines.backends import tensorrt as trt_mod
-from pipelines.errors import DependencyError, InputError, ModelError
-from pipelines.manifest import ModelManifest
+from or_agent.pipelines.backends import InferenceBackend
+from or_agent.pipelines.backends import tensorrt as trt_mod
+from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.manifest import ModelManifest
 
 PREFERENCES = ("auto", "onnxruntime", "tensorrt")
 
@@ -65,7 +65,7 @@ def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: s
 
 
 def _onnxruntime(manifest: ModelManifest, threads: int) -> InferenceBackend:
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(manifest, threads=threads)
 
@@ -87,6 +87,7 @@ def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir:
                         build_missing=build_missing)
     if plan.backend != "tensorrt":
         return onnxruntime_factory(manifest, threads), plan.reason
+    assert plan.engine_path is not None  # a TensorRT plan always names its engine
     if plan.build_first:
         cache = trt_mod.EngineCache(plan.engine_path.parent)
         tc = timing_cache_path or cache.timing_cache_path

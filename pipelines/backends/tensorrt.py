@@ -30,16 +30,20 @@ import json
 import os
 import re
 import time
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.backends import DeviceTensor, InferenceBackend
-from pipelines.errors import DependencyError, ModelError
-from pipelines.files import atomic_write_bytes
-from pipelines.manifest import ModelManifest
+from or_agent.pipelines.backends import DeviceTensor, InferenceBackend
+from or_agent.pipelines.errors import DependencyError, ModelError
+from or_agent.pipelines.files import atomic_write_bytes
+from or_agent.pipelines.manifest import ModelManifest
+
+if TYPE_CHECKING:  # imported where used: the graphs module needs a GPU driver
+    from or_agent.pipelines.gpu.graphs import CapturedGraph, DriverGraphs
 
 TENSORRT_INSTALL_HINT = ("TensorRT is not installed: install it on the OR box from NVIDIA's index "
                          "(pip install --extra-index-url https://pypi.nvidia.com tensorrt)")
@@ -56,7 +60,7 @@ SIDECAR_SUFFIX = ".json"
 def import_tensorrt():
     """The ``tensorrt`` module, or ``DependencyError`` with the install hint."""
     try:
-        import tensorrt as trt  # noqa: PLC0415 (optional, lazy by design)
+        import tensorrt as trt
     except ImportError:
         raise DependencyError(TENSORRT_INSTALL_HINT) from None
     except Exception as exc:  # a broken install (missing libnvinfer) raises OSError and friends
@@ -79,7 +83,7 @@ def short_version(version: str) -> str:
 def import_pycuda():
     """``pycuda.driver`` after ``cuda.init()``, or DependencyError ("no CUDA GPU found (pycuda: ...)")."""
     try:
-        import pycuda.driver as cuda  # noqa: PLC0415
+        import pycuda.driver as cuda
     except ImportError:
         raise DependencyError(f"no CUDA GPU found (pycuda: not installed; {PYCUDA_INSTALL_HINT})") from None
     except Exception as exc:
@@ -173,8 +177,9 @@ class EngineKey:
     precision: str = "fp32"
 
     @classmethod
-    def for_model(cls, manifest: ModelManifest, gpu: GpuInfo, trt_version: str) -> "EngineKey":
-        return cls(manifest.sha256, trt_version, gpu.name, tuple(gpu.compute_capability), gpu.multiprocessors,
+    def for_model(cls, manifest: ModelManifest, gpu: GpuInfo, trt_version: str) -> EngineKey:
+        major, minor = gpu.compute_capability
+        return cls(manifest.sha256, trt_version, gpu.name, (int(major), int(minor)), gpu.multiprocessors,
                    manifest_precision(manifest))
 
     def as_dict(self) -> dict:
@@ -183,9 +188,10 @@ class EngineKey:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "EngineKey":
+    def from_dict(cls, d: Mapping) -> EngineKey:
+        major, minor = (int(v) for v in d["compute_capability"])
         return cls(str(d["model_sha256"]), str(d["tensorrt_version"]), str(d["gpu_name"]),
-                   tuple(int(v) for v in d["compute_capability"]), int(d["multiprocessors"]),
+                   (major, minor), int(d["multiprocessors"]),
                    str(d.get("precision", "fp32")))
 
     def digest(self) -> str:
@@ -366,7 +372,7 @@ def build_engine(manifest: ModelManifest, cache: EngineCache, key: EngineKey,
 # --------------------------------------------------------------------------- run
 
 class _Binding:
-    __slots__ = ("name", "shape", "dtype", "is_input", "device", "host", "nbytes")
+    __slots__ = ("device", "dtype", "host", "is_input", "name", "nbytes", "shape")
 
     def __init__(self, name, shape, dtype, is_input, device, host):
         self.name, self.shape, self.dtype, self.is_input = name, shape, dtype, is_input
@@ -376,7 +382,7 @@ class _Binding:
 class _OutputOnDevice(DeviceTensor):
     """An engine output left on the GPU (for the reduction kernel): valid until the backend's next run."""
 
-    def __init__(self, backend: "TensorRTBackend", binding: _Binding):
+    def __init__(self, backend: TensorRTBackend, binding: _Binding):
         self._backend, self._binding = backend, binding
         self._ptr = int(binding.device)
         self.shape, self.dtype = binding.shape, binding.dtype
@@ -436,8 +442,8 @@ class TensorRTBackend(InferenceBackend):
         self._state_mirror: dict[str, np.ndarray] = {}  # state_in name -> array we returned last step
         self._outputs = [o.name for o in manifest.outputs]
         self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, object] = {}
-        self._graph_driver = None
+        self._graphs: dict[tuple, CapturedGraph | None] = {}
+        self._graph_driver: DriverGraphs | None = None
         self._warmed = False
         self.graph_status = "off" if not cuda_graph else "on (captured at the first run)"
 
@@ -490,7 +496,7 @@ class TensorRTBackend(InferenceBackend):
     def _capture(self, key: tuple):
         try:
             if self._graph_driver is None:
-                from pipelines.gpu.graphs import DriverGraphs
+                from or_agent.pipelines.gpu.graphs import DriverGraphs
 
                 self._graph_driver = DriverGraphs()
             graph = self._graph_driver.capture(self._stream.handle, self._execute)

@@ -4,8 +4,20 @@ Importing this package needs neither pycuda nor a GPU: the kernels are compiled 
 ``GpuPreprocessor`` or ``GpuLogitsReducer`` is made, which raises ``DependencyError`` without them.
 """
 
-from pipelines.gpu.kernels import (GpuLogitsReducer, GpuPreprocessor, area_resize_reference,
-                                   preprocess_reference, reduce_logits_reference, same_input)
+from or_agent.pipelines.gpu.kernels import (
+                                   GpuLogitsReducer,
+                                   GpuPreprocessor,
+                                   area_resize_reference,
+                                   preprocess_reference,
+                                   reduce_logits_reference,
+                                   same_input,
+)
 
-__all__ = ["GpuPreprocessor", "GpuLogitsReducer", "area_resize_reference", "preprocess_reference",
-           "reduce_logits_reference", "same_input"]
+__all__ = [
+                                   "GpuLogitsReducer",
+                                   "GpuPreprocessor",
+                                   "area_resize_reference",
+                                   "preprocess_reference",
+                                   "reduce_logits_reference",
+                                   "same_input",
+]

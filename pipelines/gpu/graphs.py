@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Callable
+from collections.abc import Callable
 
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 
@@ -63,7 +63,7 @@ class DriverGraphs:
             self._fn["cuGetErrorName"](rc, ctypes.byref(text))
             raise GraphError(f"{name} failed: {(text.value or b'CUDA error').decode()} ({rc})")
 
-    def capture(self, stream_handle: int, enqueue: Callable[[], None]) -> "CapturedGraph":
+    def capture(self, stream_handle: int, enqueue: Callable[[], None]) -> CapturedGraph:
         """Record what ``enqueue`` puts on the stream (nothing runs), and instantiate it."""
         stream = ctypes.c_void_p(int(stream_handle))
         self._call("cuStreamBeginCapture_v2", stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -84,7 +84,9 @@ class DriverGraphs:
 
 class CapturedGraph:
     def __init__(self, driver: DriverGraphs, graph: ctypes.c_void_p, exec_: ctypes.c_void_p):
-        self._driver, self._graph, self._exec = driver, graph, exec_
+        self._driver = driver
+        self._graph: ctypes.c_void_p | None = graph
+        self._exec: ctypes.c_void_p | None = exec_
 
     def launch(self, stream_handle: int) -> None:
         self._driver._call("cuGraphLaunch", self._exec, ctypes.c_void_p(int(stream_handle)))

@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 
-from pipelines.preprocess import ContentArea, InputSpec
-from pipelines.stages import CONF_SUBSAMPLE, class_confidence, reduce_logits
+from or_agent.pipelines.preprocess import ContentArea, InputSpec
+from or_agent.pipelines.stages import CONF_SUBSAMPLE, class_confidence, reduce_logits
 
 _PREPROCESS_SRC = r"""
 __global__ void preprocess_area(const unsigned char* __restrict__ rows, int pitch, int x0,
@@ -166,7 +166,7 @@ reduce_logits_reference = reduce_logits
 # --------------------------------------------------------------------------- GPU classes
 
 def _compile(src: str, name: str):
-    from pipelines.errors import DependencyError
+    from or_agent.pipelines.errors import DependencyError
 
     try:
         from pycuda.compiler import SourceModule
@@ -184,7 +184,7 @@ class GpuResources:
     them, released together by ``close()``."""
 
     def __init__(self, device: int = 0):
-        from pipelines.backends.tensorrt import CudaContext
+        from or_agent.pipelines.backends.tensorrt import CudaContext
 
         self._ctx = CudaContext(device)
         self.cuda = self._ctx.cuda
@@ -330,7 +330,8 @@ class GpuLogitsReducer(GpuResources):
             self._h_stats = self.cuda.pagelocked_empty(3 * self.classes, np.uint32)
         # Upload buffers for host logits (``reduce``), made on first use: the frame path reduces
         # engine outputs already on the device and never needs them.
-        self.d_logits = self._h_logits = None
+        self.d_logits = None
+        self._h_logits: np.ndarray | None = None
 
     def reduce_device(self, d_logits, want_map: bool = True):
         """Reduce logits already on the device (e.g. a TensorRT output buffer) on ``self.stream``."""
@@ -363,6 +364,7 @@ class GpuLogitsReducer(GpuResources):
             if self.d_logits is None:
                 self.d_logits = self._alloc(lg.nbytes)
                 self._h_logits = self.cuda.pagelocked_empty(shape, np.float32)
+            assert self._h_logits is not None  # made with the device buffer above
             np.copyto(self._h_logits, lg)
             self.cuda.memcpy_htod_async(self.d_logits, self._h_logits, self.stream)
         return self.reduce_device(self.d_logits, want_map)

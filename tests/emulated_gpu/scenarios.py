@@ -23,7 +23,8 @@ def _emulated() -> None:
             raise SystemExit(f"not the emulation: {mod.__file__}")
     # The CUDA driver library (graph capture) is loaded with ctypes; here it is the emulated one.
     import libcuda
-    from pipelines.gpu import graphs
+
+    from or_agent.pipelines.gpu import graphs
 
     graphs.load_libcuda = libcuda.EmulatedLibcuda
 
@@ -33,10 +34,10 @@ def phase_state(steps: str) -> dict:
     kept on the device: after the first step only the frame is uploaded."""
     import pycuda.driver as cuda
 
-    from pipelines.backends import tensorrt as trt_mod
-    from pipelines.backends.onnxruntime import OnnxRuntimeBackend
-    from pipelines.manifest import find_model
-    from pipelines.stages import PhaseStage
+    from or_agent.pipelines.backends import tensorrt as trt_mod
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.manifest import find_model
+    from or_agent.pipelines.stages import PhaseStage
 
     m = find_model("phase")
     info, version = trt_mod.gpu_info(), trt_mod.tensorrt_version()
@@ -58,7 +59,7 @@ def phase_state(steps: str) -> dict:
     ort_stage = PhaseStage(OnnxRuntimeBackend(m))
     rng = np.random.default_rng(0)
     diffs, per_step_uploads = [], []
-    for i in range(int(steps)):
+    for _i in range(int(steps)):
         x = rng.normal(size=m.input.shape).astype(np.float32)
         before = len(uploads)
         a, b = trt_stage.predict(x), ort_stage.predict(x)
@@ -86,17 +87,17 @@ def phase_state(steps: str) -> dict:
 def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     """``build-engines`` into a cache, ``auto`` then picks TensorRT and the GPU frame path, and the
     pipeline's results on them equal the CPU reference of the GPU path on ONNX Runtime."""
+    import io
+    from contextlib import redirect_stdout
+
     import pycuda.driver as cuda
     import tensorrt
 
-    from agent.cli import main as cli_main
-    from agent.session import LoadedModels
-    from pipelines.frame_path import ReferenceFramePath
-    from pipelines.runtime import PipelineConfig
-    from pipelines.sources import FirstFrames, VideoFileSource
-
-    import io
-    from contextlib import redirect_stdout
+    from or_agent.agent.cli import main as cli_main
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.frame_path import ReferenceFramePath
+    from or_agent.pipelines.runtime import PipelineConfig
+    from or_agent.pipelines.sources import FirstFrames, VideoFileSource
 
     doctor_before = io.StringIO()
     with redirect_stdout(doctor_before):
@@ -138,7 +139,8 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     phase_pairs = [(a.phase, b.phase) for a, b in pairs if a.phase and b.phase]
     return {
         "build_exit": code, "rebuild_exit": again,
-        "doctor_before": doctor_before.getvalue().splitlines(), "doctor_after": doctor_after.getvalue().splitlines(), "built": built, "backends": backends, "reasons": reasons,
+        "doctor_before": doctor_before.getvalue().splitlines(), "doctor_after": doctor_after.getvalue().splitlines(),
+        "built": built, "backends": backends, "reasons": reasons,
         "frame_path": frame_path_reason, "graph_status": graph_status, "frames": [len(ref), len(dev)],
         "seq_equal": [r.seq for r in ref] == [r.seq for r in dev],
         "anatomy_fresh": sum(b.anatomy_fresh for b in dev), "anatomy_runs": anatomy_runs,
@@ -158,8 +160,8 @@ def live_build(cache_dir: str) -> dict:
     """A live agent with no engines: refused by default, built at start-up when configured."""
     import tensorrt
 
-    from agent.session import LoadedModels
-    from pipelines.errors import ModelError
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.errors import ModelError
 
     try:
         LoadedModels(backend="tensorrt", cache_dir=cache_dir, live_session=True)
@@ -178,7 +180,7 @@ def live_build(cache_dir: str) -> dict:
 def qualify(video: str, cache_dir: str, out: str) -> dict:
     """The acceptance test on the emulated box: engines built, then TensorRT + the GPU frame path +
     CUDA graphs qualified against ONNX Runtime on the CPU path."""
-    from agent.cli import main as cli_main
+    from or_agent.agent.cli import main as cli_main
 
     assert cli_main(["build-engines", "--cache-dir", cache_dir]) == 0
     import os

@@ -3,7 +3,6 @@ shapes the agent uses, with ONNX Runtime doing the arithmetic on emulated device
 
 import numpy as np
 import onnxruntime as ort
-
 from pycuda.driver import capturing, device_bytes
 
 __version__ = "11.0.0.0"
@@ -219,7 +218,7 @@ class _ExecutionContext:
                 n = 4 * int(np.prod(shape))
                 feed[name] = device_bytes(addresses[name], n).view(np.float32).reshape(shape).copy()
         outputs = self.engine.session.run(None, feed)
-        for (name, mode, shape), value in zip([t for t in self.engine.io if t[1] == TensorIOMode.OUTPUT], outputs):
+        for (name, _mode, _shape), value in zip([t for t in self.engine.io if t[1] == TensorIOMode.OUTPUT], outputs):
             b = np.ascontiguousarray(value, np.float32).reshape(-1).view(np.uint8)
             device_bytes(addresses[name], b.size)[:] = b
         self.executions += 1
