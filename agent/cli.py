@@ -48,6 +48,15 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_evaluate_segmentation(args) -> int:
+    from or_agent.agent.evaluate import evaluate_segmentation
+
+    scores = evaluate_segmentation(args.folder, args.models_dir, args.out)
+    for line in scores.table():
+        print(line)
+    return 0
+
+
 def cmd_models(args) -> int:
     from or_agent.pipelines.manifest import SETS_ROOT, discover, load_manifest, resolve_models_dir, set_names
     from or_agent.pipelines.model_set import load_model_set
@@ -227,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the installed models and verify their manifests and sha256")
     add_models_option(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("evaluate", help="score a model set on labelled real frames (per-class IoU and Dice)")
+    evaluate_sub = p.add_subparsers(dest="evaluate_what", metavar="TASK")
+    evaluate_sub.required = True
+    e = evaluate_sub.add_parser("segmentation", help="the set's segmentation model on an Endoscapes-format folder "
+                                                     "(images/, masks/ with class ids, 255 ignored)")
+    e.add_argument("folder", metavar="DIR", help="folder with images/ and masks/ (e.g. endoscapes-seg50/val)")
+    add_models_option(e)
+    e.add_argument("--out", help="write the class maps (PNG) and predictions.csv here")
+    e.set_defaults(func=cmd_evaluate_segmentation)
 
     p = sub.add_parser("replay", help="run the pipeline over recorded videos; write annotated video, timeline and report")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or directories of videos")

@@ -1,0 +1,165 @@
+"""``or-agent evaluate segmentation DIR``: a model set's segmentation model on labelled real frames.
+
+The folder is in Endoscapes' format: ``images/<name>.jpg`` (or .png) and ``masks/<name>.png`` (8-bit,
+grey value = class id, 255 = boundary or overlap, ignored), with Endoscapes' classes unless a
+``classes.txt`` lists others; the model must have the same classes, in the same order. Every image
+goes through the agent's own path (the endoscope's content area, the model's crop, resize and
+normalisation, ONNX Runtime, the class map pasted back onto the frame), and is scored in frame pixels: per-class IoU and Dice, and their means over the classes the model has
+besides background (a class absent from both truth and prediction in every frame has no score).
+With ``--out``, the class maps are written as PNGs (grey value = class id) beside a ``predictions.csv``
+of the per-class areas each frame was given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.manifest import Task
+from or_agent.pipelines.metrics import confusion, per_class_dice, per_class_iou
+from or_agent.pipelines.model_set import load_model_set
+from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
+from or_agent.pipelines.stages import AnatomyStage
+
+IGNORE = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Endoscapes' class ids; a folder labelled otherwise lists its classes in classes.txt, one per line, in id order
+ENDOSCAPES_CLASSES = ("background", "cystic plate", "hepatocystic triangle", "cystic artery", "cystic duct",
+                      "gallbladder", "tool")
+
+
+def _plain(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def folder_classes(folder: Path) -> tuple[str, ...]:
+    listed = folder / "classes.txt"
+    if listed.is_file():
+        names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        if not names:
+            raise InputError(f"{listed}: empty (one class name per line, in id order)")
+        return names
+    return ENDOSCAPES_CLASSES
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    model: str
+    frames: int
+    classes: tuple[str, ...]
+    iou: tuple[float, ...]  # per class, NaN where the class is in neither truth nor prediction
+    dice: tuple[float, ...]
+    ms_per_frame: float  # the model call, ONNX Runtime on the CPU, one thread (median)
+
+    @property
+    def mean_iou(self) -> float:
+        """Over the classes besides background (class 0) that have a score."""
+        return float(np.nanmean(self.iou[1:]))
+
+    @property
+    def mean_dice(self) -> float:
+        return float(np.nanmean(self.dice[1:]))
+
+    def table(self) -> list[str]:
+        rows = [f"{self.model}: {self.frames} frames, {self.ms_per_frame:.1f} ms per frame (ONNX Runtime, CPU, 1 thread)",
+                f"  {'class':<26} {'IoU':>6} {'Dice':>6}"]
+        for name, iou, dice in zip(self.classes, self.iou, self.dice):
+            rows.append(f"  {name:<26} {_fmt(iou):>6} {_fmt(dice):>6}")
+        rows.append(f"  {'mean (without background)':<26} {_fmt(self.mean_iou):>6} {_fmt(self.mean_dice):>6}")
+        return rows
+
+
+def _fmt(v: float) -> str:
+    return "-" if np.isnan(v) else f"{v:.3f}"
+
+
+def _pairs(folder: Path) -> list[tuple[Path, Path]]:
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such directory")
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise InputError(f"{folder}: not a labelled segmentation folder (needs images/ and masks/, Endoscapes' format)")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"{images_dir}: no .jpg or .png images")
+    pairs = []
+    for image in images:
+        mask = masks_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise InputError(f"{mask}: missing (every image needs its mask)")
+        pairs.append((image, mask))
+    return pairs
+
+
+def _read(image: Path, mask: Path, classes: int, model: str) -> tuple[np.ndarray, np.ndarray]:
+    frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise InputError(f"{image}: not an image OpenCV can decode")
+    truth = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)
+    if truth is None or truth.ndim != 2 or truth.dtype != np.uint8:
+        raise InputError(f"{mask}: not an 8-bit single-channel mask")
+    if truth.shape != frame.shape[:2]:
+        raise InputError(f"{mask}: {truth.shape[1]}x{truth.shape[0]}, its image is {frame.shape[1]}x{frame.shape[0]}")
+    unknown = sorted(set(np.unique(truth).tolist()) - set(range(classes)) - {IGNORE})
+    if unknown:
+        raise InputError(f"{mask}: class ids {', '.join(map(str, unknown))} are not classes of {model} "
+                         f"(0..{classes - 1}, {IGNORE} ignored)")
+    return frame, truth
+
+
+def evaluate_segmentation(folder: str | Path, models: str | None = None, out: str | Path | None = None,
+                          log: Callable[[str], None] = print) -> SegmentationScores:
+    folder = Path(folder)
+    pairs = _pairs(folder)
+    model_set = load_model_set(models)
+    manifest = model_set.model(Task.SEGMENTATION)
+    names = tuple(lab.name for lab in manifest.labels)
+    n = len(names)
+    labelled = folder_classes(folder)
+    if tuple(map(_plain, labelled)) != tuple(map(_plain, names)):
+        raise InputError(f"{folder}: labelled with {', '.join(labelled)}; model {manifest.name} of set {model_set.name!r} "
+                         f"has {', '.join(names)} (choose a set with the folder's classes: --models)")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"{out_dir}: exists and is not a directory")
+        (out_dir / "class_maps").mkdir(parents=True, exist_ok=True)
+    conf = np.zeros((n, n), np.int64)
+    times, rows = [], []
+    with OnnxRuntimeBackend(manifest, threads=1) as backend:
+        stage = AnatomyStage(backend)
+        for k, (image, mask) in enumerate(pairs, start=1):
+            frame, truth = _read(image, mask, n, manifest.name)
+            h, w = truth.shape
+            area = detect_content_area(frame) or ContentArea.whole_frame(w, h)
+            x = stage.pre_process(frame, area)
+            t0 = time.perf_counter()
+            logits = stage.predict(x)
+            times.append(time.perf_counter() - t0)
+            pred = paste_back(stage.post_process(logits, area).class_map, area, w, h)
+            keep = truth != IGNORE
+            conf += confusion(truth[keep], pred[keep], n)
+            if out_dir is not None:
+                if not cv2.imwrite(str(out_dir / "class_maps" / f"{image.stem}.png"), pred.astype(np.uint8)):
+                    raise InputError(f"{out_dir / 'class_maps'}: cannot write the class map of {image.name}")
+                fractions = np.bincount(pred.ravel(), minlength=n)[:n] / pred.size
+                rows.append([image.stem, *(f"{v:.5f}" for v in fractions)])
+            if k % 25 == 0 or k == len(pairs):
+                log(f"  {k}/{len(pairs)} frames")
+    scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
+                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)))
+    if out_dir is not None:
+        lines = [",".join(["image", *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
+        lines += [",".join(r) for r in rows]
+        atomic_write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
+        log(f"wrote {out_dir / 'predictions.csv'} and {len(rows)} class maps in {out_dir / 'class_maps'}")
+    return scores
+
