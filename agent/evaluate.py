@@ -5,9 +5,10 @@ grey value = class id, 255 = boundary or overlap, ignored), with Endoscapes' cla
 ``classes.txt`` lists others; the model must have the same classes, in the same order. Every image
 goes through the agent's own path (the endoscope's content area, the model's crop, resize and
 normalisation, ONNX Runtime, the class map pasted back onto the frame), and is scored in frame
-pixels: per-class IoU and Dice, and their means over the classes the model has besides background (a class absent from both truth and prediction in every frame has no score).
-With ``--out``, the class maps are written as PNGs (grey value = class id) beside a ``predictions.csv``
-of the per-class areas each frame was given.
+pixels: per-class IoU and Dice, and their means over the classes the model has besides background
+(a class absent from both truth and prediction in every frame has no score). With ``--out``, the
+class maps are written as PNGs (grey value = class id) beside a ``predictions.csv`` of the per-class
+areas each frame was given.
 """
 
 from __future__ import annotations
