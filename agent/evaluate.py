@@ -6,7 +6,9 @@ grey value = class id, 255 = boundary or overlap, ignored), with Endoscapes' cla
 goes through the agent's own path (the endoscope's content area, the model's crop, resize and
 normalisation, ONNX Runtime, the class map pasted back onto the frame), and is scored in frame
 pixels: per-class IoU and Dice, and their means over the classes the model has besides background
-(a class absent from both truth and prediction in every frame has no score). With ``--out``, the
+(a class absent from both truth and prediction in every frame has no score). The set's distance rules
+(an instrument near a structure) are judged on every frame, on the model's map as the live agent
+judges them and on the truth: how often each would hold, and how often falsely. With ``--out``, the
 class maps are written as PNGs (grey value = class id) beside a ``predictions.csv`` of the per-class
 areas each frame was given.
 """
@@ -28,6 +30,7 @@ from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.metrics import confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
+from or_agent.pipelines.rules import class_distance_px, load_rules
 from or_agent.pipelines.stages import AnatomyStage
 
 IGNORE = 255
@@ -52,6 +55,25 @@ def folder_classes(folder: Path) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class ConditionCount:
+    """How often a distance rule's condition held on the model's class maps and on the truth."""
+
+    rule: str
+    classes: tuple[str, str]
+    threshold_px: float
+    on_model: int
+    on_truth: int
+    false_alarms: int  # the model's maps say it holds, the truth says it does not
+    missed: int
+
+    def line(self, frames: int) -> str:
+        return (f"  rule {self.rule} ({self.classes[0]} within {self.threshold_px:g} px of {self.classes[1]}): "
+                f"holds on the model's maps in {self.on_model} frames, on the truth in {self.on_truth}; "
+                f"false alarms {self.false_alarms} ({100 * self.false_alarms / max(1, frames):.1f} % of frames), "
+                f"missed {self.missed}")
+
+
+@dataclass(frozen=True)
 class SegmentationScores:
     model: str
     frames: int
@@ -59,6 +81,7 @@ class SegmentationScores:
     iou: tuple[float, ...]  # per class, NaN where the class is in neither truth nor prediction
     dice: tuple[float, ...]
     ms_per_frame: float  # the model call, ONNX Runtime on the CPU, one thread (median)
+    conditions: tuple[ConditionCount, ...] = ()  # the set's distance rules, measured frame by frame
 
     @property
     def mean_iou(self) -> float:
@@ -75,6 +98,7 @@ class SegmentationScores:
         for name, iou, dice in zip(self.classes, self.iou, self.dice):
             rows.append(f"  {name:<26} {_fmt(iou):>6} {_fmt(dice):>6}")
         rows.append(f"  {'mean (without background)':<26} {_fmt(self.mean_iou):>6} {_fmt(self.mean_dice):>6}")
+        rows += [c.line(self.frames) for c in self.conditions]
         return rows
 
 
@@ -133,6 +157,10 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(f"{out_dir}: exists and is not a directory")
         (out_dir / "class_maps").mkdir(parents=True, exist_ok=True)
+    # the set's distance rules, judged per frame on the model's map as the live agent judges it and on the truth
+    distance_rules = [r for r in load_rules(model_set.rules_file, classes=model_set.class_names,
+                                            owner=f"model set {model_set.name!r}") if r.kind == "distance_below"]
+    held = {r.id: [0, 0, 0, 0] for r in distance_rules}  # on model, on truth, false alarms, missed
     conf = np.zeros((n, n), np.int64)
     times, rows = [], []
     with OnnxRuntimeBackend(manifest, threads=1) as backend:
@@ -145,7 +173,20 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
             t0 = time.perf_counter()
             logits = stage.predict(x)
             times.append(time.perf_counter() - t0)
-            pred = paste_back(stage.post_process(logits, area).class_map, area, w, h)
+            estimate = stage.post_process(logits, area)
+            pred = paste_back(estimate.class_map, area, w, h)
+            cw, ch = area.crop_size
+            px_per_cell = float(np.sqrt(cw / estimate.class_map.shape[1] * ch / estimate.class_map.shape[0]))
+            for r in distance_rules:
+                a, b = (r.classes.index(c) for c in r.params["classes"])
+                limit = float(r.params["threshold_px"])
+                on_model = class_distance_px(estimate.class_map, a, b, px_per_cell) < limit
+                on_truth = class_distance_px(truth, a, b) < limit
+                counts = held[r.id]
+                counts[0] += on_model
+                counts[1] += on_truth
+                counts[2] += on_model and not on_truth
+                counts[3] += on_truth and not on_model
             keep = truth != IGNORE
             conf += confusion(truth[keep], pred[keep], n)
             if out_dir is not None:
@@ -155,8 +196,10 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
                 rows.append([image.stem, *(f"{v:.5f}" for v in fractions)])
             if k % 25 == 0 or k == len(pairs):
                 log(f"  {k}/{len(pairs)} frames")
+    conditions = tuple(ConditionCount(r.id, tuple(r.params["classes"]), float(r.params["threshold_px"]), *held[r.id])
+                       for r in distance_rules)
     scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
-                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)))
+                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions)
     if out_dir is not None:
         lines = [",".join(["image", *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
         lines += [",".join(r) for r in rows]

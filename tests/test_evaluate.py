@@ -52,12 +52,18 @@ def test_scores_the_synthetic_model_on_its_own_kind_of_frames(labelled, tmp_path
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("image,area_black_background,area_abdominal_wall") and len(rows) == 9
     assert abs(sum(float(v) for v in rows[1].split(",")[1:]) - 1.0) < 1e-3
+    # the set's distance rule, judged on every frame on the model's maps and on the truth
+    (near,) = scores.conditions
+    assert (near.rule, near.classes, near.threshold_px) == ("energy_near_cystic_duct", ("L-hook Electrocautery", "Cystic Duct"), 20.0)
+    assert near.on_model - near.false_alarms == near.on_truth - near.missed >= 0  # both held on the same frames
+    assert 0 <= near.false_alarms <= near.on_model <= scores.frames
 
 
 def test_the_command_prints_the_table(labelled):
     proc = run_cli("evaluate", "segmentation", str(labelled), "--models", "synthetic")
     assert proc.returncode == 0, proc.stderr
     assert "anatomy: 8 frames" in proc.stdout and "mean (without background)" in proc.stdout
+    assert "rule energy_near_cystic_duct (L-hook Electrocautery within 20 px of Cystic Duct): holds on the model's maps in " in proc.stdout
 
 
 def _copy(labelled, tmp_path):
