@@ -67,17 +67,18 @@ def cmd_models(args) -> int:
         folders = [SETS_ROOT / name for name in set_names()] or [resolve_models_dir(None)]
     problems = checked = 0
     for folder in folders:
-        paths = discover(folder)
-        if not paths:
-            raise InputError(f"{folder}: no */manifest.json found")
         try:
             model_set = load_model_set(folder, verify=False)  # each model's sha256 is checked below
             rules = model_set.rules_file
             print(f"set   {model_set.name} {model_set.version} ({model_set.procedure}), licence {model_set.license}; "
                   f"rules {rules.name} checked against {len(model_set.class_names)} classes  [{folder}]")
+            paths = [m.path for m in model_set.models]  # its own and those it shares with another set
         except OrAgentError as exc:
             print(f"FAIL  set {folder.name}: {exc}")
             problems += 1
+            paths = discover(folder)
+        if not paths:
+            raise InputError(f"{folder}: no */manifest.json found")
         for path in paths:
             checked += 1
             try:

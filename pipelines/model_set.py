@@ -105,8 +105,9 @@ def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -
         if procedure not in PROCEDURES:
             raise ManifestError(f"{set_file}: procedure: must be one of {', '.join(PROCEDURES)}, got {procedure!r}")
         names = _field(doc, "models", set_file, list)
-        if not names or not all(isinstance(n, str) and n and "/" not in n for n in names):
-            raise ManifestError(f"{set_file}: models: must list the set's model folders by name")
+        if not names or not all(isinstance(n, str) and n and not Path(n).is_absolute() for n in names):
+            raise ManifestError(f"{set_file}: models: must list the set's model folders, relative to the set "
+                                "(a model shared with another set as ../<set>/<model>)")
         models = []
         for n in names:
             if not (folder / n / MANIFEST_NAME).is_file():

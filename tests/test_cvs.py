@@ -1,0 +1,62 @@
+"""The Critical View of Safety from a class map: measurements on maps with known structures, and the
+per-criterion logistic regression on data with a known answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from or_agent.pipelines.cvs import CRITERIA, FEATURES, CvsAssessor, cvs_measurements, fit_assessor
+
+CLASSES = ("Background", "Cystic Plate", "Hepatocystic Triangle", "Cystic Artery", "Cystic Duct", "Gallbladder", "Tool")
+
+
+def _map() -> np.ndarray:
+    m = np.zeros((100, 200), np.uint8)
+    m[10:60, 120:190] = CLASSES.index("Gallbladder")
+    m[40:45, 20:100] = CLASSES.index("Cystic Duct")  # 5 px tall bar
+    m[60:63, 20:100] = CLASSES.index("Cystic Artery")  # 15 px below the duct
+    m[70:72, 5:9] = CLASSES.index("Cystic Artery")  # a second piece of 8 cells: below MIN_PIECE
+    m[80:95, 150:190] = CLASSES.index("Cystic Plate")
+    return m
+
+
+def test_measurements_of_known_structures():
+    ms = cvs_measurements(_map(), CLASSES)
+    assert set(ms) == set(FEATURES)
+    assert ms["area_gallbladder"] == pytest.approx(50 * 70 / 20000)
+    assert ms["seen_cystic_duct"] == 1.0 and ms["pieces_cystic_duct"] == 1.0
+    assert ms["pieces_cystic_artery"] == 1.0  # the 8-cell speck (0.04 % of the map) is noise
+    assert ms["seen_hepatocystic_triangle"] == 0.0 and ms["area_hepatocystic_triangle"] == 0.0
+    # 16 px apart, by the rules engine's fast 3x3 distance transform (within 5 %)
+    assert ms["artery_duct_distance"] == pytest.approx(16 / np.hypot(100, 200), rel=0.05)
+    assert ms["both_tubular_seen_apart"] == 1.0
+
+
+def test_a_missing_structure_class_is_named():
+    with pytest.raises(ValueError, match="the segmentation model has no class 'Cystic Plate'"):
+        cvs_measurements(np.zeros((4, 4), np.uint8), ("Background", "Gallbladder"))
+
+
+def test_the_fit_recovers_a_rule_and_round_trips_through_its_manifest_block():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (400, len(FEATURES)))
+    seen = FEATURES.index("both_tubular_seen_apart")
+    plate = FEATURES.index("area_cystic_plate")
+    x[:, seen] = rng.integers(0, 2, 400)
+    y = np.stack([x[:, seen] > 0.5, x[:, plate] > 0.8, x[:, plate] > 0.8], 1).astype(float)  # few positives for C2/C3
+    a = fit_assessor(x, y)
+    got = np.array([[a.probabilities(dict(zip(FEATURES, row)))[c] for c in CRITERIA] for row in x]) >= 0.5
+    truth = y > 0.5
+    for c in range(3):
+        balanced = 0.5 * (got[truth[:, c], c].mean() + (~got[~truth[:, c], c]).mean())
+        assert balanced > 0.9, (CRITERIA[c], balanced)
+    again = CvsAssessor.from_dict(a.as_dict())
+    assert again == a
+
+
+def test_a_malformed_block_is_refused():
+    with pytest.raises(ValueError, match="cvs: weights need 3 rows"):
+        CvsAssessor(("area_gallbladder",), (0.0,), (1.0,), ((1.0,),), (0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="cvs: unknown feature 'colour'"):
+        CvsAssessor(("colour",), (0.0,), (1.0,), ((1.0,),) * 3, (0.0,) * 3)
