@@ -15,6 +15,7 @@ areas each frame was given.
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ import cv2
 import numpy as np
 
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+from or_agent.pipelines.cvs import CRITERIA, CvsAssessor, cvs_measurements
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
 from or_agent.pipelines.manifest import Task
-from or_agent.pipelines.metrics import confusion, per_class_dice, per_class_iou
+from or_agent.pipelines.metrics import average_precision, balanced_accuracy, confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
 from or_agent.pipelines.rules import class_distance_px, load_rules
@@ -74,6 +76,23 @@ class ConditionCount:
 
 
 @dataclass(frozen=True)
+class CriterionScore:
+    """One CVS criterion against the raters (achieved: their mean >= 0.5), beside the majority baseline
+    (always "not achieved": balanced accuracy 0.5, average precision = the share of positives)."""
+
+    criterion: str
+    positives: int
+    frames: int
+    balanced_accuracy: float
+    average_precision: float
+
+    def line(self) -> str:
+        return (f"  {self.criterion:<26} balanced accuracy {self.balanced_accuracy:.3f} (majority 0.500), "
+                f"AP {self.average_precision:.3f} (majority {self.positives / max(1, self.frames):.3f}); "
+                f"{self.positives} of {self.frames} frames achieved")
+
+
+@dataclass(frozen=True)
 class SegmentationScores:
     model: str
     frames: int
@@ -82,6 +101,11 @@ class SegmentationScores:
     dice: tuple[float, ...]
     ms_per_frame: float  # the model call, ONNX Runtime on the CPU, one thread (median)
     conditions: tuple[ConditionCount, ...] = ()  # the set's distance rules, measured frame by frame
+    cvs: tuple[CriterionScore, ...] = ()  # where the model assesses the CVS and the folder has ratings
+
+    @property
+    def cvs_mean_balanced_accuracy(self) -> float:
+        return float(np.nanmean([c.balanced_accuracy for c in self.cvs])) if self.cvs else float("nan")
 
     @property
     def mean_iou(self) -> float:
@@ -99,6 +123,9 @@ class SegmentationScores:
             rows.append(f"  {name:<26} {_fmt(iou):>6} {_fmt(dice):>6}")
         rows.append(f"  {'mean (without background)':<26} {_fmt(self.mean_iou):>6} {_fmt(self.mean_dice):>6}")
         rows += [c.line(self.frames) for c in self.conditions]
+        if self.cvs:
+            rows.append(f"  critical view of safety (mean balanced accuracy {self.cvs_mean_balanced_accuracy:.3f}):")
+            rows += [c.line() for c in self.cvs]
         return rows
 
 
@@ -161,6 +188,10 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     distance_rules = [r for r in load_rules(model_set.rules_file, classes=model_set.class_names,
                                             owner=f"model set {model_set.name!r}") if r.kind == "distance_below"]
     held = {r.id: [0, 0, 0, 0] for r in distance_rules}  # on model, on truth, false alarms, missed
+    assessor = CvsAssessor.from_dict(manifest.extra["cvs"]) if "cvs" in manifest.extra else None
+    ratings = read_ratings(folder) if assessor is not None else {}
+    cvs_prob: list[list[float]] = []
+    cvs_truth: list[list[bool]] = []
     conf = np.zeros((n, n), np.int64)
     times, rows = [], []
     with OnnxRuntimeBackend(manifest, threads=1) as backend:
@@ -187,23 +218,52 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
                 counts[1] += on_truth
                 counts[2] += on_model and not on_truth
                 counts[3] += on_truth and not on_model
+            probabilities = {}
+            if assessor is not None:
+                probabilities = assessor.probabilities(cvs_measurements(estimate.class_map, names))
+                if image.stem in ratings:
+                    cvs_prob.append([probabilities[c] for c in CRITERIA])
+                    cvs_truth.append([ratings[image.stem][c] >= 0.5 for c in CRITERIA])
             keep = truth != IGNORE
             conf += confusion(truth[keep], pred[keep], n)
             if out_dir is not None:
                 if not cv2.imwrite(str(out_dir / "class_maps" / f"{image.stem}.png"), pred.astype(np.uint8)):
                     raise InputError(f"{out_dir / 'class_maps'}: cannot write the class map of {image.name}")
                 fractions = np.bincount(pred.ravel(), minlength=n)[:n] / pred.size
-                rows.append([image.stem, *(f"{v:.5f}" for v in fractions)])
+                rows.append([image.stem, *(f"{probabilities[c]:.4f}" for c in CRITERIA if probabilities),
+                             *(f"{v:.5f}" for v in fractions)])
             if k % 25 == 0 or k == len(pairs):
                 log(f"  {k}/{len(pairs)} frames")
+    cvs = ()
+    if cvs_truth:
+        t, p = np.array(cvs_truth), np.array(cvs_prob)
+        cvs = tuple(CriterionScore(c, int(t[:, i].sum()), len(t), balanced_accuracy(t[:, i], p[:, i] >= 0.5),
+                                   average_precision(t[:, i], p[:, i])) for i, c in enumerate(CRITERIA))
     conditions = tuple(ConditionCount(r.id, tuple(r.params["classes"]), float(r.params["threshold_px"]), *held[r.id])
                        for r in distance_rules)
     scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
-                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions)
+                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions, cvs)
     if out_dir is not None:
-        lines = [",".join(["image", *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
+        lines = [",".join(["image", *(CRITERIA if assessor is not None else ()),
+                           *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
         lines += [",".join(r) for r in rows]
         atomic_write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
         log(f"wrote {out_dir / 'predictions.csv'} and {len(rows)} class maps in {out_dir / 'class_maps'}")
     return scores
 
+
+
+def read_ratings(folder: Path) -> dict[str, dict[str, float]]:
+    """``index.csv``'s CVS ratings per image (the raters' mean per criterion); empty without the file."""
+    path = folder / "index.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("image", *CRITERIA) if c not in (reader.fieldnames or ())]
+        if missing:
+            raise InputError(f"{path}: no column {missing[0]!r} (expected image, {', '.join(CRITERIA)})")
+        try:
+            return {row["image"]: {c: float(row[c]) for c in CRITERIA} for row in reader}
+        except ValueError as exc:
+            raise InputError(f"{path}: a rating is not a number ({exc})") from None

@@ -96,3 +96,23 @@ def phase_scores(truth: np.ndarray, pred: np.ndarray, names: tuple[str, ...]) ->
         per[name] = {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4),
                      "jaccard": round(float(jac), 4), "frames": int(support)}
     return {"accuracy": round(accuracy(t, p), 4), "per_phase": per}
+
+
+def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean of the recall of the positives and of the negatives (NaN without either)."""
+    t, p = np.asarray(truth, bool).ravel(), np.asarray(pred, bool).ravel()
+    if not t.any() or t.all():
+        return float("nan")
+    return float(0.5 * (p[t].mean() + (~p[~t]).mean()))
+
+
+def average_precision(truth: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve as the mean precision at each positive, ranked by score
+    (NaN without positives)."""
+    t = np.asarray(truth, bool).ravel()
+    if not t.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(score, np.float64).ravel(), kind="stable")
+    hits = t[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())

@@ -41,3 +41,15 @@ def test_recall():
 def test_phase_scores_count_no_prediction_as_wrong():
     s = phase_scores(np.array([0, 0, 1, 1]), np.array([-1, 0, 1, 1]), ("A", "B"))
     assert s["accuracy"] == 0.75 and s["per_phase"]["A"]["recall"] == 0.5 and s["per_phase"]["A"]["precision"] == 1.0
+
+
+def test_balanced_accuracy_and_average_precision_on_known_cases():
+    from or_agent.pipelines.metrics import average_precision, balanced_accuracy
+
+    truth = np.array([1, 1, 0, 0, 0, 0], bool)
+    assert balanced_accuracy(truth, np.array([1, 0, 0, 0, 0, 0], bool)) == 0.75
+    assert balanced_accuracy(truth, np.zeros(6, bool)) == 0.5  # the majority baseline
+    assert np.isnan(balanced_accuracy(np.zeros(6, bool), np.zeros(6, bool)))
+    assert average_precision(truth, np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.4])) == 1.0
+    # positives ranked 1st and 3rd: precisions 1 and 2/3
+    assert average_precision(truth, np.array([0.9, 0.5, 0.6, 0.2, 0.1, 0.0])) == pytest.approx((1 + 2 / 3) / 2)
