@@ -29,7 +29,7 @@ import numpy as np
 
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import part_path
-from or_agent.pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
+from or_agent.pipelines.overlay import CVS_SHORT, FONT, AlertBanner, draw_alert_banners, format_duration
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 
@@ -102,7 +102,24 @@ def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[
         (tw, th), _ = cv2.getTextSize(text, FONT, fs, 2)
         cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (60, 40, 0), -1)
         cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 2, cv2.LINE_AA)
+    draw_classifications(out, ov)
     return out
+
+
+def draw_classifications(img: np.ndarray, ov: pb.Overlay) -> None:
+    """Image-level outputs (the critical view of safety) as one line each, bottom left: a criterion
+    is shown as met only at probability 0.5 or more, with the probability beside it."""
+    h = img.shape[0]
+    fs = max(0.4, h / 1200)
+    y = h - 12
+    for c in reversed(ov.classifications):
+        parts = [f"{CVS_SHORT.get(lab.label, lab.label)} {'yes' if lab.probability >= 0.5 else 'no'} "
+                 f"({100 * lab.probability:.0f}%)" for lab in c.labels]
+        text = ("CVS: " if c.name == "critical_view_of_safety" else f"{c.name}: ") + "  |  ".join(parts)
+        (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
+        cv2.rectangle(img, (8, y - th - 6), (16 + tw, y + 4), (40, 40, 40), -1)
+        cv2.putText(img, text, (12, y), FONT, fs, (255, 255, 255), 1, cv2.LINE_AA)
+        y -= th + 14
 
 
 def draw_alerts(img: np.ndarray, alerts: list[AlertBanner]) -> None:

@@ -29,10 +29,11 @@ from or_agent.pipelines.cvs import CRITERIA, CvsAssessor, cvs_measurements
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
 from or_agent.pipelines.manifest import Task
+from or_agent.pipelines.measure import class_distance_px
 from or_agent.pipelines.metrics import average_precision, balanced_accuracy, confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
-from or_agent.pipelines.rules import class_distance_px, load_rules
+from or_agent.pipelines.rules import load_rules
 from or_agent.pipelines.stages import AnatomyStage
 
 IGNORE = 255

@@ -54,13 +54,15 @@ def alert_to_pb(rec: AlertRecord, models: list) -> pb.AlertEvent:
                          event_unix_ms=rec.unix_ms, acknowledged_by=rec.acknowledged_by, models=models)
 
 
-def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, include_anatomy: bool) -> pb.Overlay:
+def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, include_anatomy: bool,
+                  anatomy_model: str = "", model_set: str = "") -> pb.Overlay:
     """The wire form of one result. Out-of-body frames carry no anatomy and say AI paused."""
     now_ns, now_ms = time.monotonic_ns(), time.time() * 1000
     msg = pb.Overlay(sequence=r.seq, media_ms=r.media_ms,
                      capture_unix_ms=int(now_ms - (now_ns - r.marks_ns["capture"]) / 1e6),
                      capture_to_publish_ms=r.latency_ms("capture", "publish") if "publish" in r.marks_ns else 0.0,
-                     frame_width=r.frame_size[0], frame_height=r.frame_size[1], models=models, active_alerts=alerts)
+                     frame_width=r.frame_size[0], frame_height=r.frame_size[1], models=models, active_alerts=alerts,
+                     model_set=model_set)
     if r.visibility is not None:
         v = r.visibility
         msg.visibility.CopyFrom(pb.VisibilityState(out_of_body=v.out_of_body, low_visibility=v.low_visibility,
@@ -76,8 +78,12 @@ def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, inclu
         for c, polys in sorted((r.polygons or {}).items()):
             msg.anatomy.append(pb.AnatomyRegion(
                 class_id=c, name=class_names[c], confidence=r.anatomy.confidence[c],
-                area_fraction=fractions[c],
+                area_fraction=fractions[c], model=anatomy_model,
                 polygons=[pb.Polygon(xy=poly.reshape(-1).tolist()) for poly in polys]))
+    if r.anatomy is not None and r.anatomy.cvs and not r.out_of_body:
+        msg.classifications.append(pb.Classification(
+            model=anatomy_model, name="critical_view_of_safety",
+            labels=[pb.LabelProbability(label=k, probability=v) for k, v in r.anatomy.cvs]))
     return msg
 
 
@@ -137,6 +143,8 @@ class AgentService:
         self._alert_wakeup = asyncio.Event()
         self._session_lock = asyncio.Lock()
         self.class_names = [lab.name for lab in models.manifests["segmentation"].labels]
+        self.anatomy_model = models.manifests["segmentation"].name
+        self.model_set = models.model_set.name
         self.model_info = [pb.ModelInfo(task=t, name=m.name, version=m.version, sha256=m.sha256,
                                         backend=models.backend_name(t)) for t, m in models.manifests.items()]
         self.preprocessing = models.frame_path_reason
@@ -162,7 +170,8 @@ class AgentService:
         active = self._active_alerts_pb()
         payload = {}
         for want in {s.include_anatomy for s in subs}:
-            payload[want] = overlay_to_pb(r, self.model_info, active, self.class_names, want).SerializeToString()
+            payload[want] = overlay_to_pb(r, self.model_info, active, self.class_names, want, self.anatomy_model,
+                                          self.model_set).SerializeToString()
         plain = [s for s in subs if s.jpeg_key is None]
         if plain:
             self.loop.call_soon_threadsafe(self._deliver, [(s, payload[s.include_anatomy]) for s in plain])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from or_agent.pipelines.rules import class_distance_px
+from or_agent.pipelines.measure import class_distance_px
 
 CRITERIA = ("cvs_two_structures", "cvs_hepatocystic_triangle", "cvs_cystic_plate")
 STRUCTURES = ("Cystic Plate", "Hepatocystic Triangle", "Cystic Artery", "Cystic Duct", "Gallbladder", "Tool")

@@ -34,6 +34,10 @@ class AlertBanner:
             raise ValueError(f"unknown severity {self.severity!r}")
 
 
+CVS_SHORT = {"cvs_two_structures": "C1 two structures", "cvs_hepatocystic_triangle": "C2 triangle cleared",
+             "cvs_cystic_plate": "C3 cystic plate"}
+
+
 def _text(img, text, org, scale, colour=(255, 255, 255), thickness=1, background=None, pad=4):
     (tw, th), base = cv2.getTextSize(text, FONT, scale, thickness)
     x, y = int(org[0]), int(org[1])
@@ -98,6 +102,12 @@ class OverlayRenderer:
                 self._anatomy(out, result.anatomy)
             if result.phase is not None:
                 self._phase_banner(out, result)
+            if result.anatomy is not None and result.anatomy.cvs:
+                # the critical view of safety, one line above the alerts: met only at probability >= 0.5
+                h = out.shape[0]
+                text = "CVS: " + "  |  ".join(f"{CVS_SHORT.get(k, k)} {'yes' if p >= 0.5 else 'no'} ({100 * p:.0f}%)"
+                                               for k, p in result.anatomy.cvs)
+                _text(out, text, (10, h - 12 - 34 * (len(alerts) + 1)), h / 1100, (255, 255, 255), 1, (40, 40, 40))
             if result.visibility is not None and result.visibility.low_visibility:
                 h = out.shape[0]
                 _text(out, "LOW VISIBILITY", (10, h - 12 - 34 * len(alerts)), h / 900, (0, 220, 255), 2, (0, 0, 0))

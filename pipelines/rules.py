@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.measure import class_distance_px
 from or_agent.pipelines.messages import FrameResult
 from or_agent.pipelines.surgery import ANATOMY_NAMES, PHASE_DURATIONS, PHASES
 
@@ -107,17 +107,6 @@ class RuleInputs:
         if self.class_map is None:
             return math.inf
         return class_distance_px(self.class_map, a, b, self.px_per_cell)
-
-
-def class_distance_px(class_map: np.ndarray, a: int, b: int, px_per_cell: float = 1.0) -> float:
-    """Smallest distance between any cell of class a and any of class b, in frame pixels (``px_per_cell``
-    frame pixels per cell); inf if either is absent."""
-    ma, mb = class_map == a, class_map == b
-    if not ma.any() or not mb.any():
-        return math.inf
-    # distance from every cell to the nearest b cell, read at the a cells
-    dist = cv2.distanceTransform((~mb).astype(np.uint8), cv2.DIST_L2, 3)
-    return float(dist[ma].min()) * px_per_cell
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from or_agent.pipelines.backends import InferenceBackend
+from or_agent.pipelines.cvs import CvsAssessor, cvs_measurements
 from or_agent.pipelines.errors import ManifestError, ModelError
 from or_agent.pipelines.phase_filter import PhaseFilter
 from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
@@ -97,6 +98,8 @@ class AnatomyEstimate:
     area: ContentArea
     area_fraction: tuple[float, ...]  # per class, fraction of the content crop
     confidence: tuple[float, ...]  # per class, mean probability over its pixels (0 if absent)
+    # the Critical View of Safety criteria and their probabilities, where the model assesses it
+    cvs: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.class_map.ndim != 2 or self.class_map.dtype != np.uint8:
@@ -199,6 +202,13 @@ class AnatomyStage(_Stage):
         if self.manifest.task != "segmentation":
             raise ModelError(f"{self.manifest.path}: an anatomy stage needs a task 'segmentation' model, not {self.manifest.task!r}")
         self.classes = len(self.manifest.labels)
+        self.names = tuple(lab.name for lab in self.manifest.labels)
+        try:  # a model with the CVS structures may carry its assessor (pipelines.cvs)
+            self.cvs = CvsAssessor.from_dict(self.manifest.extra["cvs"]) if "cvs" in self.manifest.extra else None
+            if self.cvs is not None:
+                cvs_measurements(np.zeros((2, 2), np.uint8), self.names)  # its classes have the structures
+        except ValueError as exc:
+            raise ModelError(f"{self.manifest.path}: {exc}") from None
 
     def predict(self, x, on_device: bool = False):
         """Logits on the host; with ``on_device`` and a backend that can, a ``DeviceTensor`` in the
@@ -212,7 +222,11 @@ class AnatomyStage(_Stage):
         r = logits if isinstance(logits, AnatomyReduction) else AnatomyReduction(*reduce_logits(logits))
         if len(r.counts) != self.classes:
             raise ModelError(f"{self.manifest.name}: {len(r.counts)} classes in the output, the manifest labels {self.classes}")
-        return AnatomyEstimate(r.class_map, area, tuple((r.counts / r.class_map.size).tolist()), tuple(r.confidence.tolist()))
+        cvs = ()
+        if self.cvs is not None:
+            cvs = tuple(self.cvs.probabilities(cvs_measurements(r.class_map, self.names)).items())
+        return AnatomyEstimate(r.class_map, area, tuple((r.counts / r.class_map.size).tolist()), tuple(r.confidence.tolist()),
+                               cvs)
 
     def __call__(self, frame: np.ndarray, area: ContentArea) -> AnatomyEstimate:
         return self.post_process(self.predict(self.pre_process(frame, area)), area)

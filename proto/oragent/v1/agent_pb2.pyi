@@ -33,7 +33,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., include_jpeg: _Optional[bool] = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: _Optional[bool] = ...) -> None: ...
 
 class Overlay(_message.Message):
-    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg")
+    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_MS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class Overlay(_message.Message):
     AI_PAUSED_FIELD_NUMBER: _ClassVar[int]
     PAUSED_REASON_FIELD_NUMBER: _ClassVar[int]
     COMPOSITED_JPEG_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     media_ms: float
     capture_unix_ms: int
@@ -62,7 +64,27 @@ class Overlay(_message.Message):
     ai_paused: bool
     paused_reason: str
     composited_jpeg: bytes
-    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ...) -> None: ...
+    classifications: _containers.RepeatedCompositeFieldContainer[Classification]
+    model_set: str
+    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("model", "name", "labels")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    labels: _containers.RepeatedCompositeFieldContainer[LabelProbability]
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ...) -> None: ...
+
+class LabelProbability(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class VisibilityState(_message.Message):
     __slots__ = ("out_of_body", "low_visibility", "p_out_of_body", "p_low_visibility")
@@ -91,18 +113,20 @@ class PhaseState(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., confidence: _Optional[float] = ..., time_in_phase_s: _Optional[float] = ...) -> None: ...
 
 class AnatomyRegion(_message.Message):
-    __slots__ = ("class_id", "name", "confidence", "area_fraction", "polygons")
+    __slots__ = ("class_id", "name", "confidence", "area_fraction", "polygons", "model")
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     AREA_FRACTION_FIELD_NUMBER: _ClassVar[int]
     POLYGONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     class_id: int
     name: str
     confidence: float
     area_fraction: float
     polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
-    def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ..., confidence: _Optional[float] = ..., area_fraction: _Optional[float] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ..., confidence: _Optional[float] = ..., area_fraction: _Optional[float] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Polygon(_message.Message):
     __slots__ = ("xy",)
