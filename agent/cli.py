@@ -358,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("or-agent: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`or-agent models | head -1`): end quietly, as command-line tools do;
+        # stdout points at /dev/null so that the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug of ours, not the user's: still one line, with a way to see more
         if os.environ.get("OR_AGENT_DEBUG"):
             raise

@@ -64,6 +64,9 @@ class AgentServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.max_concurrent_streams", 4 * cfg.max_subscribers + 16),
+            # bind exclusively: with SO_REUSEPORT a second agent on the same port would silently take half
+            # of the displays' connections
+            ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(options=options)
         self.server.add_generic_rpc_handlers((generic_handler(OrAgentHandlers(self.service)),))
@@ -71,13 +74,17 @@ class AgentServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         creds = _credentials(self.config)
         host = listen_host(cfg.listen)
-        if creds is None:
-            if not is_loopback(host):
-                log.warning("INSECURE: serving plaintext on %s beyond loopback (server.insecure = true)", cfg.listen)
-            self.port = self.server.add_insecure_port(cfg.listen)
-        else:
-            self.port = self.server.add_secure_port(cfg.listen, creds)
+        try:
+            if creds is None:
+                if not is_loopback(host):
+                    log.warning("INSECURE: serving plaintext on %s beyond loopback (server.insecure = true)", cfg.listen)
+                self.port = self.server.add_insecure_port(cfg.listen)
+            else:
+                self.port = self.server.add_secure_port(cfg.listen, creds)
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
+            await self.stop()  # the service's workers and the models, started above, are released
             raise InputError(f"server.listen: cannot listen on {cfg.listen} (address in use or not available)")
         await self.server.start()
         await self._set_health(False)

@@ -269,6 +269,9 @@ class AgentService:
             if session is None or session.stopped_unix_ms:
                 return None
             await asyncio.get_running_loop().run_in_executor(None, session.stop)
+            # Nothing of this case may be shown or re-announced during the next: its alerts end with it.
+            self.decision = None
+            self.alerts.clear_all(f"case {session.spec.case_id} ended")
             stats = session.pipeline.stats()
             self.audit("session_stop", {"case_id": session.spec.case_id, "frames_processed": stats["frames_out"],
                                         "frames_dropped": stats["frames_dropped_source"],

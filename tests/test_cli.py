@@ -55,3 +55,17 @@ def test_demo_plays_a_surgery_live_through_the_agent_to_the_display(tmp_path):
     # a second run reuses the generated surgery
     again = run_cli("demo", "--out", str(tmp_path / "demo"), "--time-scale", "150", check=True)
     assert "reusing the synthetic surgery" in again.stdout
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`or-agent models | head -1`: the reader is gone before the listing is written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "or_agent.agent.cli", "models"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything: its first write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err.decode().strip() == ""

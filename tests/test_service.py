@@ -757,6 +757,45 @@ def test_acknowledge_records_who_and_is_streamed():
     asyncio.run(scenario())
 
 
+def test_a_second_agent_on_the_same_port_is_refused_with_one_line():
+    async def scenario():
+        async with Agent() as first:
+            second = Agent(**{"server.listen": f"127.0.0.1:{first.server.port}"})
+            with pytest.raises(InputError) as e:
+                await second.server.start()
+            assert str(e.value) == (f"server.listen: cannot listen on 127.0.0.1:{first.server.port} "
+                                    "(address in use or not available)")
+            # the first keeps every connection
+            async with channel(first.target) as ch:
+                assert (await pbg.OrAgentStub(ch).GetStatus(pb.StatusRequest(), timeout=10)).state is not None
+
+    asyncio.run(scenario())
+
+
+def test_ending_a_case_clears_its_alerts_and_none_shows_in_the_next(video):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            await start_case(stub, video, "OR1-case-A")
+            rec = agent.alerts.raise_alert("energy_near_cystic_duct", "critical", "L-hook 2.3 px from the cystic duct")
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            (raised,) = await read_n(call, 1)
+            assert raised.alert_id == rec.alert_id
+            await stub.StopCase(pb.StopCaseRequest(reason="done"), timeout=30)
+            (cleared,) = await read_n(call, 1)
+            assert cleared.kind == pb.AlertEvent.CLEARED and cleared.alert_id == rec.alert_id
+            assert cleared.message == "L-hook 2.3 px from the cystic duct (cleared: case OR1-case-A ended)"
+            assert agent.alerts.active() == []
+            await start_case(stub, video, "OR1-case-B")
+            overlays = stub.StreamOverlays(pb.SubscribeRequest(client_id="disp1"))
+            (first,) = await read_n(overlays, 1)
+            assert not first.active_alerts
+            overlays.cancel()
+            call.cancel()
+
+    asyncio.run(scenario())
+
+
 # ----- 8. graceful shutdown ----------------------------------------------------------------------
 
 
