@@ -47,6 +47,13 @@ _SHUTDOWN = object()
 _MALFORMED = object()
 
 
+def loggable(text: str, limit: int = 200) -> str:
+    """A client-supplied string as it may appear in a log line: control characters (a newline would
+    forge a line) escaped, and at most ``limit`` characters."""
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
 def alert_to_pb(rec: AlertRecord, models: list) -> pb.AlertEvent:
     return pb.AlertEvent(sequence=rec.sequence, alert_id=rec.alert_id, rule=rec.rule, severity=SEVERITY_PB[rec.severity],
                          kind=KIND_PB[rec.kind], message=rec.message, evidence=rec.evidence,
@@ -475,7 +482,7 @@ class OrAgentHandlers:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RuntimeError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        log.info("case %s started on %s", spec.case_id, session.source.name)
+        log.info("case %s started on %s", spec.case_id, loggable(session.source.name))
         return self._case_info(session)
 
     async def StopCase(self, request, context):
@@ -483,7 +490,7 @@ class OrAgentHandlers:
         session = await self.s.stop_case()
         if session is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no case is running")
-        log.info("case %s stopped (%s)", session.spec.case_id, request.reason or "no reason given")
+        log.info("case %s stopped (%s)", session.spec.case_id, loggable(request.reason) or "no reason given")
         return self._case_info(session)
 
     async def AcknowledgeAlert(self, request, context):

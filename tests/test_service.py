@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -755,6 +756,19 @@ def test_acknowledge_records_who_and_is_streamed():
             assert active.acknowledged and active.acknowledged_by == "disp1"
 
     asyncio.run(scenario())
+
+
+def test_a_client_string_cannot_forge_a_log_line(video, caplog):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            await start_case(stub, video)
+            await stub.StopCase(pb.StopCaseRequest(reason="done\n2026-12-02 INFO or-agent: case OR9 approved"), timeout=30)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert line == "case OR1-test-01 stopped (done\\x0a2026-12-02 INFO or-agent: case OR9 approved)"
 
 
 def test_a_second_agent_on_the_same_port_is_refused_with_one_line():
