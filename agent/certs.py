@@ -412,12 +412,25 @@ def describe(cert_path: Path) -> str:
     return ", ".join(parts)
 
 
+def _refuse_shared_key(key: Path) -> None:
+    """The box's private key must be readable by its owner only: anyone else who can read it can
+    impersonate the agent to every display."""
+    try:
+        mode = key.stat().st_mode
+    except OSError:
+        return  # missing or unreadable: load_tls_files names the problem
+    if mode & 0o077:
+        raise InputError(f"{key}: the private key is readable or writable by other users (mode {mode & 0o777:03o}); "
+                         f"chmod 600 {key}")
+
+
 def server_credentials(cert: Path, key: Path, ca: Path | None, require_client_auth: bool):
     """gRPC server credentials; with ``require_client_auth`` only holders of a cert from ``ca`` get in."""
     import grpc
 
     if require_client_auth and ca is None:
         raise InputError("--tls-ca: needed to check the displays' certificates (mutual TLS)")
+    _refuse_shared_key(Path(key))
     cert_pem, key_pem, ca_pem = load_tls_files(cert, key, ca)
     return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
                                        require_client_auth=require_client_auth)

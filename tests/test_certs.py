@@ -450,3 +450,17 @@ def test_server_only_tls(pki, other):
         assert refused(f"localhost:{port}", channel_credentials(other.ca_cert)) == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=None).wait(5)
+
+
+def test_a_private_key_readable_by_others_is_refused(pki, tmp_path):
+    import os
+    import shutil
+
+    key = tmp_path / "server.key"
+    shutil.copy(pki.server_key, key)
+    os.chmod(key, 0o644)
+    with pytest.raises(InputError) as e:
+        server_credentials(pki.server_cert, key, pki.ca_cert, require_client_auth=True)
+    assert str(e.value) == f"{key}: the private key is readable or writable by other users (mode 644); chmod 600 {key}"
+    os.chmod(key, 0o600)
+    assert server_credentials(pki.server_cert, key, pki.ca_cert, require_client_auth=True) is not None
