@@ -55,6 +55,7 @@ class AgentServer:
         cfg = self.config.server
         loop = asyncio.get_running_loop()
         self.service = AgentService(self.config, self.models, loop)
+        self.service.health_hook = self._set_health
         self.service.start_workers()
         options = [
             ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),

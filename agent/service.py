@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,6 +162,8 @@ class AgentService:
         self._published_at: deque[float] = deque(maxlen=1024)  # monotonic times of recent results
         self.rules = models.rules(config.alerts.rules_file or None, overrides={"phase_too_long": {"time_scale": config.alerts.time_scale}})
         self.decision: DecisionSupport | None = None
+        # set by the server: sets the health service at once where the state changes outside its watchdog
+        self.health_hook: Callable[[bool], Awaitable[None]] | None = None
         self._audit_writer: QueuedSubscriber | None = None
         self._audit_log = None
         self._case_started = 0.0
@@ -275,6 +278,8 @@ class AgentService:
             session = self.session
             if session is None or session.stopped_unix_ms:
                 return None
+            if self.health_hook is not None:
+                await self.health_hook(False)  # health follows the state exactly: not serving once stopping
             await asyncio.get_running_loop().run_in_executor(None, session.stop)
             # Nothing of this case may be shown or re-announced during the next: its alerts end with it.
             self.decision = None

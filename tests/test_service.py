@@ -771,6 +771,20 @@ def test_a_client_string_cannot_forge_a_log_line(video, caplog):
     assert line == "case OR1-test-01 stopped (done\\x0a2026-12-02 INFO or-agent: case OR9 approved)"
 
 
+def test_health_says_not_serving_as_soon_as_a_case_is_stopped(video):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub, health = pbg.OrAgentStub(ch), health_pb2_grpc.HealthStub(ch)
+            await start_case(stub, video)
+            await eventually(lambda: _status(health, SERVING), 15, "SERVING while the case runs")
+            await stub.StopCase(pb.StopCaseRequest(reason="done"), timeout=30)
+            # at once, not on the watchdog's next turn: the state is IDLE and health says so
+            assert (await stub.GetStatus(pb.StatusRequest())).state == pb.Status.IDLE
+            assert await _status(health, NOT_SERVING)
+
+    asyncio.run(scenario())
+
+
 def test_a_second_agent_on_the_same_port_is_refused_with_one_line():
     async def scenario():
         async with Agent() as first:
