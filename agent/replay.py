@@ -151,8 +151,19 @@ class AnnotatedVideo:
         self._tmp: Path | None = None
         self._writer = None
         self.frames = 0
+        self._last: np.ndarray | None = None
 
-    def write(self, img: np.ndarray) -> None:
+    def write(self, img: np.ndarray, seq: int | None = None) -> None:
+        """Append a frame; with the source frame's sequence number, the frames the pipeline never saw
+        (a paced replay drops them when the machine falls behind) are filled by repeating the last one,
+        so that the recording keeps the media's time."""
+        if seq is not None and self._last is not None:
+            for _ in range(max(0, seq - self.frames)):
+                self._write(self._last)
+        self._write(img)
+        self._last = img
+
+    def _write(self, img: np.ndarray) -> None:
         if self._writer is None:
             h, w = img.shape[:2]
             if w % 2 == 0 and h % 2 == 0 and min(w, h) >= 16:
@@ -259,7 +270,7 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
 
     def record(item) -> None:
         r, banners = item
-        recording.write(overlay.draw(r.image, r, banners))
+        recording.write(overlay.draw(r.image, r, banners), r.seq)
         bar.update(r.seq + 1)
 
     recorder = QueuedSubscriber(record, maxsize=4, name="recorder").start()
@@ -287,7 +298,8 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
     pred = np.array(collector.phase, np.int64)
     seq = np.array(collector.seq, np.int64)
     summary = {
-        "video": str(video), "frames": len(seq), "fps": fps, "duration_s": float(len(seq) / fps),
+        # frames the pipeline processed; the duration is the media's (a paced replay may drop frames)
+        "video": str(video), "frames": len(seq), "fps": fps, "duration_s": float((int(seq.max()) + 1) / fps),
         "fps_processed": round(stats["fps_out"], 2), "frames_dropped": stats["frames_dropped_source"],
         "latency_ms": stats["latency_ms"]["end_to_end"], "stage_latency_ms": stats["latency_ms"],
         "out_of_body_frames": int(np.sum(collector.oob)),

@@ -134,3 +134,25 @@ def test_replay_runs_on_the_real_clips(real_data, tmp_path):
     s = json.loads((tmp_path / clip.stem / "summary.json").read_text())
     assert s["frames"] == 250 and s["complete"] and "phase_metrics" in s
     assert "ok     " in proc.stdout
+
+
+def test_the_recording_keeps_media_time_when_frames_were_dropped(tmp_path):
+    """A paced replay that falls behind drops frames: the annotated video repeats the last frame for
+    each one, so it lasts as long as the media."""
+    import cv2
+    import numpy as np
+
+    from or_agent.agent.replay import AnnotatedVideo
+
+    rec = AnnotatedVideo(tmp_path / "annotated", 25.0)
+    frames = {seq: np.full((48, 64, 3), 10 * seq, np.uint8) for seq in (0, 1, 5, 6, 9)}
+    for seq, img in frames.items():
+        rec.write(img, seq)
+    rec.close(commit=True)
+    assert rec.frames == 10
+    cap = cv2.VideoCapture(str(rec.path))
+    means = []
+    while (got := cap.read())[0]:
+        means.append(round(float(got[1].mean()) / 10))
+    cap.release()
+    assert means == [0, 1, 1, 1, 1, 5, 6, 6, 6, 9]
