@@ -71,6 +71,10 @@ FIELDS = frozenset({"seq", "ts", "mono_ns", "kind", "data", "prev", "hash"})
 ZERO_HASH = "0" * 64
 MAX_STRING = 2000
 HEAD_NAME = "audit.head"
+# Records are canonical JSON with sorted keys, so every one starts with this; a crash's partial last line
+# is a prefix of one record, never longer than this many bytes.
+RECORD_START = b'{"data":'
+MAX_TAIL_BYTES = 64 * 1024
 LOCK_NAME = "audit.lock"
 # Keys are compared lower-cased with '-' and ' ' read as '_'; any key containing "patient" or
 # "birth" is refused as well. "name" is refused outright, so name models with "model".
@@ -509,6 +513,7 @@ class _Verifier:
                     if self.rotation is not None and self.rotation[2] == name:
                         raise _Broken(f"{name}:{lineno}: data after the rotated record (files spliced?)")
                     if not raw.endswith(b"\n"):  # only ever the last piece of a file
+                        self._check_tail(name, lineno, raw)
                         if self.truncated is not None:  # the file meant to continue the chain is itself cut
                             self._truncated_warning(name)
                         self.truncated = (name, lineno)
@@ -523,6 +528,26 @@ class _Verifier:
                 self.rotation_target_seen = True
         else:
             self.last_file = name
+
+    def _check_tail(self, name: str, lineno: int, raw: bytes) -> None:
+        """A crash mid-write leaves the beginning of one record: short, and the start of canonical JSON.
+        Anything else after the last newline is damage or an insertion, not a crash."""
+        where = f"{name}:{lineno}"
+        if len(raw) > MAX_TAIL_BYTES:
+            raise _Broken(f"{where}: {len(raw)} bytes after the last record, more than a record cut by a crash "
+                          f"({MAX_TAIL_BYTES} at most): appended data")
+        if not (raw.startswith(RECORD_START) or RECORD_START.startswith(raw)):
+            raise _Broken(f"{where}: the bytes after the last record are not the start of a record (appended data)")
+        try:
+            complete = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            return  # the beginning of a record: a crash's truncated tail
+        # a whole record without its newline: a crash between the record and its newline only if it
+        # continues the chain exactly
+        if (not isinstance(complete, dict) or _record_problem(complete) is not None or record_hash(complete) != complete["hash"]
+                or canonical(complete).encode("utf-8") != raw or complete["seq"] != self.expected_seq
+                or complete["prev"] != self.prev):
+            raise _Broken(f"{where}: a record without its newline that does not continue the chain (inserted?)")
 
     def _enter(self, name: str) -> None:
         """Checks for the move from the previous file with content to ``name``."""
@@ -600,6 +625,12 @@ class _Verifier:
         if self.head is not None and self.expected_seq - 1 < self.head[0]:
             raise _Broken(f"chain ends at seq {self.expected_seq - 1} but audit.head says {self.head[0]} "
                           "(records removed from the end)")
+        if self.head is not None and self.head[0] < self.expected_seq - 1:
+            # the agent rewrites the head after each fsync, so it lags only if it crashed in between:
+            # otherwise the anchor was rolled back, and then records removed from the end would pass
+            self.warnings.append(f"{HEAD_NAME} names seq {self.head[0]} but the chain runs to seq {self.expected_seq - 1}: "
+                                 "rolled back, or the agent crashed before updating it; records removed from the end "
+                                 "after seq " f"{self.head[0]} would go unnoticed")
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:

@@ -225,8 +225,44 @@ def test_a_crash_mid_write_leaves_a_truncated_tail_that_is_not_tampering(tmp_pat
     log, f = crashed_chain(d)
     result = verify([d])
     assert result.ok and result.records == log.seq - 1
-    assert result.warnings == (f"{f.name}:{len(lines(f))}: truncated last record (crash mid-write); everything before it verifies",)
+    head_seq = json.loads((d / "audit.head").read_text())["seq"]
+    assert head_seq < result.records  # the unsynced records were never anchored
+    assert result.warnings == (
+        f"{f.name}:{len(lines(f))}: truncated last record (crash mid-write); everything before it verifies",
+        f"audit.head names seq {head_seq} but the chain runs to seq {result.records}: rolled back, or the agent crashed "
+        f"before updating it; records removed from the end after seq {head_seq} would go unnoticed")
     assert cmd_audit_verify(Namespace(paths=[str(d)])) == 0
+
+
+@pytest.mark.parametrize("tail, message", [
+    (b"x" * 70_000, "70000 bytes after the last record, more than a record cut by a crash (65536 at most): appended data"),
+    (b'{"forged": true}', "the bytes after the last record are not the start of a record (appended data)"),
+    (b"garbage", "the bytes after the last record are not the start of a record (appended data)"),
+])
+def test_bytes_appended_after_the_last_record_are_not_a_crash(tmp_path, tail, message):
+    d = tmp_path / "audit"
+    log = AuditLog(d).open()
+    for i in range(3):
+        log.append("note", {"i": i})
+    log.close()
+    f = audit_files(d)[-1]
+    n = len(lines(f))
+    with open(f, "ab") as fh:
+        fh.write(tail)
+    assert verify([d]).first_error == f"{f.name}:{n + 1}: {message}"
+
+
+def test_a_forged_whole_record_without_newline_is_broken(tmp_path):
+    d = tmp_path / "audit"
+    log = AuditLog(d).open()
+    log.append("note", {"i": 0})
+    log.close()
+    f = audit_files(d)[-1]
+    last = json.loads(lines(f)[-1])
+    forged = {**last, "data": {"approved": "yes"}, "seq": last["seq"] + 1}  # its hash is not its own
+    with open(f, "ab") as fh:
+        fh.write(canonical(forged).encode())
+    assert verify([d]).first_error.endswith("a record without its newline that does not continue the chain (inserted?)")
 
 
 def test_reopening_after_a_crash_continues_in_a_new_file(tmp_path):
