@@ -162,6 +162,7 @@ class AgentService:
         self._published_at: deque[float] = deque(maxlen=1024)  # monotonic times of recent results
         self.rules = models.rules(config.alerts.rules_file or None, overrides={"phase_too_long": {"time_scale": config.alerts.time_scale}})
         self.decision: DecisionSupport | None = None
+        self.alert_streams = 0  # open StreamAlerts calls (on the event loop)
         # set by the server: sets the health service at once where the state changes outside its watchdog
         self.health_hook: Callable[[bool], Awaitable[None]] | None = None
         self._audit_writer: QueuedSubscriber | None = None
@@ -452,6 +453,17 @@ class OrAgentHandlers:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"after_sequence {cursor} is beyond the newest alert ({self.s.alerts.last_sequence}); "
                                 "the agent restarted? resubscribe from 0")
+        limit = self.s.config.server.max_subscribers
+        if self.s.alert_streams >= limit:  # each stream costs the event loop: as many as overlay streams
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many alert streams (limit {limit})")
+        self.s.alert_streams += 1
+        try:
+            async for event in self._alert_events(cursor):
+                yield event
+        finally:
+            self.s.alert_streams -= 1
+
+    async def _alert_events(self, cursor: int):
         while not self.s.shutting_down:
             wakeup = self.s._alert_wakeup  # before reading: an event recorded after this sets it
             events, truncated = self.s.alerts.since(cursor)

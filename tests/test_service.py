@@ -785,6 +785,26 @@ def test_health_says_not_serving_as_soon_as_a_case_is_stopped(video):
     asyncio.run(scenario())
 
 
+def test_alert_streams_are_limited_like_overlay_streams():
+    async def scenario():
+        async with Agent(**{"server.max_subscribers": 2}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            calls = [stub.StreamAlerts(pb.AlertSubscribeRequest(client_id=f"d{i}")) for i in range(2)]
+            await eventually(lambda: agent.server.service.alert_streams == 2, 10, "two open alert streams")
+            e = await rpc_error(stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="d2")).read())
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and e.details() == "too many alert streams (limit 2)"
+            calls[0].cancel()
+            await eventually(lambda: agent.server.service.alert_streams == 1, 10, "the cancelled stream to be released")
+            again = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="d3"))
+            rec = agent.alerts.raise_alert("bleeding", "critical", "bleeding in the field")
+            (event,) = await read_n(again, 1)
+            assert event.alert_id == rec.alert_id
+            again.cancel()
+            calls[1].cancel()
+
+    asyncio.run(scenario())
+
+
 def test_a_second_agent_on_the_same_port_is_refused_with_one_line():
     async def scenario():
         async with Agent() as first:
