@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from or_agent.agent.options import add_models_option
 from or_agent.pipelines.backends.select import PREFERENCES
 from or_agent.pipelines.errors import InputError, OrAgentError
 from or_agent.pipelines.frame_path import FRAME_PATHS
@@ -208,13 +209,6 @@ def cmd_audit_verify(args) -> int:
     from or_agent.agent.audit import cmd_audit_verify as run
 
     return run(args)
-
-
-def add_models_option(p: argparse.ArgumentParser, what: str = "the model set to use") -> None:
-    """``--models SET|DIR``, for every command that loads models (``--models-dir`` still accepted)."""
-    p.add_argument("--models", "--models-dir", dest="models_dir", metavar="SET|DIR", default=None,
-                   help=f"{what}: a model set's name (see `or-agent models`) or folder, or a models directory "
-                        "(default: $OR_AGENT_MODELS or the set 'synthetic')")
 
 
 def build_parser() -> argparse.ArgumentParser:

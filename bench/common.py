@@ -51,7 +51,7 @@ def row(label: str, value: float, unit: str, reference: float | None = None, ref
 
 def models_option(ap) -> None:
     """``--models SET|DIR`` for a benchmark (the same option and default as the agent's commands)."""
-    from or_agent.agent.cli import add_models_option
+    from or_agent.agent.options import add_models_option
 
     add_models_option(ap, "the model set to measure")
 

@@ -61,7 +61,7 @@ def cmd_temperature(args) -> int:
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` and its actions to ``or-agent``'s subcommands; returns its parser."""
-    from or_agent.agent.cli import add_models_option
+    from or_agent.agent.options import add_models_option
     from or_agent.calibration.fp16 import DEFAULT_OUT as FP16_OUT
     from or_agent.calibration.int8 import DEFAULT_FRAMES
     from or_agent.calibration.int8 import DEFAULT_OUT as INT8_OUT
