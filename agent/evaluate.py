@@ -212,7 +212,8 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
             for r in distance_rules:
                 a, b = (r.classes.index(c) for c in r.params["classes"])
                 limit = float(r.params["threshold_px"])
-                on_model = class_distance_px(estimate.class_map, a, b, px_per_cell) < limit
+                sure = min(estimate.confidence[a], estimate.confidence[b]) >= float(r.params.get("min_confidence", 0.0))
+                on_model = class_distance_px(estimate.class_map, a, b, px_per_cell) < limit and sure
                 on_truth = class_distance_px(truth, a, b) < limit
                 counts = held[r.id]
                 counts[0] += on_model

@@ -10,7 +10,8 @@ made it fire, the frame's sequence number and media time.
 Condition kinds (``kind = ...``):
 
 - ``distance_below``: two classes' masks closer than ``threshold_px`` (frame pixels), optionally only
-  in some ``phases``. Evidence: ``distance_px``.
+  in some ``phases`` and only when the model's mean probability over both classes is at least
+  ``min_confidence``. Evidence: ``distance_px`` (and ``confidence``).
 - ``structures_not_seen_before``: on entering ``phase``, some ``required`` class was not seen
   (area at least ``min_area``) for ``min_seen_s`` during ``during_phase``; with two or more required
   classes they must also have been seen at the same time at least ``min_separation_px`` apart (seen
@@ -81,6 +82,7 @@ class RuleInputs:
     class_map: np.ndarray | None = field(default=None, repr=False)  # model-sized, for distances
     px_per_cell: float = 1.0  # frame pixels per class-map cell
     system: SystemHealth = SystemHealth()
+    confidence: tuple[float, ...] = ()  # per anatomy class, the model's mean probability over its pixels
 
     @classmethod
     def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> RuleInputs:
@@ -96,7 +98,12 @@ class RuleInputs:
         return cls(seq=r.seq, t_s=r.media_ms / 1000.0, phase=None if p is None else p.phase,
                    phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
                    out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
-                   areas=areas, class_map=cmap, px_per_cell=scale, system=system)
+                   areas=areas, class_map=cmap, px_per_cell=scale, system=system,
+                   confidence=r.anatomy.confidence if cmap is not None and r.anatomy is not None else ())
+
+    def confidence_of(self, cls: int) -> float:
+        """The model's mean probability over class ``cls``'s pixels (0 when there is no estimate)."""
+        return self.confidence[cls] if cls < len(self.confidence) else 0.0
 
     def area(self, cls: int) -> float:
         """Fraction of the frame that class ``cls`` covers (0 when there is no anatomy estimate)."""
@@ -189,6 +196,8 @@ class _Condition:
             self.a, self.b = (_class_id(c, f"{where}.classes", rule) for c in classes)
             self.threshold = need("threshold_px", float)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
+            # both structures' mean probability at least this: a model unsure of either is not believed
+            self.min_confidence = need("min_confidence", float, 0.0)
         elif k == "structures_not_seen_before":
             self.at = _phase_id(need("phase", str), f"{where}.phase")
             self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
@@ -236,8 +245,13 @@ class _Condition:
             if self.phases and x.phase not in self.phases:
                 return False, {}
             d = x.distance_px(self.a, self.b)
-            return d < self.threshold, {"distance_px": round(d, 1) if math.isfinite(d) else "none",
-                                        "threshold_px": self.threshold, "phase": PHASES[x.phase] if x.phase is not None else ""}
+            evidence = {"distance_px": round(d, 1) if math.isfinite(d) else "none", "threshold_px": self.threshold,
+                        "phase": PHASES[x.phase] if x.phase is not None else ""}
+            if self.min_confidence > 0:
+                sure = min(x.confidence_of(self.a), x.confidence_of(self.b))
+                evidence["confidence"] = round(sure, 2)
+                return d < self.threshold and sure >= self.min_confidence, evidence
+            return d < self.threshold, evidence
         if k == "structures_not_seen_before":
             return self._cvs(x)
         if k == "area_growth":

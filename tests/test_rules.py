@@ -175,3 +175,33 @@ def test_frame_drop_rate_is_derived_from_sequence_gaps():
     assert [t.rule for t in raised] == ["frame_drops"]
     assert 0.2 < float(raised[0].evidence["frame_drop_rate"]) <= 0.5  # above the 20 % threshold
     assert abs(e.drop_rate() - 0.5) < 0.02
+
+
+def test_a_distance_rule_can_require_the_model_to_be_sure_of_both_structures(tmp_path):
+    rules = tmp_path / "r.toml"
+    rules.write_text('''[[rules]]
+id = "hook_near_duct"
+severity = "warning"
+kind = "distance_below"
+classes = ["L-hook Electrocautery", "Cystic Duct"]
+threshold_px = 20.0
+min_confidence = 0.7
+message = "hook {distance_px} px from the duct (confidence {confidence})"
+''')
+    (rule,) = load_rules(rules)
+    cmap = np.zeros((40, 40), np.uint8)
+    cmap[10:20, 5:10] = Anatomy.L_HOOK
+    cmap[10:20, 12:18] = Anatomy.CYSTIC_DUCT
+    conf = [0.9] * 13
+
+    def inputs(duct_conf):
+        conf[Anatomy.CYSTIC_DUCT] = duct_conf
+        return [RuleInputs(seq=i, t_s=i / FPS, phase=CALOT, phase_confidence=0.9, time_in_phase_s=1.0, out_of_body=False,
+                           low_visibility=False, areas=(0.01,) * 13, class_map=cmap, px_per_cell=1.0,
+                           confidence=tuple(conf)) for i in range(5)]
+
+    unsure = RulesEngine([rule])
+    assert not [t for x in inputs(0.5) for t in unsure.evaluate(x)]
+    sure = RulesEngine([rule])
+    (raised,) = [t for x in inputs(0.8) for t in sure.evaluate(x)]
+    assert raised.evidence["confidence"] == "0.8" and "confidence 0.8" in raised.message

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     assessor = fit_assessor(x, y, l2=args.l2)
     doc = json.loads(manifest.path.read_text())
     doc["cvs"] = {**assessor.as_dict(), "fitted_on": f"{args.train} ({len(x)} frames, raters' mean >= 0.5)",
-                  "command": "python -m or_agent.models.training.cvs --models " + args.models}
+                  "l2": args.l2,
+                  "command": f"python -m or_agent.models.training.cvs --models {args.models} --l2 {args.l2:g} "
+                             f"--train {args.train} --val {args.val}"}
     atomic_write_text(manifest.path, json.dumps(doc, indent=2) + "\n")
     print(f"wrote the cvs block into {manifest.path}")
     scores = evaluate_segmentation(args.val, args.models)

@@ -1,0 +1,60 @@
+"""The endoscapes model set on real footage: its figures re-measured on Endoscapes' val split, and the
+set running in the live pipeline on a real Cholec80 clip. Skipped, with the reason, where the footage
+is absent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from or_agent.agent.evaluate import evaluate_segmentation
+from or_agent.pipelines.model_set import load_model_set
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.real_data
+MANIFEST = ROOT / "models" / "endoscapes" / "anatomy" / "manifest.json"
+
+
+def test_the_set_carries_the_data_licence_and_its_rules_fit_its_classes():
+    s = load_model_set("endoscapes")
+    seg = s.model("segmentation")
+    assert s.license == seg.license == "CC-BY-NC-SA-4.0" and "Endoscapes2023" in seg.datasets[0].name
+    assert [lab.name for lab in seg.labels] == ["Background", "Cystic Plate", "Hepatocystic Triangle", "Cystic Artery",
+                                                "Cystic Duct", "Gallbladder", "Tool"]
+    assert str(seg.cadence) == "every 2 frames" and "cvs" in seg.extra
+
+
+def test_val_figures_match_the_manifest(real_data):
+    recorded = json.loads(MANIFEST.read_text())["metrics"]
+    s = evaluate_segmentation(real_data / "endoscapes-seg50" / "val", "endoscapes", log=lambda m: None)
+    assert s.frames == 75
+    # the same model, data and arithmetic: only ONNX Runtime's CPU kernels may move a few pixels
+    assert s.mean_iou == pytest.approx(recorded["anatomy_miou"], abs=0.01)
+    for name, iou in zip(s.classes, s.iou):
+        assert iou == pytest.approx(recorded["anatomy_iou_per_class"][name], abs=0.02), name
+    # the distance rules were tuned to fewer than 5 % false alarms on these frames
+    assert all(c.false_alarms / s.frames <= 0.05 for c in s.conditions), s.conditions
+    assert s.cvs_mean_balanced_accuracy == pytest.approx(recorded["cvs_mean_balanced_accuracy"], abs=0.03)
+
+
+def test_the_set_runs_live_on_a_real_clip_with_cvs_on_the_overlay(real_data):
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.runtime import PipelineConfig
+    from or_agent.pipelines.sources import VideoFileSource
+
+    clip = sorted((real_data / "cholect50-clips").glob("*.mp4"))[0]
+    models = LoadedModels("endoscapes", live_session=False)
+    try:
+        pipeline = models.pipeline(VideoFileSource(clip), PipelineConfig(keep_images=False))
+        results = []
+        pipeline.subscribe(results.append)
+        pipeline.run()
+    finally:
+        models.close()
+    fresh = [r for r in results if r.anatomy_fresh]
+    assert len(results) == 800
+    # "every 2 frames" on media time: anatomy on every other in-body frame
+    in_body = [r for r in results if not r.out_of_body]
+    assert abs(len(fresh) - len(in_body) / 2) <= 2
+    assert all(len(r.anatomy.cvs) == 3 and all(0.0 <= p <= 1.0 for _, p in r.anatomy.cvs) for r in fresh)
