@@ -416,7 +416,7 @@ def _no_frames_video(path: Path) -> Path:
 def test_an_unknown_model_set_is_one_line_error(tmp_path):
     code, _out, err = calibrate_cli("compare", "--models", str(tmp_path / "nowhere"))
     assert code == 3  # as every command's: a model set that cannot be loaded
-    assert err == f"or-agent: error: {tmp_path / 'nowhere'}: no such model set or models directory (bundled sets: synthetic)\n"
+    assert err == f"or-agent: error: {tmp_path / 'nowhere'}: no such model set or models directory (bundled sets: endoscapes, synthetic)\n"
 
 
 @pytest.mark.parametrize("argv, message", [
