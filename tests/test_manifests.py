@@ -91,7 +91,8 @@ def test_models_command_reports_a_tampered_model(model_copy):
 def test_models_command_on_a_missing_directory(tmp_path):
     proc = run_cli("models", "--models-dir", str(tmp_path / "nope"))
     assert proc.returncode == 3
-    assert proc.stderr.strip() == f"or-agent: error: {tmp_path / 'nope'}: no such model set or models directory (bundled sets: endoscapes, synthetic)"
+    assert proc.stderr.strip() == (f"or-agent: error: {tmp_path / 'nope'}: no such model set or models directory "
+                                   "(bundled sets: endoscapes, synthetic)")
 
 
 def test_sha256_of_matches_hashlib(tmp_path):

@@ -95,7 +95,8 @@ def test_models_option_takes_a_set_name_and_names_the_bundled_sets_when_unknown(
     assert proc.stdout.startswith("set   synthetic 1.0.0")
     proc = run_cli("models", "--models", "no-such-set")
     assert proc.returncode == 3
-    assert proc.stderr.strip() == "or-agent: error: no-such-set: no such model set or models directory (bundled sets: endoscapes, synthetic)"
+    assert proc.stderr.strip() == ("or-agent: error: no-such-set: no such model set or models directory "
+                                   "(bundled sets: endoscapes, synthetic)")
 
 
 def test_models_command_reports_a_set_whose_rules_do_not_fit(set_copy):
