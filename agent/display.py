@@ -102,6 +102,13 @@ def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[
         (tw, th), _ = cv2.getTextSize(text, FONT, fs, 2)
         cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (60, 40, 0), -1)
         cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 2, cv2.LINE_AA)
+    for w in ov.withheld:  # where the output would be: that it is not shown, and why
+        h = out.shape[0]
+        fs = max(0.45, h / 1000)
+        text = f"{w.output.capitalize()} not shown: {w.reason}"
+        (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
+        cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (70, 70, 70), -1)
+        cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 1, cv2.LINE_AA)
     draw_classifications(out, ov)
     return out
 

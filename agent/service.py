@@ -70,7 +70,7 @@ def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, inclu
                      capture_unix_ms=int(now_ms - (now_ns - r.marks_ns["capture"]) / 1e6),
                      capture_to_publish_ms=r.latency_ms("capture", "publish") if "publish" in r.marks_ns else 0.0,
                      frame_width=r.frame_size[0], frame_height=r.frame_size[1], models=models, active_alerts=alerts,
-                     model_set=model_set)
+                     model_set=model_set, withheld=[pb.Withheld(output=o, reason=why) for o, why in r.withheld])
     if r.visibility is not None:
         v = r.visibility
         msg.visibility.CopyFrom(pb.VisibilityState(out_of_body=v.out_of_body, low_visibility=v.low_visibility,

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from or_agent.agent.config import PipelineSettings, is_plain_name
 from or_agent.pipelines.backends.select import choose_backend
@@ -64,6 +64,7 @@ class LoadedModels:
 
     def pipeline(self, source, config: PipelineConfig | None = None) -> Pipeline:
         """A pipeline over ``source`` on these models and this frame path (one running at a time)."""
+        config = replace(config or PipelineConfig(), withheld=self.model_set.withheld)
         return Pipeline(source, self.anatomy, self.phase, self.visibility, config, frame_path=self.frame_path)
 
     def stage(self, task: str):

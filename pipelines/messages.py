@@ -73,6 +73,7 @@ class FrameResult:
     anatomy_fresh: bool = False
     image: np.ndarray | None = field(default=None, repr=False)  # the frame, when the subscriber asked for it
     polygons: dict[int, list[np.ndarray]] | None = field(default=None, repr=False)  # anatomy outlines, frame pixels
+    withheld: tuple[tuple[str, str], ...] = ()  # (output, why): run but not shown, e.g. ("phase", "not validated ...")
 
     def __post_init__(self):
         missing = [m for m in STAGE_MARKS[:-1] if m not in self.marks_ns]

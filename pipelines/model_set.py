@@ -34,6 +34,7 @@ from or_agent.pipelines.manifest import (
 
 SET_SCHEMA = "or-agent/model-set/v1"
 PROCEDURES = ("laparoscopic-cholecystectomy",)
+WITHHOLDABLE = ("phase",)  # outputs a set may run without showing
 DEFAULT_RULES = SETS_ROOT / DEFAULT_SET / "rules_cholecystectomy.toml"  # for a plain models directory
 
 
@@ -48,6 +49,9 @@ class ModelSet:
     rules_file: Path
     models: tuple[ModelManifest, ...]
     declared: bool = True  # False for a plain models directory taken as a set
+    # outputs the set runs but does not show, with why (a model not validated on real footage):
+    # the displays say so instead of showing a guess
+    withheld: tuple[tuple[str, str], ...] = ()
 
     def for_task(self, task: Task | str) -> list[ModelManifest]:
         return [m for m in self.models if m.task == task]
@@ -114,10 +118,16 @@ def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -
                 raise ManifestError(f"{set_file}: models: {n}/{MANIFEST_NAME} does not exist")
             models.append(load_manifest(folder / n))
         rules_file = folder / _field(doc, "rules", set_file)
+        withheld_doc = doc.get("withheld", {})
+        if not isinstance(withheld_doc, dict) or any(t not in WITHHOLDABLE or not isinstance(r, str) or not r.strip()
+                                                     for t, r in withheld_doc.items()):
+            raise ManifestError(f"{set_file}: withheld: must map {' or '.join(WITHHOLDABLE)} to the reason it is not shown")
+        withheld = tuple(withheld_doc.items())
         meta = dict(name=_field(doc, "name", set_file), version=_field(doc, "version", set_file), procedure=procedure,
                     license=_field(doc, "license", set_file), provenance=_field(doc, "provenance", set_file))
         declared = True
     else:
+        withheld = ()
         paths = sorted(folder.glob(f"*/{MANIFEST_NAME}"))
         if not paths:
             raise ManifestError(f"{folder}: neither a model set ({SET_FILE}) nor a models directory (*/{MANIFEST_NAME})")
@@ -131,6 +141,6 @@ def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -
     if verify:
         for m in models:
             m.verify_file()
-    model_set = ModelSet(path=folder, rules_file=rules_file, models=tuple(models), declared=declared, **meta)
+    model_set = ModelSet(path=folder, rules_file=rules_file, models=tuple(models), declared=declared, withheld=withheld, **meta)
     load_rules(rules_file, classes=model_set.class_names, owner=f"model set {model_set.name!r}")
     return model_set

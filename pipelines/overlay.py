@@ -102,6 +102,9 @@ class OverlayRenderer:
                 self._anatomy(out, result.anatomy)
             if result.phase is not None:
                 self._phase_banner(out, result)
+            for output, why in result.withheld:  # where the output would be: that it is not shown, and why
+                _text(out, f"{output.capitalize()} not shown: {why}", (10, 26), out.shape[0] / 1000, (255, 255, 255), 1,
+                      (70, 70, 70))
             if result.anatomy is not None and result.anatomy.cvs:
                 # the critical view of safety, one line above the alerts: met only at probability >= 0.5
                 h = out.shape[0]

@@ -39,6 +39,9 @@ class PipelineConfig:
     # run anatomy every k frame periods of media time instead of its manifest's cadence (a box too slow
     # for every frame); the phase model's rate is its manifest's alone
     anatomy_every: int | None = None
+    # outputs computed but not published, with why (the model set's ``withheld``): their results are
+    # None on every FrameResult, so no display, recording or rule acts on them
+    withheld: tuple[tuple[str, str], ...] = ()
     queue_size: int = 2
     content_every: int = 25  # re-estimate the endoscope's circle every N frames
     keep_images: bool = True  # attach the frame to each result (drawing, recording, JPEG stream)
@@ -308,11 +311,12 @@ class Pipeline:
             anatomy = self._last_anatomy
         polygons = None if anatomy is None else self._last_polygons
         w.marks["postprocess"] = time.monotonic_ns()
+        phase_shown = not any(task == "phase" for task, _ in self.config.withheld)
         w.result = FrameResult(
             seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,
-            visibility=w.visibility, phase=w.phase, anatomy=anatomy, phase_fresh=w.phase_fresh,
-            anatomy_fresh=w.anatomy_fresh, image=w.frame.image if self.config.keep_images else None,
-            polygons=polygons)
+            visibility=w.visibility, phase=w.phase if phase_shown else None, anatomy=anatomy,
+            phase_fresh=w.phase_fresh and phase_shown, anatomy_fresh=w.anatomy_fresh,
+            image=w.frame.image if self.config.keep_images else None, polygons=polygons, withheld=self.config.withheld)
 
     def _publish(self, w: _Work) -> None:
         self._forward_source_events()

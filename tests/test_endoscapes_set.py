@@ -58,3 +58,31 @@ def test_the_set_runs_live_on_a_real_clip_with_cvs_on_the_overlay(real_data):
     in_body = [r for r in results if not r.out_of_body]
     assert abs(len(fresh) - len(in_body) / 2) <= 2
     assert all(len(r.anatomy.cvs) == 3 and all(0.0 <= p <= 1.0 for _, p in r.anatomy.cvs) for r in fresh)
+
+
+def test_the_set_withholds_its_unvalidated_phase_and_says_so(real_data, tmp_path):
+    """Its phase model is trained on synthetic video only: the set computes it but publishes no phase,
+    and the overlay says why, instead of showing a confident guess."""
+    from or_agent.agent.service import overlay_to_pb
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.overlay import OverlayRenderer
+    from or_agent.pipelines.runtime import PipelineConfig
+    from or_agent.pipelines.sources import VideoFileSource
+
+    models = LoadedModels("endoscapes", live_session=False)
+    try:
+        (withheld,) = models.model_set.withheld
+        assert withheld[0] == "phase" and "synthetic video only" in withheld[1]
+        pipeline = models.pipeline(VideoFileSource(real_data / "cholec80-video01-clip" / "video01_0000-0249.mp4"),
+                                   PipelineConfig(keep_images=True))
+        results = []
+        pipeline.subscribe(results.append)
+        pipeline.run()
+        names = [lab.name for lab in models.manifests["segmentation"].labels]
+    finally:
+        models.close()
+    assert len(results) == 250 and all(r.phase is None and not r.phase_fresh for r in results)
+    msg = overlay_to_pb(results[-1], [], [], names, True)
+    assert not msg.HasField("phase") and [(w.output, w.reason) for w in msg.withheld] == [withheld]
+    drawn = OverlayRenderer(models.manifests["segmentation"].labels).draw(results[-1].image, results[-1])
+    assert (drawn[8:40, 8:300] != results[-1].image[8:40, 8:300]).any()  # the notice where the banner would be

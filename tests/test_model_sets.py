@@ -76,6 +76,7 @@ def test_model_manifests_must_say_licence_datasets_and_cadence(set_copy, change,
     (lambda d: d.update(procedure="appendectomy"), "procedure: must be one of laparoscopic-cholecystectomy, got 'appendectomy'"),
     (lambda d: d.update(models=["anatomy", "phase", "nowhere"]), "models: nowhere/manifest.json does not exist"),
     (lambda d: d.pop("rules"), "rules: missing"),
+    (lambda d: d.update(withheld={"anatomy": "not validated"}), "withheld: must map phase to the reason it is not shown"),
 ])
 def test_set_manifest_errors_name_the_field(set_copy, change, message):
     _edit(set_copy / "model-set.json", change)

@@ -33,7 +33,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., include_jpeg: _Optional[bool] = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: _Optional[bool] = ...) -> None: ...
 
 class Overlay(_message.Message):
-    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set")
+    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set", "withheld")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_MS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class Overlay(_message.Message):
     COMPOSITED_JPEG_FIELD_NUMBER: _ClassVar[int]
     CLASSIFICATIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     media_ms: float
     capture_unix_ms: int
@@ -66,7 +67,16 @@ class Overlay(_message.Message):
     composited_jpeg: bytes
     classifications: _containers.RepeatedCompositeFieldContainer[Classification]
     model_set: str
-    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ...) -> None: ...
+    withheld: _containers.RepeatedCompositeFieldContainer[Withheld]
+    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ..., withheld: _Optional[_Iterable[_Union[Withheld, _Mapping]]] = ...) -> None: ...
+
+class Withheld(_message.Message):
+    __slots__ = ("output", "reason")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    reason: str
+    def __init__(self, output: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Classification(_message.Message):
     __slots__ = ("model", "name", "labels")
