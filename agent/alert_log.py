@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class ActiveAlert:
 
 class AlertLog:
     def __init__(self, history: int = 1000):
+        # sequence numbers are this instance's: a display resuming elsewhere must be told, not trusted
+        self.instance = uuid.uuid4().hex[:12]
         self._history: deque[AlertRecord] = deque(maxlen=history)
         self._active: dict[str, ActiveAlert] = {}
         self._seq = 0

@@ -48,6 +48,7 @@ class DisplayState:
     by_media_ms: dict[int, pb.Overlay] = field(default_factory=dict)  # recent overlays for --video matching
     alerts: dict[str, pb.AlertEvent] = field(default_factory=dict)  # active alerts by id
     last_alert_seq: int = 0
+    agent_instance: str = ""  # the agent instance that numbered last_alert_seq
     alert_log: list[pb.AlertEvent] = field(default_factory=list)  # every event seen, in order (bounded)
 
 
@@ -204,7 +205,8 @@ class Display:
             channel = self._channel_for()
             stub = pbg.OrAgentStub(channel)
             try:
-                req = pb.AlertSubscribeRequest(client_id=self.client_id, after_sequence=self.state.last_alert_seq)
+                req = pb.AlertSubscribeRequest(client_id=self.client_id, after_sequence=self.state.last_alert_seq,
+                                               agent_instance=self.state.agent_instance)
                 async for ev in stub.StreamAlerts(req):
                     delay = 0.2
                     self._record_alert(ev)
@@ -224,10 +226,16 @@ class Display:
 
     def _record_alert(self, ev: pb.AlertEvent) -> None:
         s = self.state
-        if ev.kind == pb.AlertEvent.HISTORY_TRUNCATED:
+        if ev.kind == pb.AlertEvent.INSTANCE_CHANGED:  # another agent: its alerts and numbering start over
+            log.warning("%s", ev.message)
+            s.alerts.clear()
+            s.last_alert_seq = 0
+        elif ev.kind == pb.AlertEvent.HISTORY_TRUNCATED:
             log.warning("alert history truncated: %s", ev.message)
         else:
             s.last_alert_seq = max(s.last_alert_seq, ev.sequence)
+        if ev.agent_instance:
+            s.agent_instance = ev.agent_instance
         s.alert_log.append(ev)
         del s.alert_log[:-1000]
         if ev.kind in (pb.AlertEvent.RAISED, pb.AlertEvent.UPDATED, pb.AlertEvent.REANNOUNCED, pb.AlertEvent.ACKNOWLEDGED):

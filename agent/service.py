@@ -55,11 +55,12 @@ def loggable(text: str, limit: int = 200) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def alert_to_pb(rec: AlertRecord, models: list) -> pb.AlertEvent:
+def alert_to_pb(rec: AlertRecord, models: list, instance: str = "") -> pb.AlertEvent:
     return pb.AlertEvent(sequence=rec.sequence, alert_id=rec.alert_id, rule=rec.rule, severity=SEVERITY_PB[rec.severity],
                          kind=KIND_PB[rec.kind], message=rec.message, evidence=rec.evidence,
                          frame_sequence=rec.frame_sequence, frame_media_ms=rec.frame_media_ms,
-                         event_unix_ms=rec.unix_ms, acknowledged_by=rec.acknowledged_by, models=models)
+                         event_unix_ms=rec.unix_ms, acknowledged_by=rec.acknowledged_by, models=models,
+                         agent_instance=instance)
 
 
 def overlay_to_pb(r: FrameResult, models: list, alerts: list, class_names, include_anatomy: bool,
@@ -449,7 +450,11 @@ class OrAgentHandlers:
         await _reject_malformed(request, context)
         await _check_client_id(request.client_id, context)
         cursor = request.after_sequence
-        if cursor > self.s.alerts.last_sequence:
+        instance = self.s.alerts.instance
+        changed = bool(request.agent_instance) and request.agent_instance != instance
+        if changed:  # the client's numbering is another agent's: say so, then everything from the start
+            cursor = 0
+        elif cursor > self.s.alerts.last_sequence:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"after_sequence {cursor} is beyond the newest alert ({self.s.alerts.last_sequence}); "
                                 "the agent restarted? resubscribe from 0")
@@ -458,6 +463,11 @@ class OrAgentHandlers:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many alert streams (limit {limit})")
         self.s.alert_streams += 1
         try:
+            if changed:
+                yield pb.AlertEvent(kind=pb.AlertEvent.INSTANCE_CHANGED, agent_instance=instance,
+                                    message=f"this is agent instance {instance}, not {loggable(request.agent_instance, 40)}: "
+                                            "its alert numbering is its own; its history follows from the start",
+                                    event_unix_ms=int(time.time() * 1000))
             async for event in self._alert_events(cursor):
                 yield event
         finally:
@@ -468,11 +478,11 @@ class OrAgentHandlers:
             wakeup = self.s._alert_wakeup  # before reading: an event recorded after this sets it
             events, truncated = self.s.alerts.since(cursor)
             if truncated:
-                yield pb.AlertEvent(sequence=cursor, kind=pb.AlertEvent.HISTORY_TRUNCATED,
+                yield pb.AlertEvent(sequence=cursor, kind=pb.AlertEvent.HISTORY_TRUNCATED, agent_instance=self.s.alerts.instance,
                                     message=f"alert history starts at {events[0].sequence if events else cursor + 1}; "
                                             "older events are gone", event_unix_ms=int(time.time() * 1000))
             for e in events:
-                yield alert_to_pb(e, self.s.model_info)
+                yield alert_to_pb(e, self.s.model_info, self.s.alerts.instance)
                 cursor = e.sequence
             if self.s.alerts.last_sequence > cursor:
                 continue
@@ -516,7 +526,7 @@ class OrAgentHandlers:
         rec = self.s.alerts.acknowledge(request.alert_id, request.client_id)
         if rec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no active alert {request.alert_id[:80]!r}")
-        return pb.AcknowledgeResponse(event=alert_to_pb(rec, self.s.model_info))
+        return pb.AcknowledgeResponse(event=alert_to_pb(rec, self.s.model_info, self.s.alerts.instance))
 
 
 def generic_handler(handlers: OrAgentHandlers) -> grpc.GenericRpcHandler:

@@ -479,6 +479,31 @@ def test_alert_stream_resumes_after_the_last_sequence_seen():
     asyncio.run(scenario())
 
 
+def test_resuming_against_another_agent_instance_is_told_and_loses_nothing():
+    """The new agent already numbered past the display's cursor: without the instance in the contract
+    the display would silently skip the new agent's events up to its old cursor."""
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            recs = [agent.alerts.raise_alert(f"r{i}", "warning", f"alert {i}") for i in range(5)]
+            call = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=3,
+                                                              agent_instance="a-previous-agent"))
+            events = await read_n(call, 6)
+            assert events[0].kind == pb.AlertEvent.INSTANCE_CHANGED
+            assert events[0].message == (f"this is agent instance {agent.alerts.instance}, not a-previous-agent: its alert "
+                                         "numbering is its own; its history follows from the start")
+            assert [e.alert_id for e in events[1:]] == [r.alert_id for r in recs]
+            assert {e.agent_instance for e in events} == {agent.alerts.instance}
+            call.cancel()
+            # the same instance resumes where it was, with no notice
+            same = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1", after_sequence=3,
+                                                              agent_instance=agent.alerts.instance))
+            assert [e.sequence for e in await read_n(same, 2)] == [4, 5]
+            same.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_alert_gap_older_than_the_history_is_reported():
     async def scenario():
         async with Agent(**{"server.alert_history": 3}) as agent, channel(agent.target) as ch:
@@ -657,7 +682,8 @@ def test_reference_display_follows_an_agent_restarted_on_the_same_port(tmp_path)
             await second.__aenter__()
             assert second.server.port == port
             rec = second.alerts.raise_alert("restarted", "critical", "after the restart")
-            await eventually(lambda: [e.sequence for e in display.state.alert_log] == [1, 2, 3, 1], 15,
+            await eventually(lambda: [e.sequence for e in display.state.alert_log
+                                      if e.kind != pb.AlertEvent.INSTANCE_CHANGED] == [1, 2, 3, 1], 15,
                              "the display to start over with the restarted agent's alerts")
             assert display.state.alert_log[-1].alert_id == rec.alert_id
             # Only the new agent's alert is on screen: the old agent's are gone with it.

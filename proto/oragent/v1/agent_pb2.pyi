@@ -159,15 +159,17 @@ class ActiveAlert(_message.Message):
     def __init__(self, alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., message: _Optional[str] = ..., acknowledged: _Optional[bool] = ...) -> None: ...
 
 class AlertSubscribeRequest(_message.Message):
-    __slots__ = ("client_id", "after_sequence")
+    __slots__ = ("client_id", "after_sequence", "agent_instance")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     after_sequence: int
-    def __init__(self, client_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    agent_instance: str
+    def __init__(self, client_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., agent_instance: _Optional[str] = ...) -> None: ...
 
 class AlertEvent(_message.Message):
-    __slots__ = ("sequence", "alert_id", "rule", "severity", "kind", "message", "evidence", "frame_sequence", "frame_media_ms", "event_unix_ms", "acknowledged_by", "models")
+    __slots__ = ("sequence", "alert_id", "rule", "severity", "kind", "message", "evidence", "frame_sequence", "frame_media_ms", "event_unix_ms", "acknowledged_by", "models", "agent_instance")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[AlertEvent.Kind]
@@ -177,6 +179,7 @@ class AlertEvent(_message.Message):
         ACKNOWLEDGED: _ClassVar[AlertEvent.Kind]
         REANNOUNCED: _ClassVar[AlertEvent.Kind]
         HISTORY_TRUNCATED: _ClassVar[AlertEvent.Kind]
+        INSTANCE_CHANGED: _ClassVar[AlertEvent.Kind]
     KIND_UNSPECIFIED: AlertEvent.Kind
     RAISED: AlertEvent.Kind
     UPDATED: AlertEvent.Kind
@@ -184,6 +187,7 @@ class AlertEvent(_message.Message):
     ACKNOWLEDGED: AlertEvent.Kind
     REANNOUNCED: AlertEvent.Kind
     HISTORY_TRUNCATED: AlertEvent.Kind
+    INSTANCE_CHANGED: AlertEvent.Kind
     class EvidenceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +207,7 @@ class AlertEvent(_message.Message):
     EVENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGED_BY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     alert_id: str
     rule: str
@@ -215,7 +220,8 @@ class AlertEvent(_message.Message):
     event_unix_ms: int
     acknowledged_by: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, sequence: _Optional[int] = ..., alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., kind: _Optional[_Union[AlertEvent.Kind, str]] = ..., message: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., frame_sequence: _Optional[int] = ..., frame_media_ms: _Optional[float] = ..., event_unix_ms: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    agent_instance: str
+    def __init__(self, sequence: _Optional[int] = ..., alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., kind: _Optional[_Union[AlertEvent.Kind, str]] = ..., message: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., frame_sequence: _Optional[int] = ..., frame_media_ms: _Optional[float] = ..., event_unix_ms: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., agent_instance: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
