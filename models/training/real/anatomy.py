@@ -584,7 +584,7 @@ def finish(args, train_info: dict | None) -> dict:
     timing = time_onnx(onnx_path)
     ev = evaluate_onnx(onnx_path, Path(args.data) / "val")
     n_params = int(sum(p.numel() for p in model.parameters()))
-    cmd = "cd /work/main && .venv/bin/python -m models.training.real.anatomy " + " ".join(sys.argv[1:])
+    cmd = "./dev python -m or_agent.models.training.real.anatomy " + " ".join(sys.argv[1:])
     export_cmd = None
     if train_info is None and (out / "figures.json").is_file():  # --export-only: keep the training run's record
         old = json.loads((out / "figures.json").read_text())
