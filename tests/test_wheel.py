@@ -53,7 +53,9 @@ def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_the_installed_wheel_lists_its_models_and_replays_a_video(installed, small_dataset, tmp_path):
     proc = _run(installed, "or-agent", "models", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("set   synthetic 1.0.0") and "site-packages/or_agent/models/synthetic" in proc.stdout
+    sets = [line for line in proc.stdout.splitlines() if line.startswith("set ")]
+    assert [line.split()[1] for line in sets] == ["endoscapes", "synthetic"]  # both sets, the shared models too
+    assert "site-packages/or_agent/models/synthetic" in proc.stdout and "FAIL" not in proc.stdout
     video = small_dataset / "video01.mp4"
     proc = _run(installed, "or-agent", "replay", str(video), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
