@@ -120,16 +120,8 @@ class AlertLog:
 
     def clear_all(self, reason: str) -> list[AlertRecord]:
         """Clear every active alert, saying why (a case ended: nothing of it may show in the next)."""
-        with self._lock:
-            rules = [a.rule for a in self._active.values()]
-        cleared = []
-        for rule in rules:
-            existing = next((a for a in self.active() if a.rule == rule), None)
-            if existing is not None:
-                rec = self.clear(rule, message=f"{existing.message} (cleared: {reason})")
-                if rec is not None:
-                    cleared.append(rec)
-        return cleared
+        cleared = [self.clear(a.rule, message=f"{a.message} (cleared: {reason})") for a in self.active()]
+        return [rec for rec in cleared if rec is not None]
 
     def acknowledge(self, alert_id: str, client_id: str) -> AlertRecord | None:
         """Record who acknowledged; None when no such alert is active."""

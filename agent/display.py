@@ -27,9 +27,10 @@ import cv2
 import grpc
 import numpy as np
 
+from or_agent.pipelines.cvs import cvs_text
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import part_path
-from or_agent.pipelines.overlay import CVS_SHORT, FONT, AlertBanner, draw_alert_banners, format_duration
+from or_agent.pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 
@@ -97,21 +98,19 @@ def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[
         cv2.polylines(out, polys, True, colour, 1, cv2.LINE_AA)
     out = cv2.addWeighted(layer, alpha, out, 1 - alpha, 0)
     if ov.HasField("phase"):
-        h = out.shape[0]
-        fs = max(0.45, h / 1000)
-        text = f"{ov.phase.name}  {100 * ov.phase.confidence:.0f}%  {format_duration(ov.phase.time_in_phase_s)}"
-        (tw, th), _ = cv2.getTextSize(text, FONT, fs, 2)
-        cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (60, 40, 0), -1)
-        cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 2, cv2.LINE_AA)
+        _top_banner(out, f"{ov.phase.name}  {100 * ov.phase.confidence:.0f}%  {format_duration(ov.phase.time_in_phase_s)}",
+                    (60, 40, 0), 2)
     for w in ov.withheld:  # where the output would be: that it is not shown, and why
-        h = out.shape[0]
-        fs = max(0.45, h / 1000)
-        text = f"{w.output.capitalize()} not shown: {w.reason}"
-        (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
-        cv2.rectangle(out, (8, 8), (16 + tw, 16 + th + 6), (70, 70, 70), -1)
-        cv2.putText(out, text, (12, 12 + th), FONT, fs, (255, 255, 255), 1, cv2.LINE_AA)
+        _top_banner(out, f"{w.output.capitalize()} not shown: {w.reason}", (70, 70, 70), 1)
     draw_classifications(out, ov)
     return out
+
+
+def _top_banner(img: np.ndarray, text: str, background: tuple[int, int, int], thickness: int) -> None:
+    fs = max(0.45, img.shape[0] / 1000)
+    (tw, th), _ = cv2.getTextSize(text, FONT, fs, thickness)
+    cv2.rectangle(img, (8, 8), (16 + tw, 16 + th + 6), background, -1)
+    cv2.putText(img, text, (12, 12 + th), FONT, fs, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
 def draw_classifications(img: np.ndarray, ov: pb.Overlay) -> None:
@@ -121,9 +120,9 @@ def draw_classifications(img: np.ndarray, ov: pb.Overlay) -> None:
     fs = max(0.4, h / 1200)
     y = h - 12
     for c in reversed(ov.classifications):
-        parts = [f"{CVS_SHORT.get(lab.label, lab.label)} {'yes' if lab.probability >= 0.5 else 'no'} "
-                 f"({100 * lab.probability:.0f}%)" for lab in c.labels]
-        text = ("CVS: " if c.name == "critical_view_of_safety" else f"{c.name}: ") + "  |  ".join(parts)
+        text = cvs_text((lab.label, lab.probability) for lab in c.labels)
+        if c.name != "critical_view_of_safety":
+            text = f"{c.name}: " + text.removeprefix("CVS: ")
         (tw, th), _ = cv2.getTextSize(text, FONT, fs, 1)
         cv2.rectangle(img, (8, y - th - 6), (16 + tw, y + 4), (40, 40, 40), -1)
         cv2.putText(img, text, (12, y), FONT, fs, (255, 255, 255), 1, cv2.LINE_AA)

@@ -25,15 +25,14 @@ import cv2
 import numpy as np
 
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
-from or_agent.pipelines.cvs import CRITERIA, CvsAssessor, cvs_measurements
+from or_agent.pipelines.cvs import CRITERIA
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
 from or_agent.pipelines.manifest import Task
-from or_agent.pipelines.measure import class_distance_px
 from or_agent.pipelines.metrics import average_precision, balanced_accuracy, confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
-from or_agent.pipelines.rules import load_rules
+from or_agent.pipelines.rules import distance_rule_holds, load_rules
 from or_agent.pipelines.stages import AnatomyStage
 
 IGNORE = 255
@@ -189,8 +188,8 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     distance_rules = [r for r in load_rules(model_set.rules_file, classes=model_set.class_names,
                                             owner=f"model set {model_set.name!r}") if r.kind == "distance_below"]
     held = {r.id: [0, 0, 0, 0] for r in distance_rules}  # on model, on truth, false alarms, missed
-    assessor = CvsAssessor.from_dict(manifest.extra["cvs"]) if "cvs" in manifest.extra else None
-    ratings = read_ratings(folder) if assessor is not None else {}
+    assesses_cvs = "cvs" in manifest.extra
+    ratings = read_ratings(folder) if assesses_cvs else {}
     cvs_prob: list[list[float]] = []
     cvs_truth: list[list[bool]] = []
     conf = np.zeros((n, n), np.int64)
@@ -210,22 +209,17 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
             cw, ch = area.crop_size
             px_per_cell = float(np.sqrt(cw / estimate.class_map.shape[1] * ch / estimate.class_map.shape[0]))
             for r in distance_rules:
-                a, b = (r.classes.index(c) for c in r.params["classes"])
-                limit = float(r.params["threshold_px"])
-                sure = min(estimate.confidence[a], estimate.confidence[b]) >= float(r.params.get("min_confidence", 0.0))
-                on_model = class_distance_px(estimate.class_map, a, b, px_per_cell) < limit and sure
-                on_truth = class_distance_px(truth, a, b) < limit
+                on_model = distance_rule_holds(r, estimate.class_map, px_per_cell, estimate.confidence)
+                on_truth = distance_rule_holds(r, truth)
                 counts = held[r.id]
                 counts[0] += on_model
                 counts[1] += on_truth
                 counts[2] += on_model and not on_truth
                 counts[3] += on_truth and not on_model
-            probabilities = {}
-            if assessor is not None:
-                probabilities = assessor.probabilities(cvs_measurements(estimate.class_map, names))
-                if image.stem in ratings:
-                    cvs_prob.append([probabilities[c] for c in CRITERIA])
-                    cvs_truth.append([ratings[image.stem][c] >= 0.5 for c in CRITERIA])
+            probabilities = dict(estimate.cvs)  # assessed by the stage, as in the live pipeline
+            if probabilities and image.stem in ratings:
+                cvs_prob.append([probabilities[c] for c in CRITERIA])
+                cvs_truth.append([ratings[image.stem][c] >= 0.5 for c in CRITERIA])
             keep = truth != IGNORE
             conf += confusion(truth[keep], pred[keep], n)
             if out_dir is not None:
@@ -246,7 +240,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
                                 tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions, cvs)
     if out_dir is not None:
-        lines = [",".join(["image", *(CRITERIA if assessor is not None else ()),
+        lines = [",".join(["image", *(CRITERIA if assesses_cvs else ()),
                            *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
         lines += [",".join(r) for r in rows]
         atomic_write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")

@@ -21,6 +21,8 @@ from or_agent.pipelines.measure import class_distance_px
 
 CRITERIA = ("cvs_two_structures", "cvs_hepatocystic_triangle", "cvs_cystic_plate")
 STRUCTURES = ("Cystic Plate", "Hepatocystic Triangle", "Cystic Artery", "Cystic Duct", "Gallbladder", "Tool")
+CVS_SHORT = {"cvs_two_structures": "C1 two structures", "cvs_hepatocystic_triangle": "C2 triangle cleared",
+             "cvs_cystic_plate": "C3 cystic plate"}
 MIN_PIECE = 0.0005  # a connected piece smaller than this fraction of the map is noise, not a structure
 
 
@@ -32,14 +34,25 @@ FEATURES = tuple(f"{kind}_{_key(s)}" for s in STRUCTURES[:5] for kind in ("area"
     "artery_duct_distance", "both_tubular_seen_apart")
 
 
+def check_structures(classes: tuple[str, ...]) -> None:
+    """ValueError unless a segmentation model with ``classes`` has every structure the CVS is judged on."""
+    missing = [s for s in STRUCTURES if s not in classes]
+    if missing:
+        raise ValueError(f"the segmentation model has no class {missing[0]!r}: the CVS needs {', '.join(STRUCTURES)}")
+
+
+def cvs_text(probabilities) -> str:
+    """One line for a display: each criterion met only at probability 0.5 or more, with the probability."""
+    return "CVS: " + "  |  ".join(f"{CVS_SHORT.get(k, k)} {'yes' if p >= 0.5 else 'no'} ({100 * p:.0f}%)"
+                                  for k, p in probabilities)
+
+
 def cvs_measurements(class_map: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
     """The measurements the criteria are judged on, by name (``FEATURES``): per structure its area (fraction
     of the map), whether it is seen (at least one piece above ``MIN_PIECE``) and its number of pieces;
     the artery-duct distance as a fraction of the map's diagonal (1 when either is missing), and whether
     both tubular structures are seen apart."""
-    missing = [s for s in STRUCTURES if s not in classes]
-    if missing:
-        raise ValueError(f"the segmentation model has no class {missing[0]!r}: the CVS needs {', '.join(STRUCTURES)}")
+    check_structures(classes)
     total = class_map.size
     out: dict[str, float] = {}
     for s in STRUCTURES[:5]:

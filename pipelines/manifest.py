@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -154,6 +155,19 @@ class _Reader:
             raise self.fail(full, f"must be {names}, got {type(value).__name__}")
         return value
 
+    def objects(self, doc: dict, key: str, not_an_object: str, build: Callable[[dict, str], Any]) -> list:
+        """The list ``doc[key]`` of JSON objects, each made with ``build(obj, where)``; errors name the item."""
+        out = []
+        for i, obj in enumerate(self.get(doc, key, list, "")):
+            where = f"{key}[{i}]"
+            if not isinstance(obj, dict):
+                raise self.fail(where, not_an_object)
+            try:
+                out.append(build(obj, where))
+            except ValueError as exc:
+                raise self.fail(where, str(exc)) from None
+        return out
+
     def tensor(self, obj: Any, where: str) -> TensorSpec:
         if not isinstance(obj, dict):
             raise self.fail(where, "must be an object")
@@ -225,32 +239,16 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
     if len(out_names) != len(outputs):
         raise r.fail("outputs", "output names must be unique")
 
-    labels = []
-    for i, lab in enumerate(r.get(doc, "labels", list, "")):
-        where = f"labels[{i}]"
-        if not isinstance(lab, dict):
-            raise r.fail(where, "must be an object")
-        try:
-            labels.append(Label(r.get(lab, "id", int, where), r.get(lab, "name", str, where),
-                                tuple(r.get(lab, "color", list, where))))
-        except ValueError as exc:
-            raise r.fail(where, str(exc)) from None
+    labels = r.objects(doc, "labels", "must be an object", lambda lab, where: Label(
+        r.get(lab, "id", int, where), r.get(lab, "name", str, where), tuple(r.get(lab, "color", list, where))))
     if [lab.id for lab in labels] != list(range(len(labels))):
         raise r.fail("labels", "ids must be 0, 1, 2, ... in order")
 
     license_ = r.get(doc, "license", str, "").strip()
     if not license_:
         raise r.fail("license", "must name the licence the model is used under (e.g. CC-BY-NC-SA-4.0)")
-    datasets = []
-    for i, d in enumerate(r.get(doc, "datasets", list, "")):
-        where = f"datasets[{i}]"
-        if not isinstance(d, dict):
-            raise r.fail(where, "must be an object with name, license and attribution")
-        try:
-            datasets.append(DatasetRef(r.get(d, "name", str, where), r.get(d, "license", str, where),
-                                       r.get(d, "attribution", str, where)))
-        except ValueError as exc:
-            raise r.fail(where, str(exc)) from None
+    datasets = r.objects(doc, "datasets", "must be an object with name, license and attribution", lambda d, where: DatasetRef(
+        r.get(d, "name", str, where), r.get(d, "license", str, where), r.get(d, "attribution", str, where)))
     if not datasets:
         raise r.fail("datasets", "must list the datasets the model was trained on")
     try:

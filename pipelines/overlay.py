@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from or_agent.pipelines.cvs import cvs_text
 from or_agent.pipelines.manifest import Label
 from or_agent.pipelines.messages import FrameResult
 from or_agent.pipelines.stages import AnatomyEstimate
@@ -32,10 +33,6 @@ class AlertBanner:
     def __post_init__(self):
         if self.severity not in SEVERITY_COLOURS:
             raise ValueError(f"unknown severity {self.severity!r}")
-
-
-CVS_SHORT = {"cvs_two_structures": "C1 two structures", "cvs_hepatocystic_triangle": "C2 triangle cleared",
-             "cvs_cystic_plate": "C3 cystic plate"}
 
 
 def _text(img, text, org, scale, colour=(255, 255, 255), thickness=1, background=None, pad=4):
@@ -108,8 +105,7 @@ class OverlayRenderer:
             if result.anatomy is not None and result.anatomy.cvs:
                 # the critical view of safety, one line above the alerts: met only at probability >= 0.5
                 h = out.shape[0]
-                text = "CVS: " + "  |  ".join(f"{CVS_SHORT.get(k, k)} {'yes' if p >= 0.5 else 'no'} ({100 * p:.0f}%)"
-                                               for k, p in result.anatomy.cvs)
+                text = cvs_text(result.anatomy.cvs)
                 _text(out, text, (10, h - 12 - 34 * (len(alerts) + 1)), h / 1100, (255, 255, 255), 1, (40, 40, 40))
             if result.visibility is not None and result.visibility.low_visibility:
                 h = out.shape[0]

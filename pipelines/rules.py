@@ -321,6 +321,21 @@ def _check_unique_ids(rules: list[Rule]) -> None:
         raise InputError(f"rules: duplicate rule id {sorted(dup)[0]!r}")
 
 
+def distance_rule_holds(rule: Rule, class_map: np.ndarray, px_per_cell: float = 1.0,
+                        confidence: tuple[float, ...] = ()) -> bool:
+    """Whether a ``distance_below`` rule's condition holds on one class map, whatever the phase (how
+    ``or-agent evaluate`` judges the rules on labelled frames that carry no phase). Without
+    ``confidence`` (the truth), the rule's confidence gate is passed."""
+    if rule.kind != "distance_below":
+        raise ValueError(f"rule {rule.id}: not a distance_below rule")
+    condition = _Condition(Rule(**{**rule.__dict__, "params": {**rule.params, "phases": []}}), f"rules.{rule.id}")
+    n = int(class_map.max()) + 1 if class_map.size else 1
+    x = RuleInputs(seq=0, t_s=0.0, phase=None, phase_confidence=0.0, time_in_phase_s=0.0, out_of_body=False,
+                   low_visibility=False, areas=(), class_map=class_map, px_per_cell=px_per_cell,
+                   confidence=confidence or (1.0,) * max(n, len(rule.classes)))
+    return condition(x)[0]
+
+
 class RulesEngine:
     def __init__(self, rules: list[Rule], on_transition: Callable[[AlertTransition], None] | None = None):
         _check_unique_ids(rules)

@@ -15,7 +15,7 @@ time is counted from the frame that ran.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 _EVERY_FRAME = re.compile(r"every frame")
@@ -89,7 +89,7 @@ class FrameSchedule:
             return 1000.0 / DEFAULT_FPS
         return sorted(self._intervals)[len(self._intervals) // 2]
 
-    def due(self, media_ms: float, only: Iterable[str] | None = None) -> frozenset[str]:
+    def due(self, media_ms: float) -> frozenset[str]:
         """The models that run on the frame at ``media_ms`` (media times must not go back); ``only``
         limits the answer to models that can run on this frame (the others' clocks do not advance, so
         they run on the next frame that allows them)."""
@@ -101,9 +101,8 @@ class FrameSchedule:
                 self._intervals = (self._intervals + [gap])[-15:]
         self._last_media_ms = media_ms
         frame_ms = self.frame_ms
-        allowed = set(self.cadences) if only is None else set(only) & set(self.cadences)
         out = []
-        for name in allowed:
+        for name in self.cadences:
             cadence = self.cadences[name]
             if cadence.every_frame:
                 out.append(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from or_agent.pipelines.backends import InferenceBackend
-from or_agent.pipelines.cvs import CvsAssessor, cvs_measurements
+from or_agent.pipelines.cvs import CvsAssessor, check_structures, cvs_measurements
 from or_agent.pipelines.errors import ManifestError, ModelError
 from or_agent.pipelines.phase_filter import PhaseFilter
 from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
@@ -206,7 +206,7 @@ class AnatomyStage(_Stage):
         try:  # a model with the CVS structures may carry its assessor (pipelines.cvs)
             self.cvs = CvsAssessor.from_dict(self.manifest.extra["cvs"]) if "cvs" in self.manifest.extra else None
             if self.cvs is not None:
-                cvs_measurements(np.zeros((2, 2), np.uint8), self.names)  # its classes have the structures
+                check_structures(self.names)
         except ValueError as exc:
             raise ModelError(f"{self.manifest.path}: {exc}") from None
 
