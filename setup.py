@@ -22,7 +22,8 @@ setup(
     packages=PACKAGES,
     package_dir={"or_agent": "or_agent", **{f"or_agent.{f}": f for f in FOLDERS}},
     package_data={"or_agent.models": ["*/model-set.json", "*/*.toml", "*/*/manifest.json", "*/*/model.onnx", "README.md"],
-                  "or_agent.agent": ["agent.example.toml"], "or_agent.proto": ["oragent/v1/*.proto", "oragent/v1/*.pyi"]},
+                  "or_agent.agent": ["agent.example.toml"],
+                  "or_agent.pipelines": ["system_rules.toml"], "or_agent.proto": ["oragent/v1/*.proto", "oragent/v1/*.pyi"]},
     install_requires=[
         "numpy>=1.24,<3",
         "opencv-python>=4.8,<6",

@@ -1,3 +1,3 @@
-"""or-agent: the process on the OR box (command line, gRPC service, display, replay)."""
+"""or-agent: the process on the OR box (command line, gRPC service, display), and its offline jobs (``offline``)."""
 
 VERSION = "0.1.0"  # as in setup.py

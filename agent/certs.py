@@ -1,4 +1,4 @@
-"""A local PKI for one OR box and its displays: ``or-agent certs``.
+"""A local PKI for one OR box and its displays, made by ``or-agent certs`` (``agent.cli`` prints what it made).
 
 The agent's gRPC server speaks TLS, and mutual TLS whenever it listens beyond loopback: the video
 overlays and alerts of a running surgery must reach only the OR's own displays, and the box must
@@ -29,7 +29,6 @@ CA, after which every display needs a new certificate.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -452,63 +451,15 @@ def channel_credentials(ca: Path, cert: Path | None = None, key: Path | None = N
     return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
 
 
-# -- command line ----------------------------------------------------------------------------
+# -- after a run ----------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``or-agent certs`` options, for ``agent.cli`` to add to its subparser."""
-    p.add_argument("--out", required=True, help="directory of the certificates (made 0700 if new)")
-    p.add_argument("--box", required=True, help="the box's name: the server certificate's CN and a DNS name in it")
-    p.add_argument("--display", action="append", default=[], metavar="NAME",
-                   help="make a client certificate for this display (repeatable)")
-    p.add_argument("--dns", action="append", default=[], metavar="NAME",
-                   help="another DNS name of the box for the server certificate (repeatable)")
-    p.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
-                   help="another IP address of the box for the server certificate (repeatable)")
-    p.add_argument("--ca-days", type=int, default=CA_DAYS, help=f"validity of a new CA in days (default {CA_DAYS})")
-    p.add_argument("--cert-days", type=int, default=CERT_DAYS,
-                   help=f"validity of the server and display certificates in days (default and most {CERT_DAYS})")
-    p.add_argument("--force-new-ca", action="store_true",
-                   help="make a new CA even if DIR has one (every display then needs a new certificate)")
-    p.set_defaults(func=cmd_certs)
-    return p
-
-
-def cmd_certs(args) -> int:
-    out = Path(args.out)
-    made = make_certificates(out, args.box, args.display or (), dns=args.dns or (), ips=args.ip or (),
-                             ca_days=getattr(args, "ca_days", CA_DAYS), cert_days=getattr(args, "cert_days", CERT_DAYS),
-                             force_new_ca=bool(getattr(args, "force_new_ca", False)))
-    print(f"{made.ca_cert}  {'new' if made.new_ca else 'kept'} {describe(made.ca_cert)}")
-    print(f"{made.ca_key}  {'new' if made.new_ca else 'kept'} CA private key (mode {_mode(made.ca_key)})")
-    print(f"{made.server_cert}  {describe(made.server_cert)}")
-    print(f"{made.server_key}  server private key (mode {_mode(made.server_key)})")
-    for crt, key in made.clients.values():
-        print(f"{crt}  {describe(crt)}")
-        print(f"{key}  display private key (mode {_mode(key)})")
-
-    if not made.new_ca and os.stat(made.ca_key).st_mode & 0o077:
-        print(f"warning: {made.ca_key} is readable by other users; chmod 600 it")
-    # Display certificates signed by a CA that is no longer the directory's will be refused.
-    stale = [p for p in sorted((out / "clients").glob("*.crt")) if p.stem not in made.clients
-             and not _signed_by(p, made.ca_cert)]
-    for path in stale:
-        print(f"note: {path} was signed by a previous CA and will be refused; make it again with --display {path.stem}")
-
-    print()
-    print("The agent (gRPC server, mutual TLS):")
-    print(f"  --tls-cert {made.server_cert} --tls-key {made.server_key} --tls-ca {made.ca_cert}")
-    if made.clients:
-        print("Each display: its own certificate and key, and the CA to trust the box, e.g.")
-        crt, key = next(iter(made.clients.values()))
-        print(f"  {crt} {key} {made.ca_cert}")
-    print(f"Keep {made.ca_key} private (it can make certificates the agent trusts); "
-          "it is needed only to make more of them.")
-    return 0
-
-
-def _mode(path: Path) -> str:
-    return f"{os.stat(path).st_mode & 0o777:04o}"
+def stale_clients(made: CertificateSet) -> list[Path]:
+    """The display certificates in ``made``'s directory that its CA did not sign (a previous CA's,
+    or unreadable): the agent will refuse them, so each display named needs a new one."""
+    clients_dir = made.ca_cert.parent / "clients"
+    return [p for p in sorted(clients_dir.glob("*.crt")) if p.stem not in made.clients
+            and not _signed_by(p, made.ca_cert)]
 
 
 def _signed_by(cert_path: Path, ca_path: Path) -> bool:

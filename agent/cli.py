@@ -1,5 +1,11 @@
 """The ``or-agent`` command: one entry point, one subcommand per job.
 
+This is the command-line layer: the argument parsers are built here (options shared with the
+benchmarks in ``agent.options``), and so is the printing of what a command did. ``agent.certs``,
+``agent.audit`` and ``calibration`` return values, raise ``OrAgentError`` or report through a ``log``
+callback this layer passes in, and never write to the terminal themselves, so they can be used and
+tested without one.
+
 Every error or-agent raises on purpose (``pipelines.errors.OrAgentError``) is printed here
 as one line, ``or-agent: error: ...``, with the error's exit code; a user's mistake never
 shows a traceback.
@@ -13,9 +19,8 @@ import sys
 from pathlib import Path
 
 from or_agent.agent.options import add_models_option
-from or_agent.pipelines.backends.select import PREFERENCES
 from or_agent.pipelines.errors import InputError, OrAgentError
-from or_agent.pipelines.frame_path import FRAME_PATHS
+from or_agent.pipelines.options import BACKENDS, FRAME_PATHS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -27,7 +32,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args) -> int:
-    from or_agent.agent.progress import Progress
+    from or_agent.agent.offline.progress import Progress
     from or_agent.synth.dataset import SynthConfig, write_dataset
 
     cfg = SynthConfig(videos=args.videos, seed=args.seed, time_scale=args.time_scale, width=args.size[0],
@@ -50,7 +55,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_evaluate_segmentation(args) -> int:
-    from or_agent.agent.evaluate import evaluate_segmentation
+    from or_agent.agent.offline.evaluate import evaluate_segmentation
 
     scores = evaluate_segmentation(args.folder, args.models_dir, args.out)
     for line in scores.table():
@@ -101,14 +106,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from or_agent.agent.demo import run_demo
+    from or_agent.agent.offline.demo import run_demo
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, time_scale=args.time_scale, models_dir=args.models_dir,
                     headless=args.headless)
 
 
 def cmd_replay(args) -> int:
-    from or_agent.agent.replay import run_replay
+    from or_agent.agent.offline.replay import run_replay
 
     if args.anatomy_every is not None and args.anatomy_every < 1:
         raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
@@ -171,14 +176,14 @@ def cmd_display(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from or_agent.agent.doctor import run_doctor
+    from or_agent.agent.offline.doctor import run_doctor
 
     return run_doctor(models_dir=args.models_dir, cache_dir=args.cache_dir, audit_dir=args.audit_dir,
                       probe_capture=not args.no_capture_probe)
 
 
 def cmd_qualify(args) -> int:
-    from or_agent.agent.qualify import run_qualify
+    from or_agent.agent.offline.qualify import run_qualify
 
     return run_qualify(Path(args.out), clip=args.clip, models_dir=args.models_dir, backend=args.backend,
                        preprocessing=args.preprocessing, cuda_graphs=args.cuda_graphs,
@@ -186,29 +191,115 @@ def cmd_qualify(args) -> int:
 
 
 def cmd_build_engines(args) -> int:
-    from or_agent.pipelines.backends import tensorrt as trt_backend
+    from or_agent.pipelines.backends import engines
+    from or_agent.pipelines.gpu.context import gpu_info
     from or_agent.pipelines.manifest import discover, load_manifest
 
-    cache = trt_backend.EngineCache(Path(args.cache_dir) if args.cache_dir else trt_backend.default_cache_dir())
-    gpu, version = trt_backend.gpu_info(), trt_backend.tensorrt_version()  # DependencyError: one line, exit 5
+    cache = engines.EngineCache(Path(args.cache_dir) if args.cache_dir else engines.default_cache_dir())
+    gpu, version = gpu_info(), engines.tensorrt_version()  # DependencyError: one line, exit 5
     manifests = [load_manifest(p) for p in discover(args.models_dir)]
     for m in manifests:
         m.verify_file()
-        key = trt_backend.EngineKey.for_model(m, gpu, version)
+        key = engines.EngineKey.for_model(m, gpu, version)
         if cache.has(key) and not args.force:
             print(f"ok    {m.name}: {cache.path_for(key).name}")
             continue
         timing = Path(args.timing_cache) if args.timing_cache else cache.timing_cache_path
-        print(f"built {m.name}: {trt_backend.build_engine(m, cache, key, timing).name}", flush=True)
+        print(f"built {m.name}: {engines.build_engine(m, cache, key, timing).name}", flush=True)
     for p in cache.prune([m.sha256 for m in manifests], remove=args.prune):
         print(("removed " if args.prune else "stale   ") + p.name)
     return 0
 
 
 def cmd_audit_verify(args) -> int:
-    from or_agent.agent.audit import cmd_audit_verify as run
+    """``or-agent audit verify PATH...``: one line, exit 0 if the chain is intact, 1 if it is broken."""
+    from or_agent.agent.audit.verify import verify
 
-    return run(args)
+    result = verify([Path(p) for p in args.paths])
+    if not result.ok:
+        print(f"BROKEN: {result.first_error}")
+        return 1
+    print(f"ok: {result.records} records in {len(result.files)} files, chain intact")
+    for w in result.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _mode(path: Path) -> str:
+    return f"{os.stat(path).st_mode & 0o777:04o}"
+
+
+def cmd_certs(args) -> int:
+    from or_agent.agent.certs import describe, make_certificates, stale_clients
+
+    made = make_certificates(Path(args.out), args.box, args.display or (), dns=args.dns or (), ips=args.ip or (),
+                             ca_days=args.ca_days, cert_days=args.cert_days, force_new_ca=args.force_new_ca)
+    print(f"{made.ca_cert}  {'new' if made.new_ca else 'kept'} {describe(made.ca_cert)}")
+    print(f"{made.ca_key}  {'new' if made.new_ca else 'kept'} CA private key (mode {_mode(made.ca_key)})")
+    print(f"{made.server_cert}  {describe(made.server_cert)}")
+    print(f"{made.server_key}  server private key (mode {_mode(made.server_key)})")
+    for crt, key in made.clients.values():
+        print(f"{crt}  {describe(crt)}")
+        print(f"{key}  display private key (mode {_mode(key)})")
+
+    if not made.new_ca and os.stat(made.ca_key).st_mode & 0o077:
+        print(f"warning: {made.ca_key} is readable by other users; chmod 600 it")
+    for path in stale_clients(made):
+        print(f"note: {path} was signed by a previous CA and will be refused; make it again with --display {path.stem}")
+
+    print()
+    print("The agent (gRPC server, mutual TLS):")
+    print(f"  --tls-cert {made.server_cert} --tls-key {made.server_key} --tls-ca {made.ca_cert}")
+    if made.clients:
+        print("Each display: its own certificate and key, and the CA to trust the box, e.g.")
+        crt, key = next(iter(made.clients.values()))
+        print(f"  {crt} {key} {made.ca_cert}")
+    print(f"Keep {made.ca_key} private (it can make certificates the agent trusts); "
+          "it is needed only to make more of them.")
+    return 0
+
+
+def _use_converted(out: str) -> None:
+    print(f"use them with --models {out} (or OR_AGENT_MODELS={out}) once every task has a model there")
+
+
+def cmd_calibrate_int8(args) -> int:
+    from or_agent.calibration.common import fp32_model_names, require_onnx
+    from or_agent.calibration.int8 import calibrate_int8
+
+    require_onnx()
+    if args.frames < 1:
+        raise InputError(f"--frames must be at least 1, got {args.frames}")
+    for name in fp32_model_names(args.model, args.models_dir):
+        calibrate_int8(name, args.videos, out_dir=args.out, frames=args.frames, models_dir=args.models_dir, log=print)
+    _use_converted(args.out)
+    return 0
+
+
+def cmd_calibrate_fp16(args) -> int:
+    from or_agent.calibration.common import fp32_model_names, require_onnx
+    from or_agent.calibration.fp16 import calibrate_fp16
+
+    require_onnx()
+    for name in fp32_model_names(args.model, args.models_dir):
+        calibrate_fp16(name, out_dir=args.out, models_dir=args.models_dir, log=print)
+    _use_converted(args.out)
+    return 0
+
+
+def cmd_calibrate_compare(args) -> int:
+    from or_agent.calibration.compare import run_compare
+
+    run_compare(args.videos, args.variants, models_dir=args.models_dir, write=not args.no_write, log=print)
+    return 0
+
+
+def cmd_calibrate_temperature(args) -> int:
+    from or_agent.calibration.temperature import calibrate_temperature
+
+    result = calibrate_temperature(args.videos, model=args.model, models_dir=args.models_dir, write=not args.dry_run,
+                                   check=args.check, log=print)
+    return 0 if result.get("check_passed", True) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA of the displays' client certificates (mutual TLS)")
     p.add_argument("--insecure", action="store_true", help="allow plaintext beyond loopback (logged as a warning)")
     add_models_option(p)
-    p.add_argument("--backend", choices=PREFERENCES,
+    p.add_argument("--backend", choices=BACKENDS,
                    help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
     p.add_argument("--preprocessing", choices=FRAME_PATHS,
                    help="where model inputs are made (config pipeline.preprocessing; default auto: GPU kernels with TensorRT)")
@@ -288,9 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log connection changes")
     p.set_defaults(func=cmd_display)
 
-    from or_agent.agent.certs import add_arguments as add_cert_arguments
+    from or_agent.agent.certs import CA_DAYS, CERT_DAYS
 
-    add_cert_arguments(sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates"))
+    p = sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates")
+    p.add_argument("--out", required=True, help="directory of the certificates (made 0700 if new)")
+    p.add_argument("--box", required=True, help="the box's name: the server certificate's CN and a DNS name in it")
+    p.add_argument("--display", action="append", default=[], metavar="NAME",
+                   help="make a client certificate for this display (repeatable)")
+    p.add_argument("--dns", action="append", default=[], metavar="NAME",
+                   help="another DNS name of the box for the server certificate (repeatable)")
+    p.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
+                   help="another IP address of the box for the server certificate (repeatable)")
+    p.add_argument("--ca-days", type=int, default=CA_DAYS, help=f"validity of a new CA in days (default {CA_DAYS})")
+    p.add_argument("--cert-days", type=int, default=CERT_DAYS,
+                   help=f"validity of the server and display certificates in days (default and most {CERT_DAYS})")
+    p.add_argument("--force-new-ca", action="store_true",
+                   help="make a new CA even if DIR has one (every display then needs a new certificate)")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("doctor", help="check this box: GPU, drivers, TensorRT, ONNX Runtime, cameras, engines, disk, clock")
     add_models_option(p)
@@ -303,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="qualification", help="where the report goes (default qualification/)")
     p.add_argument("--clip", help="reference clip (default: the first held-out synthetic surgery, regenerated from its seed)")
     add_models_option(p)
-    p.add_argument("--backend", default="auto", choices=PREFERENCES, help="the backend to qualify (default auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="the backend to qualify (default auto)")
     p.add_argument("--preprocessing", default="auto", choices=FRAME_PATHS,
                    help="the frame path to qualify (default auto: GPU kernels where a model runs on TensorRT)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -328,9 +433,51 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH", help="audit directory, or audit-*.jsonl files in order")
     v.set_defaults(func=cmd_audit_verify)
 
-    from or_agent.calibration.cli import add_arguments as add_calibrate_arguments
+    from or_agent.calibration.fp16 import DEFAULT_OUT as FP16_OUT
+    from or_agent.calibration.int8 import DEFAULT_FRAMES
+    from or_agent.calibration.int8 import DEFAULT_OUT as INT8_OUT
 
-    add_calibrate_arguments(sub)
+    p = sub.add_parser("calibrate", help="INT8/FP16 models for the box (precision in the ONNX file), "
+                                         "their comparison with FP32, and the phase model's confidence calibration")
+    calibrate_sub = p.add_subparsers(dest="calibrate_command", metavar="ACTION")
+    calibrate_sub.required = True
+
+    q = calibrate_sub.add_parser("int8", help="explicit INT8: a Q/DQ model calibrated on frames sampled from recorded videos")
+    q.add_argument("--model", required=True, help="model folder or name in the models directory, or 'all'")
+    q.add_argument("--videos", nargs="+", required=True, metavar="PATH",
+                   help="videos or directories of videos to sample calibration frames from (labels next to them "
+                        "are used to stratify: <name>-phase.txt, <name>-flags.csv)")
+    q.add_argument("--out", default=str(INT8_OUT), help=f"models directory to write <name>-int8/ into (default {INT8_OUT})")
+    q.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"calibration frames (default {DEFAULT_FRAMES})")
+    add_models_option(q, "where the FP32 models are")
+    q.set_defaults(func=cmd_calibrate_int8)
+
+    q = calibrate_sub.add_parser("fp16", help="FP16: float16 weights and activations, float32 inputs and outputs")
+    q.add_argument("--model", required=True, help="model folder or name in the models directory, or 'all'")
+    q.add_argument("--out", default=str(FP16_OUT), help=f"models directory to write <name>-fp16/ into (default {FP16_OUT})")
+    add_models_option(q, "where the FP32 models are")
+    q.set_defaults(func=cmd_calibrate_fp16)
+
+    q = calibrate_sub.add_parser("compare", help="FP32 vs FP16 vs INT8 on held-out video: accuracy, agreement with FP32, ms/frame")
+    q.add_argument("--videos", nargs="+", metavar="PATH",
+                   help="held-out videos with labels and masks next to them (default: the first held-out synthetic surgery)")
+    q.add_argument("--variants", nargs="+", metavar="DIR",
+                   help="model folders or models directories to compare (default: the FP32 models, "
+                        "out/models-fp16 and out/models-int8)")
+    add_models_option(q, "where the FP32 references are")
+    q.add_argument("--no-write", action="store_true", help="print only; do not store the figures in the manifests")
+    q.set_defaults(func=cmd_calibrate_compare)
+
+    q = calibrate_sub.add_parser("temperature", help="fit the phase model's softmax temperature on labelled videos; report ECE")
+    q.add_argument("--videos", nargs="+", required=True, metavar="PATH",
+                   help="videos with phase labels next to them (<name>-phase.txt or .csv); not the training videos")
+    q.add_argument("--model", default=None, help="phase model folder or name (default: the installed phase model)")
+    add_models_option(q)
+    q.add_argument("--check", nargs="+", metavar="PATH", default=None,
+                   help="labelled videos kept out of the fit: ECE before/after measured there too, and the "
+                        "temperature is written only if it helps there (lower ECE and NLL)")
+    q.add_argument("--dry-run", action="store_true", help="report only; do not write the temperature into the manifest")
+    q.set_defaults(func=cmd_calibrate_temperature)
 
     p = sub.add_parser("demo", help="the quick start: a synthetic surgery played live through the agent to the display")
     p.add_argument("--out", default="out/demo", help="where the synthetic surgery is written (default out/demo)")

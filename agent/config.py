@@ -2,19 +2,23 @@
 
 Every key, its meaning and its default is in ``agent/agent.example.toml``; a key that is not
 known is an error (a typo must not silently fall back to a default in an operating room).
+
+One model: each table is a frozen dataclass that checks its own keys (type, range, choices) when it is
+made, whether from the file, the defaults or a command-line override, and the pipeline's table embeds
+the runtime's own ``PipelineConfig`` (``pipeline.anatomy_every`` lives and is checked there alone).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from or_agent.pipelines.backends.select import PREFERENCES
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.frame_path import FRAME_PATHS
+from or_agent.pipelines.options import BACKENDS, FRAME_PATHS
+from or_agent.pipelines.runtime import PipelineConfig
 
 try:
     import tomllib
@@ -31,8 +35,45 @@ def is_plain_name(value) -> bool:
     return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
 
 
+class _Section:
+    """A configuration table: every key's type checked on construction (an int is taken for a float, a bool
+    never for a number), no number negative, and the ranges the table names."""
+
+    SECTION: ClassVar[str]
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ()
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            if f.default is MISSING:
+                continue  # an embedded table checks itself
+            value, expected = getattr(self, f.name), type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise InputError(f"{self.SECTION}.{f.name}: must be {expected.__name__}, got {value!r}")
+            if expected in (int, float) and value < 0:
+                raise InputError(f"{self.SECTION}.{f.name}: must not be negative, got {value}")
+        for key in self.AT_LEAST_ONE:
+            if getattr(self, key) < 1:
+                raise InputError(f"{self.SECTION}.{key}: must be at least 1, got {getattr(self, key)}")
+        for key in self.POSITIVE:
+            if getattr(self, key) <= 0:
+                raise InputError(f"{self.SECTION}.{key}: must be positive, got {getattr(self, key)}")
+        self.check()
+
+    def check(self) -> None:
+        """What relates the table's keys to each other."""
+
+
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(_Section):
+    SECTION = "server"
+    AT_LEAST_ONE = ("max_subscribers", "subscriber_queue", "alert_history", "max_receive_message_bytes",
+                    "max_send_message_bytes")
+    POSITIVE = ("keepalive_time_s", "keepalive_timeout_s", "behind_limit_s")
+
     listen: str = "127.0.0.1:50051"
     tls_cert: str = ""  # server certificate (PEM); required beyond loopback unless insecure
     tls_key: str = ""
@@ -49,12 +90,28 @@ class ServerConfig:
     alert_history: int = 1000  # alert events kept for reconnecting displays
     shutdown_grace_s: float = 2.0
 
+    def check(self) -> None:
+        host = listen_host(self.listen)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InputError("server.tls_cert and server.tls_key: give both or neither")
+        if not self.tls_cert and not is_loopback(host) and not self.insecure:
+            raise InputError(f"server.listen: {self.listen} is beyond loopback, so TLS is required: set server.tls_cert, "
+                             "server.tls_key and server.tls_ca (see `or-agent certs`), or server.insecure = true")
+        if self.tls_cert and self.require_client_auth and not self.tls_ca:
+            raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
+
 
 @dataclass(frozen=True)
-class CaseConfig:
+class CaseConfig(_Section):
+    SECTION = "case"
+
     source: str = ""  # started at launch when set: file, camera index, /dev/videoN, rtsp:// URL
     case_id: str = ""
     paced: bool = True  # files replay at their native rate, as a live feed would arrive
+
+    def check(self) -> None:
+        if self.case_id and not is_plain_name(self.case_id):
+            raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {self.case_id!r}")
 
 
 # keys earlier versions read, with what replaced them: an old config file gets that, not "unknown key"
@@ -62,31 +119,59 @@ RETIRED_KEYS = {
     "pipeline.models_dir": "renamed to pipeline.models (a model set's name or folder, or a models directory)",
     "pipeline.phase_rate_hz": "no longer set here: the phase model's manifest declares its rate (cadence)",
 }
+# the [pipeline] keys that belong to the runtime's own configuration (PipelineSettings.runtime)
+RUNTIME_KEYS = ("anatomy_every",)
+
+
+def runtime_config(**values: Any) -> PipelineConfig:
+    """The runtime's configuration from [pipeline] keys, its errors named as config keys."""
+    try:
+        return PipelineConfig(**values)
+    except InputError as exc:
+        raise InputError(f"pipeline.{exc}") from None
 
 
 @dataclass(frozen=True)
-class PipelineSettings:
+class PipelineSettings(_Section):
+    SECTION = "pipeline"
+    POSITIVE = ("stale_after_s",)
+
     models: str = ""  # a model set's name or folder, or a models directory; default $OR_AGENT_MODELS or the set "synthetic"
     backend: str = "auto"  # auto (TensorRT where an engine for this GPU exists, else ONNX Runtime), onnxruntime, tensorrt
     engine_cache: str = ""  # TensorRT engines; default $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines
     preprocessing: str = "auto"  # auto (GPU kernels where a model runs on TensorRT, else CPU), cpu, gpu
     cuda_graphs: bool = False  # TensorRT engines replayed as CUDA graphs (less launch overhead per step)
     build_engines_live: bool = False  # build missing TensorRT engines when the agent starts (minutes) instead of refusing
-    anatomy_every: int = 0  # anatomy every k frame periods of media time; 0: the model's own cadence (manifest)
     stale_after_s: float = 1.0  # no fresh result for this long: AI unavailable, health NOT_SERVING
+    runtime: PipelineConfig = field(default_factory=PipelineConfig)  # [pipeline] anatomy_every and the runtime's own
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {self.backend!r}")
+        if self.preprocessing not in FRAME_PATHS:
+            raise InputError(f"pipeline.preprocessing: must be auto, cpu or gpu, got {self.preprocessing!r}")
 
 
 @dataclass(frozen=True)
-class AlertSettings:
+class AlertSettings(_Section):
+    SECTION = "alerts"
+    POSITIVE = ("time_scale", "reannounce_s")
+
     rules_file: str = ""  # decision-support rules (TOML); default: the built-in cholecystectomy set
     time_scale: float = 1.0  # divides the phase-duration limits (for time-compressed synthetic videos)
     reannounce_s: float = 30.0  # an unacknowledged critical alert is announced again this often
 
 
 @dataclass(frozen=True)
-class AuditSettings:
+class AuditSettings(_Section):
+    SECTION = "audit"
+
     directory: str = "audit"  # the hash-chained audit trail; "" turns it off (not for clinical use)
     max_bytes: int = 10 * 1024 * 1024  # rotate files at this size
+
+    def check(self) -> None:
+        if self.max_bytes < 4096:
+            raise InputError(f"audit.max_bytes: must be at least 4096, got {self.max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -98,14 +183,21 @@ class AgentConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
 
     def with_overrides(self, **dotted: Any) -> AgentConfig:
-        """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given."""
-        cfg = self
+        """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given. Each
+        table is checked again as it is remade."""
+        by_section: dict[str, dict[str, Any]] = {}
         for key, value in dotted.items():
-            if value is None:
-                continue
-            section, name = key.split(".")
-            cfg = replace(cfg, **{section: _check(replace(getattr(cfg, section), **{name: value}), section)})
-        return validate(cfg)
+            if value is not None:
+                section, name = key.split(".")
+                by_section.setdefault(section, {})[name] = value
+        cfg = self
+        for section, values in by_section.items():  # a table's keys together: they are checked as one
+            table = getattr(cfg, section)
+            runtime = {k: values.pop(k) for k in list(values) if section == "pipeline" and k in RUNTIME_KEYS}
+            if runtime:
+                values["runtime"] = runtime_config(**{**asdict(table.runtime), **runtime})
+            cfg = replace(cfg, **{section: replace(table, **values)})
+        return cfg
 
 
 def listen_host(listen: str) -> str:
@@ -124,55 +216,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check(section_obj, section: str):
-    for f in fields(section_obj):
-        value = getattr(section_obj, f.name)
-        expected = type(f.default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-            section_obj = replace(section_obj, **{f.name: value})
-        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            raise InputError(f"{section}.{f.name}: must be {expected.__name__}, got {value!r}")
-        if expected in (int, float) and value < 0:
-            raise InputError(f"{section}.{f.name}: must not be negative, got {value}")
-    return section_obj
-
-
-def validate(cfg: AgentConfig) -> AgentConfig:
-    s = cfg.server
-    host = listen_host(s.listen)
-    for key in ("max_subscribers", "subscriber_queue", "alert_history", "max_receive_message_bytes", "max_send_message_bytes"):
-        if getattr(s, key) < 1:
-            raise InputError(f"server.{key}: must be at least 1, got {getattr(s, key)}")
-    if bool(s.tls_cert) != bool(s.tls_key):
-        raise InputError("server.tls_cert and server.tls_key: give both or neither")
-    if not s.tls_cert and not is_loopback(host) and not s.insecure:
-        raise InputError(f"server.listen: {s.listen} is beyond loopback, so TLS is required: set server.tls_cert, "
-                         "server.tls_key and server.tls_ca (see `or-agent certs`), or server.insecure = true")
-    if s.tls_cert and s.require_client_auth and not s.tls_ca:
-        raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
-    if cfg.case.case_id and not is_plain_name(cfg.case.case_id):
-        raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {cfg.case.case_id!r}")
-    if cfg.pipeline.anatomy_every < 0 or cfg.pipeline.stale_after_s <= 0:
-        raise InputError("pipeline: stale_after_s must be positive, anatomy_every 0 (the model's cadence) or more")
-    if cfg.pipeline.backend not in PREFERENCES:
-        raise InputError(f"pipeline.backend: must be auto, onnxruntime or tensorrt, got {cfg.pipeline.backend!r}")
-    if cfg.pipeline.preprocessing not in FRAME_PATHS:
-        raise InputError(f"pipeline.preprocessing: must be auto, cpu or gpu, got {cfg.pipeline.preprocessing!r}")
-    if cfg.alerts.time_scale <= 0 or cfg.alerts.reannounce_s <= 0:
-        raise InputError("alerts: time_scale and reannounce_s must be positive")
-    if cfg.audit.max_bytes < 4096:
-        raise InputError(f"audit.max_bytes: must be at least 4096, got {cfg.audit.max_bytes}")
-    return cfg
-
-
 SECTIONS = {"server": ServerConfig, "case": CaseConfig, "pipeline": PipelineSettings, "alerts": AlertSettings,
             "audit": AuditSettings}
 
 
 def load_config(path: str | Path | None) -> AgentConfig:
     if path is None:
-        return validate(AgentConfig())
+        return AgentConfig()
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
@@ -188,17 +238,18 @@ def load_config(path: str | Path | None) -> AgentConfig:
             raise InputError(f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
         if not isinstance(value, dict):
             raise InputError(f"{path}: {section}: must be a table")
-        known = {f.name for f in fields(SECTIONS[section])}
+        known = {f.name for f in fields(SECTIONS[section]) if f.name != "runtime"}
+        known |= set(RUNTIME_KEYS) if section == "pipeline" else set()
         for key in value:
             if f"{section}.{key}" in RETIRED_KEYS:
                 raise InputError(f"{path}: {section}.{key}: {RETIRED_KEYS[f'{section}.{key}']}")
             if key not in known:
                 raise InputError(f"{path}: {section}.{key}: unknown key (known: {', '.join(sorted(known))})")
         try:
-            parts[section] = _check(SECTIONS[section](**value), section)
+            if section == "pipeline":
+                runtime = runtime_config(**{k: v for k, v in value.items() if k in RUNTIME_KEYS})
+                value = {**{k: v for k, v in value.items() if k not in RUNTIME_KEYS}, "runtime": runtime}
+            parts[section] = SECTIONS[section](**value)
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from None
-    try:
-        return validate(AgentConfig(**parts))
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
+    return AgentConfig(**parts)

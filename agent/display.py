@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from or_agent.pipelines.cvs import cvs_text
-from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.errors import InputError, OrAgentError
 from or_agent.pipelines.files import part_path
 from or_agent.pipelines.overlay import FONT, AlertBanner, draw_alert_banners, format_duration
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
@@ -87,12 +87,30 @@ def draw_status(img: np.ndarray, state: DisplayState, off_reason: str | None, ta
     return img
 
 
-def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[int, tuple[int, int, int]], alpha: float = 0.4) -> np.ndarray:
-    """Draw an overlay's anatomy polygons and phase banner on a local video frame."""
+def segmentation_colours() -> dict[tuple[str, int], tuple[int, int, int]]:
+    """BGR colours of every bundled set's segmentation classes, by (model, class id): regions name their model."""
+    from or_agent.pipelines.manifest import set_names
+    from or_agent.pipelines.model_set import load_model_set
+
+    colours: dict[tuple[str, int], tuple[int, int, int]] = {}
+    for name in set_names():
+        try:
+            models = load_model_set(name, verify=False).models
+        except OrAgentError:
+            continue  # a set that does not load draws in white; the display still runs
+        for m in models:
+            if m.task == "segmentation":
+                colours.update({(m.name, lab.id): tuple(lab.color[::-1]) for lab in m.labels})
+    return colours
+
+
+def overlay_on_video(frame: np.ndarray, ov: pb.Overlay, labels: dict[tuple[str, int], tuple[int, int, int]],
+                     alpha: float = 0.4) -> np.ndarray:
+    """Draw an overlay's anatomy polygons (every model's, in its colours) and phase banner on a local video frame."""
     out = frame.copy()
     layer = out.copy()
     for region in ov.anatomy:
-        colour = labels.get(region.class_id, (255, 255, 255))
+        colour = labels.get((region.model, region.class_id), (255, 255, 255))
         polys = [np.array(p.xy, np.int32).reshape(-1, 2) for p in region.polygons]
         cv2.fillPoly(layer, polys, colour)
         cv2.polylines(out, polys, True, colour, 1, cv2.LINE_AA)
@@ -152,7 +170,7 @@ class Display:
         self._writer_tmp: Path | None = None
         self.frames_shown = 0
         self.overlays_matched = 0  # --video: local frames drawn with the overlay of their media timestamp
-        self._labels: dict[int, tuple[int, int, int]] = {}
+        self._labels: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._channel: grpc.aio.Channel | None = None
 
     def _channel_for(self) -> grpc.aio.Channel:
@@ -296,12 +314,7 @@ class Display:
         return cv2.waitKey(1) & 0xFF
 
     async def run(self) -> int:
-        from or_agent.pipelines.manifest import find_model
-
-        try:
-            self._labels = {lab.id: tuple(lab.color[::-1]) for lab in find_model("segmentation").labels}
-        except Exception:
-            self._labels = {}
+        self._labels = segmentation_colours()
         cap = None
         if self.video_path is not None:
             cap = cv2.VideoCapture(self.video_path)

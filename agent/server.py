@@ -19,7 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from or_agent.agent.config import AgentConfig, is_loopback, listen_host
-from or_agent.agent.service import _SHUTDOWN, SERVICE_NAME, AgentService, OrAgentHandlers, generic_handler
+from or_agent.agent.failsafe import Failsafe
+from or_agent.agent.handlers import SERVICE_NAME, OrAgentHandlers, generic_handler
+from or_agent.agent.service import AgentService
 from or_agent.agent.session import CaseSpec, LoadedModels
 from or_agent.pipelines.errors import InputError
 
@@ -37,7 +39,7 @@ def _credentials(cfg) -> grpc.ServerCredentials | None:
 
 
 class AgentServer:
-    """Owns the gRPC server, the service state and the health watchdog; ``start``/``stop``."""
+    """Owns the gRPC server, the service state and the fail-safe; ``start``/``stop``."""
 
     def __init__(self, config: AgentConfig, models: LoadedModels | None = None):
         self.config = config
@@ -49,7 +51,7 @@ class AgentServer:
         self.service: AgentService | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
-        self._watchdog: asyncio.Task | None = None
+        self._failsafe: Failsafe | None = None
 
     async def start(self) -> int:
         cfg = self.config.server
@@ -89,7 +91,8 @@ class AgentServer:
             raise InputError(f"server.listen: cannot listen on {cfg.listen} (address in use or not available)")
         await self.server.start()
         await self._set_health(False)
-        self._watchdog = asyncio.create_task(self._watch())
+        self._failsafe = Failsafe(self.service, self._set_health)
+        self._failsafe.start()
         mode = "plaintext" if creds is None else ("mutual TLS" if cfg.require_client_auth else "TLS")
         log.info("serving %s on %s (port %d, %s)", SERVICE_NAME, listen_host(cfg.listen), self.port, mode)
         if self.config.case.source:
@@ -102,64 +105,14 @@ class AgentServer:
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
-    async def _watch(self) -> None:
-        """The fail-safe: health follows the freshness of results; a stall or a lost source makes the
-        AI explicitly unavailable on every display and raises a system alert; when results resume the
-        gap is recorded. Also re-announces unacknowledged critical alerts."""
-        svc = self.service
-        serving = False
-        unavailable_since: float | None = None
-        last_notice = 0.0
-        while True:
-            state = svc.state_name()
-            now_serving = state == "RUNNING"
-            if now_serving != serving:
-                await self._set_health(now_serving)
-                serving = now_serving
-            session = svc.session
-            if state in ("STALLED", "SOURCE_LOST"):
-                now = time.monotonic()
-                if unavailable_since is None:
-                    unavailable_since = now
-                    age = session.result_age_s() if session else None
-                    reason = "no fresh AI result" + (f" for {age:.1f} s" if age else "") if state == "STALLED" else "video source lost"
-                    if state == "STALLED":
-                        svc.alerts.raise_alert("ai_stalled", "critical", f"AI unavailable: {reason}", {"state": state})
-                    svc.audit("failsafe", {"state": "ai_unavailable", "reason": reason})
-                if now - last_notice >= 0.2:
-                    svc.publish_unavailable("AI unavailable: " + ("stalled" if state == "STALLED" else "video source lost"))
-                    last_notice = now
-            elif unavailable_since is not None and state == "RUNNING":
-                gap = time.monotonic() - unavailable_since
-                svc.alerts.clear("ai_stalled", f"AI results flowing again after {gap:.1f} s")
-                svc.audit("failsafe", {"state": "ai_available", "gap_s": round(gap, 3)})
-                unavailable_since = None
-            if svc.decision is not None:
-                svc.decision.tick()
-            if session is not None and not session.stopped_unix_ms and session.finished:
-                if session.pipeline.error is not None:
-                    svc.alerts.raise_alert("model_error", "critical", f"AI stopped: {session.pipeline.error}",
-                                           {"case_id": session.spec.case_id})
-                await svc.stop_case()  # the file played out, or the pipeline failed
-                if unavailable_since is not None:
-                    svc.alerts.clear("ai_stalled", "case ended")
-                    unavailable_since = None
-            await asyncio.sleep(0.1)
-
     async def stop(self) -> None:
         if self.service is None:
             return
-        self.service.shutting_down = True
+        self.service.begin_shutdown()
         await self._set_health(False)
-        for sub in list(self.service.subscribers):
-            sub.offer(_SHUTDOWN)  # each overlay stream ends with OK after what it had queued
-        self.service.wake_alert_streams()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            try:
-                await self._watchdog  # it may be stopping a case: let that finish before we do
-            except asyncio.CancelledError:
-                pass
+        self.service.fanout.end_streams()  # each overlay stream ends with OK after what it had queued
+        if self._failsafe is not None:
+            await self._failsafe.stop()  # it may be stopping a case: let that finish before we do
         await self.server.stop(self.config.server.shutdown_grace_s)
         await self.service.stop_case()
         self.service.stop_workers()

@@ -20,10 +20,10 @@ from or_agent.pipelines.frame_path import choose_frame_path
 from or_agent.pipelines.manifest import ModelManifest
 from or_agent.pipelines.messages import FrameResult, SourceEvent
 from or_agent.pipelines.model_set import ModelSet, load_model_set
-from or_agent.pipelines.rules import Rule, load_rules
+from or_agent.pipelines.rules import Rule, load_rules, system_rules
 from or_agent.pipelines.runtime import Pipeline, PipelineConfig
 from or_agent.pipelines.sources import open_source
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import StageGraph, compose
 
 log = logging.getLogger("or-agent.session")
 
@@ -39,43 +39,39 @@ class LoadedModels:
                  cache_dir: str | None = None, live_session: bool = True, preprocessing: str = "auto",
                  cuda_graphs: bool = False, build_engines_live: bool = False):
         self.model_set: ModelSet = load_model_set(models_dir or None)
-        self.manifests: dict[str, ModelManifest] = {m.task.value: m for m in self.model_set.models}
+        self.manifests: dict[str, ModelManifest] = {m.name: m for m in self.model_set.models}  # by model name
         self.reasons: dict[str, str] = {}
-        backends = {}
-        for task, m in self.manifests.items():
-            backends[task], self.reasons[task] = choose_backend(m, backend, cache_dir or None, threads, live_session,
-                                                                cuda_graphs=cuda_graphs, build_missing=build_engines_live)
-            log.info("%s model %s: %s", task, m.name, self.reasons[task])
+        backends = []
         try:
-            self.frame_path, self.frame_path_reason = choose_frame_path(preprocessing, [b.name for b in backends.values()])
+            for m in self.model_set.models:
+                b, self.reasons[m.name] = choose_backend(m, backend, cache_dir or None, threads, live_session,
+                                                         cuda_graphs=cuda_graphs, build_missing=build_engines_live)
+                backends.append(b)
+                log.info("%s model %s: %s", m.task, m.name, self.reasons[m.name])
+            self.stages: StageGraph = compose(backends)
+            self.frame_path, self.frame_path_reason = choose_frame_path(preprocessing, [b.name for b in backends])
         except BaseException:
-            for b in backends.values():
+            for b in backends:
                 b.close()
             raise
         log.info("preprocessing: %s", self.frame_path_reason)
-        self.anatomy = AnatomyStage(backends["segmentation"])
-        self.phase = PhaseStage(backends["phase"])
-        self.visibility = VisibilityStage(backends["visibility"])
 
     def rules(self, rules_file: str | None = None, overrides: dict[str, dict] | None = None) -> list[Rule]:
-        """The alert rules: ``rules_file`` if given, else the set's own, checked against the set's classes."""
+        """The alert rules: ``rules_file`` if given, else the set's own, checked against the set's outputs; and
+        the agent's own system rules."""
         s = self.model_set
-        return load_rules(rules_file or s.rules_file, overrides, classes=s.class_names, owner=f"model set {s.name!r}")
+        return load_rules(rules_file or s.rules_file, overrides, vocabulary=s.outputs, owner=f"model set {s.name!r}") + system_rules()
 
     def pipeline(self, source, config: PipelineConfig | None = None) -> Pipeline:
         """A pipeline over ``source`` on these models and this frame path (one running at a time)."""
         config = replace(config or PipelineConfig(), withheld=self.model_set.withheld)
-        return Pipeline(source, self.anatomy, self.phase, self.visibility, config, frame_path=self.frame_path)
+        return Pipeline(source, self.stages, config, frame_path=self.frame_path)
 
-    def stage(self, task: str):
-        return {"segmentation": self.anatomy, "phase": self.phase, "visibility": self.visibility}[task]
-
-    def backend_name(self, task: str) -> str:
-        return self.stage(task).backend.name
+    def backend_name(self, model: str) -> str:
+        return next(s.backend.name for s in self.stages.stages if s.name == model)
 
     def close(self) -> None:
-        for s in (self.anatomy, self.phase, self.visibility):
-            s.backend.close()
+        self.stages.close()
         self.frame_path.close()
 
 
@@ -104,8 +100,7 @@ class CaseSession:
         self._on_result = on_result
         self._on_event = on_event
         self.source = open_source(spec.source, paced=spec.paced)
-        self.pipeline = models.pipeline(self.source, PipelineConfig(
-            anatomy_every=settings.anatomy_every or None, keep_images=True, encode_polygons=True))
+        self.pipeline = models.pipeline(self.source, replace(settings.runtime, keep_images=True, encode_polygons=True))
         self.pipeline.subscribe(self._result)
         self.pipeline.subscribe_events(self._event)
         self._lock = threading.Lock()

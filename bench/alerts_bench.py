@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import models_option, select_models
-from or_agent.pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
+from or_agent.pipelines.rules import RuleInputs, RulesEngine, SegmentationView, SystemHealth, load_rules
 from or_agent.pipelines.surgery import PHASE_ID, Anatomy
 
 FPS = 25.0
@@ -32,8 +32,9 @@ def _frame(i, **kw):
         a[k] = v
     return RuleInputs(seq=i, t_s=i / FPS, phase=kw.pop("phase", CALOT), phase_confidence=0.9,
                       time_in_phase_s=kw.pop("t_in_phase", i / FPS), out_of_body=kw.pop("oob", False),
-                      low_visibility=kw.pop("lowvis", False), areas=tuple(a), class_map=kw.pop("cmap", None),
-                      px_per_cell=4.0, system=SystemHealth(frame_drop_rate=kw.pop("drops", 0.0)))
+                      low_visibility=kw.pop("lowvis", False),
+                      segmentations={"anatomy": SegmentationView(tuple(a), kw.pop("cmap", None), 4.0)},
+                      system=SystemHealth(frame_drop_rate=kw.pop("drops", 0.0)))
 
 
 def _hook(x):
@@ -72,7 +73,7 @@ def scripted() -> list[tuple[str, str, float | None, int]]:
 
 
 def held_out(videos: int) -> dict:
-    from or_agent.agent.replay import ReplayInputs, replay_one
+    from or_agent.agent.offline.replay import ReplayInputs, replay_one
     from or_agent.agent.session import LoadedModels
     from or_agent.synth.dataset import write_video
     from or_agent.synth.splits import HELD_OUT

@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=200)
     args = ap.parse_args(argv)
 
-    from or_agent.pipelines.backends.tensorrt import gpu_info, tensorrt_version
+    from or_agent.pipelines.backends.engines import tensorrt_version
     from or_agent.pipelines.errors import DependencyError
+    from or_agent.pipelines.gpu.context import gpu_info
 
     try:
         info = gpu_info()

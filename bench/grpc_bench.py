@@ -92,10 +92,10 @@ def _spec(video: Path):
 
 def overlay_cost() -> tuple[int, float, int]:
     """Bytes and serialisation time of an overlay for a 1080p frame with anatomy."""
-    from or_agent.agent.service import overlay_to_pb
     from or_agent.agent.session import LoadedModels
-    from or_agent.pipelines.masks import anatomy_polygons
-    from or_agent.pipelines.messages import FrameResult
+    from or_agent.agent.wire import overlay_to_pb
+    from or_agent.pipelines.masks import segmentation_polygons
+    from or_agent.pipelines.messages import FrameResult, SegmentationEstimate
     from or_agent.pipelines.preprocess import detect_content_area
     from or_agent.synth.render import SurgeryRenderer
     from or_agent.synth.timeline import sample_timeline
@@ -104,19 +104,19 @@ def overlay_cost() -> tuple[int, float, int]:
     img = cv2.resize(SurgeryRenderer(tl, seed=4).render(tl.frames // 3).image, (1920, 1080))
     m = LoadedModels()
     area = detect_content_area(img)
-    an = m.anatomy(img, area)
-    r = FrameResult(1, 40.0, (1920, 1080), {"capture": time.monotonic_ns(), "preprocess": 0, "inference": 0, "postprocess": 0,
-                                            "publish": time.monotonic_ns()},
-                    m.visibility(img, area), m.phase(img, area, 0.0), an, polygons=anatomy_polygons(an))
+    ests = [stage(img, area) for stage in m.stages.stages]
+    an = next(e for e in ests if isinstance(e, SegmentationEstimate))
+    r = FrameResult.of(ests, seq=1, media_ms=40.0, frame_size=(1920, 1080),
+                       marks_ns={"capture": time.monotonic_ns(), "preprocess": 0, "inference": 0, "postprocess": 0,
+                                 "publish": time.monotonic_ns()}, polygons={an.model: segmentation_polygons(an)})
     from or_agent.proto.oragent.v1 import agent_pb2 as pb
     info = [pb.ModelInfo(task="segmentation", name="anatomy", version="1.0.0", sha256="0" * 64)] * 3
-    names = [lab.name for lab in m.manifests["segmentation"].labels]
     runs = 200
     t0 = time.perf_counter()
     for _ in range(runs):
-        data = overlay_to_pb(r, info, [], names, True).SerializeToString()
+        data = overlay_to_pb(r, info, [], True).SerializeToString()
     ms = (time.perf_counter() - t0) / runs * 1000
-    vertices = sum(len(p) for ps in r.polygons.values() for p in ps)
+    vertices = sum(len(p) for ps in r.polygons[an.model].values() for p in ps)
     m.close()
     return len(data), ms, vertices
 

@@ -16,7 +16,7 @@ from bench.common import median_ms, models_option, pin_one_core, select_models
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.preprocess import detect_content_area
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.synth.render import SurgeryRenderer
 from or_agent.synth.timeline import sample_timeline
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     frame = SurgeryRenderer(tl, seed=6).render(tl.frames // 3).image
     area = detect_content_area(frame)
     stages = {
-        "segmentation": AnatomyStage(OnnxRuntimeBackend(find_model("segmentation"), threads=1)),
+        "segmentation": SegmentationStage(OnnxRuntimeBackend(find_model("segmentation"), threads=1)),
         "phase": PhaseStage(OnnxRuntimeBackend(find_model("phase"), threads=1)),
         "visibility": VisibilityStage(OnnxRuntimeBackend(find_model("visibility"), threads=1)),
     }
@@ -43,11 +43,9 @@ def main(argv=None) -> int:
     for task, stage in stages.items():
         x = stage.pre_process(frame, area)
         y = stage.predict(x)
-        # what post-processing takes besides the logits: the crop for anatomy, media time for phase
-        post_args = {"segmentation": (area,), "phase": (0.0,)}.get(task, ())
         pre = median_ms(lambda stage=stage: stage.pre_process(frame, area), args.runs)
         inf = median_ms(lambda stage=stage, x=x: stage.predict(x), args.runs)
-        post = median_ms(lambda stage=stage, y=y, post_args=post_args: stage.post_process(y, *post_args), args.runs)
+        post = median_ms(lambda stage=stage, y=y: stage.post_process(y, area), args.runs)
         budget = BUDGET_MS[task]
         shape = "x".join(str(d) for d in stage.manifest.input.shape[2:])
         ratio = f"{budget / inf:16.2f}x" if budget else f"{'-':>17}"

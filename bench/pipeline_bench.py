@@ -32,12 +32,12 @@ from or_agent.pipelines.preprocess import ContentAreaTracker
 from or_agent.pipelines.runtime import Pipeline, PipelineConfig
 from or_agent.pipelines.sinks import QueuedSubscriber
 from or_agent.pipelines.sources import FirstFrames, VideoFileSource
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.synth.dataset import SynthConfig, write_dataset
 
 
 def stages():
-    return (AnatomyStage(OnnxRuntimeBackend(find_model("segmentation"), threads=1)),
+    return (SegmentationStage(OnnxRuntimeBackend(find_model("segmentation"), threads=1)),
             PhaseStage(OnnxRuntimeBackend(find_model("phase"), threads=1)),
             VisibilityStage(OnnxRuntimeBackend(find_model("visibility"), threads=1)))
 
@@ -143,14 +143,14 @@ def main(argv=None) -> int:
     def light(i):
         vis.post_process(vis.predict(xs_v[i]))
         if i % 5 == 0:
-            phase.post_process(phase.predict(xs_p[i]), i / fps)
+            phase.post_process(phase.predict(xs_p[i]), t_s=i / fps)
     logits = [anatomy.predict(xs_a[i]) for i in range(min(n, 50))]
     ests = [anatomy.post_process(lg, areas[i]) for i, lg in enumerate(logits)]
     from or_agent.pipelines.messages import FrameResult
     no_marks = {"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0}
-    results = [FrameResult(i, i * 40.0, (imgs[i].shape[1], imgs[i].shape[0]), no_marks,
-                           vis.post_process(vis.predict(xs_v[i])), phase.post_process(phase.predict(xs_p[i]), i / fps), ests[i])
-               for i in range(len(ests))]
+    results = [FrameResult.of([vis.post_process(vis.predict(xs_v[i])), phase.post_process(phase.predict(xs_p[i]), t_s=i / fps),
+                               ests[i]], seq=i, media_ms=i * 40.0, frame_size=(imgs[i].shape[1], imgs[i].shape[0]),
+                              marks_ns=no_marks) for i in range(len(ests))]
     stage_rates = {
         "preprocess (crop, resize, normalise x3)": rate(pre, n),
         "visibility + phase (5 Hz)": rate(light, n),
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
             v = vis(f.image, a)
             p = phase(f.image, a, f.media_ms / 1000) if k % 5 == 0 else None
             an = anatomy(f.image, a) if not v.out_of_body else None
-            r = FrameResult(k, f.media_ms, f.size, {"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0}, v, p, an)
+            r = FrameResult.of([e for e in (v, p, an) if e is not None], seq=k, media_ms=f.media_ms, frame_size=f.size,
+                               marks_ns={"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0})
             overlay.draw(f.image, r)
             k += 1
         src.stop()
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     # (d) the pipeline, same work
     def run_pipeline(source):
         # The same three loaded models throughout: a pipeline's start resets the phase state.
-        pipe = Pipeline(source, anatomy, phase, vis, PipelineConfig(), frame_path=frame_path)
+        pipe = Pipeline(source, [vis, phase, anatomy], PipelineConfig(), frame_path=frame_path)
         drawn = QueuedSubscriber(lambda r: overlay.draw(r.image, r), maxsize=4).start()
         pipe.subscribe(drawn)
         t0 = time.perf_counter()
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     # memory soak: one long unpaced replay, resident memory sampled as it goes
     total = int(args.soak_minutes * 60 * fps)
     samples = []
-    pipe = Pipeline(LoopingSource(video, total), anatomy, phase, vis, frame_path=frame_path)
+    pipe = Pipeline(LoopingSource(video, total), [vis, phase, anatomy], frame_path=frame_path)
     drawn = QueuedSubscriber(lambda r: overlay.draw(r.image, r), maxsize=4).start()
     pipe.subscribe(drawn)
     pipe.subscribe(lambda r: samples.append((r.seq, rss_mb())) if r.seq % 250 == 0 else None)

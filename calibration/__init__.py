@@ -12,7 +12,10 @@ package writes those files, each next to its own manifest, and measures what the
 - ``calibration.temperature``  temperature scaling of the phase model's confidence
                                (``or-agent calibrate temperature``)
 - ``calibration.sampling``     the calibration frame sampler and its coverage report
-- ``calibration.cli``          the ``or-agent calibrate`` subcommands
+- ``calibration.common``       what they share: models, videos, labels, decoding, writing
+
+The ``or-agent calibrate`` subcommands are parsed and printed in ``agent.cli``; these modules
+report progress through the ``log`` callback it passes in.
 
 The converted models are written to their own models directories (``out/models-int8``,
 ``out/models-fp16`` by default), never next to the FP32 models: the agent keeps one model per

@@ -15,7 +15,7 @@ import numpy as np
 
 from or_agent.pipelines.errors import DependencyError, InputError, ManifestError
 from or_agent.pipelines.files import atomic_write_bytes, atomic_write_text
-from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir, sha256_of
+from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, discover, load_manifest, resolve_models_dir, sha256_of
 from or_agent.pipelines.preprocess import ContentArea, ContentAreaTracker
 from or_agent.pipelines.schedule import frame_stepper
 from or_agent.pipelines.sources import video_files
@@ -59,6 +59,18 @@ def resolve_model(name: str, models_dir: str | os.PathLike | None = None) -> Mod
         raise InputError(f"{name}: no such model in {root} (installed: {names})")
     found[0].verify_file()
     return found[0]
+
+
+def fp32_model_names(name: str, models_dir: str | os.PathLike | None = None) -> list[str]:
+    """The models a conversion command is asked for: ``all`` means every FP32 model in the models
+    directory (converted ones are never converted again); any other name is the one model."""
+    if name != "all":
+        return [name]
+    root = resolve_models_dir(models_dir)
+    names = [p.parent.name for p in discover(root) if precision_of(load_manifest(p)) == "fp32"]
+    if not names:
+        raise InputError(f"{root}: no FP32 models to convert")
+    return names
 
 
 def manifest_doc(m: ModelManifest) -> dict:

@@ -39,11 +39,11 @@ import numpy as np
 from or_agent.calibration.common import OutOfBodyJudge, find_labels, iter_video, list_videos, precision_of, update_manifest, video_info
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend, cpu_int8_kernels
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, load_manifest, resolve_models_dir
+from or_agent.pipelines.manifest import MANIFEST_NAME, ModelManifest, Task, load_manifest, resolve_models_dir
 from or_agent.pipelines.metrics import accuracy, confusion, mean_iou_present, recall
 from or_agent.pipelines.preprocess import paste_back
 from or_agent.pipelines.schedule import Cadence, frame_stepper
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import STAGES, PhaseStage
 
 TASK_ORDER = ("segmentation", "phase", "visibility")
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
@@ -211,7 +211,7 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
     for p in pairings:
         for m in _members(p):
             backend = OnnxRuntimeBackend(m.manifest, threads=1, int8_kernels=not m.reference_arithmetic)
-            stages[m.key] = {"segmentation": AnatomyStage, "phase": PhaseStage, "visibility": VisibilityStage}[m.task](backend)
+            stages[m.key] = STAGES[Task(m.task)](backend)
     by_task = {t: [p for p in pairings if p.task == t] for t in TASK_ORDER}
     n_cls = {_Member(p.reference).key: len(p.reference.labels) for p in by_task["segmentation"]}
     acc: dict[str, dict] = {k: {} for k in stages}
@@ -271,7 +271,7 @@ def compare(pairings: Sequence[Pairing], videos: Sequence[Path], log: Callable[[
                         for p in by_task["phase"]:
                             for m in _members(p):
                                 st = stages[m.key]
-                                est = st.post_process(timer.call(m.key, st.predict, prep(st)), f / fps)
+                                est = st.post_process(timer.call(m.key, st.predict, prep(st)), t_s=f / fps)
                                 cur[m.key] = (est.phase, est.raw_phase)
                                 acc[m.key]["steps"] += 1
                 for k in cur:

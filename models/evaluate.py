@@ -23,7 +23,7 @@ from or_agent.pipelines.manifest import ModelManifest, find_model
 from or_agent.pipelines.metrics import accuracy, confusion, mean_iou_present, per_class_iou, recall
 from or_agent.pipelines.preprocess import ContentAreaTracker, paste_back
 from or_agent.pipelines.schedule import frame_stepper
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.pipelines.surgery import ANATOMY_NAMES
 from or_agent.synth.dataset import read_phase_file
 
@@ -66,7 +66,7 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
     dataset = Path(dataset)
     names = videos or sorted(p.stem for p in dataset.glob("video*.json"))
     m = manifests or {task: find_model(task, models_dir) for task in ("segmentation", "phase", "visibility")}
-    anatomy = AnatomyStage(OnnxRuntimeBackend(m["segmentation"], threads=1))
+    anatomy = SegmentationStage(OnnxRuntimeBackend(m["segmentation"], threads=1))
     phase = PhaseStage(OnnxRuntimeBackend(m["phase"], threads=1))
     vis = VisibilityStage(OnnxRuntimeBackend(m["visibility"], threads=1))
     n_cls = anatomy.classes
@@ -99,7 +99,7 @@ def evaluate_dataset(dataset: str | Path, videos: list[str] | None = None, model
             if steps(f):
                 v = vis.post_process(timed("visibility", vis.predict, vis.pre_process(frame, area)))
                 if not v.out_of_body:  # as in the pipeline: the room says nothing about the phase
-                    est = phase.post_process(timed("phase", phase.predict, phase.pre_process(frame, area)), f / meta["fps"])
+                    est = phase.post_process(timed("phase", phase.predict, phase.pre_process(frame, area)), area, f / meta["fps"])
                     raw_now, filt_now = est.raw_phase, est.phase
                 oob_t.append(bool(flags[f, 2]))
                 oob_p.append(v.out_of_body)

@@ -31,10 +31,10 @@ import numpy as np
 from or_agent.pipelines.backends import DeviceTensor
 from or_agent.pipelines.errors import DependencyError, InputError, ModelError
 from or_agent.pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, GpuResources, preprocess_reference
+from or_agent.pipelines.options import FRAME_PATHS
+from or_agent.pipelines.postprocess import SegmentationReduction, reduce_logits
 from or_agent.pipelines.preprocess import ContentArea, InputSpec
-from or_agent.pipelines.stages import AnatomyReduction, reduce_logits
 
-FRAME_PATHS = ("auto", "cpu", "gpu")
 log = logging.getLogger("or-agent.frame-path")
 
 
@@ -54,7 +54,7 @@ class FramePath(ABC):
 
     def reduce(self, logits):
         """Called on the inference thread right after the segmentation model ran: logits, or an
-        ``AnatomyReduction`` computed there (the engine's output buffer is reused by the next run)."""
+        ``SegmentationReduction`` computed there (the engine's output buffer is reused by the next run)."""
         return logits
 
     def close(self) -> None:
@@ -169,7 +169,7 @@ class _PooledFramePath(FramePath):
         try:
             for s in stages:
                 spec = s.spec
-                slots.append(self.pool.acquire(s.manifest.task, (1, 3, spec.height, spec.width)))
+                slots.append(self.pool.acquire(s.name, (1, 3, spec.height, spec.width)))
             self._fill(frame, area, [(s.spec, slot) for s, slot in zip(stages, slots)])
         except BaseException:
             for slot in slots:
@@ -195,7 +195,7 @@ class ReferenceFramePath(_PooledFramePath):
             slot.array[...] = preprocess_reference(frame, area, spec)
 
     def reduce(self, logits):
-        return AnatomyReduction(*reduce_logits(logits))
+        return SegmentationReduction(*reduce_logits(logits))
 
 
 # --------------------------------------------------------------------------- the GPU
@@ -272,7 +272,7 @@ class GpuFramePath(_PooledFramePath):
                 r.close()
             r = self._reducer = GpuLogitsReducer(c, h, w, self._device)
         class_map, counts, conf = r.reduce_device(logits.device_ptr)
-        return AnatomyReduction(class_map, counts, conf)
+        return SegmentationReduction(class_map, counts, conf)
 
     def close(self) -> None:
         if self._closed:

@@ -35,6 +35,7 @@ class Task(str, Enum):
     SEGMENTATION = "segmentation"  # per-pixel classes (anatomy, tools)
     PHASE = "phase"  # the surgical phase, a recurrent model stepped on media time
     VISIBILITY = "visibility"  # out of body / low visibility: decides whether the others' outputs count
+    CLASSIFICATION = "classification"  # image-level labels with probabilities (e.g. CVS criteria)
 
     def __str__(self) -> str:
         return self.value

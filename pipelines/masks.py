@@ -10,10 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from or_agent.pipelines.stages import AnatomyEstimate
+from or_agent.pipelines.messages import SegmentationEstimate
 
 
-def anatomy_polygons(est: AnatomyEstimate, epsilon_px: float = 1.0, min_area_px: float = 12.0,
+def segmentation_polygons(est: SegmentationEstimate, epsilon_px: float = 1.0, min_area_px: float = 12.0,
                      skip: tuple[int, ...] = (0,)) -> dict[int, list[np.ndarray]]:
     """class id -> list of int32 (N, 2) outer boundaries in frame pixels.
 

@@ -7,11 +7,111 @@ when it crossed each stage boundary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from or_agent.pipelines.stages import AnatomyEstimate, PhaseEstimate, VisibilityEstimate
+from or_agent.pipelines.preprocess import ContentArea
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    phase: int  # filtered phase id
+    name: str
+    confidence: float  # smoothed probability of the filtered phase
+    probabilities: tuple[float, ...]  # this step's model probabilities
+    raw_phase: int  # this step's argmax, before the temporal filter
+    time_in_phase_s: float
+    model: str = ""  # the model that produced it
+
+    def __post_init__(self):
+        if not 0 <= self.phase < len(self.probabilities):
+            raise ValueError(f"phase {self.phase} outside the {len(self.probabilities)} phases")
+        if not 0.0 <= self.confidence <= 1.0 + 1e-6:
+            raise ValueError(f"confidence {self.confidence} outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class SegmentationEstimate:
+    class_map: np.ndarray = field(repr=False)  # model-sized uint8 class ids
+    area: ContentArea
+    area_fraction: tuple[float, ...]  # per class, fraction of the content crop
+    confidence: tuple[float, ...]  # per class, mean probability over its pixels (0 if absent)
+    # the Critical View of Safety criteria and their probabilities, where the model assesses it
+    cvs: tuple[tuple[str, float], ...] = ()
+    model: str = ""  # the model that produced it
+    names: tuple[str, ...] = ()  # its class names, by class id
+
+    def __post_init__(self):
+        if self.class_map.ndim != 2 or self.class_map.dtype != np.uint8:
+            raise ValueError("class_map must be a 2-D uint8 array")
+        if len(self.area_fraction) != len(self.confidence):
+            raise ValueError("area_fraction and confidence must have one value per class")
+        if self.names and len(self.names) != len(self.area_fraction):
+            raise ValueError(f"{len(self.names)} class names for {len(self.area_fraction)} classes")
+
+    def classification(self) -> ClassificationEstimate | None:
+        """The Critical View of Safety this model's class map was assessed for, as image-level labels."""
+        if not self.cvs:
+            return None
+        return ClassificationEstimate(self.model, CVS_OUTPUT, tuple(k for k, _ in self.cvs), tuple(v for _, v in self.cvs))
+
+    def frame_fractions(self, frame_size: tuple[int, int]) -> tuple[float, ...]:
+        """Per-class share of the whole frame (width, height): outside the content crop is the
+        scope's black border, counted as class 0."""
+        cw, ch = self.area.crop_size
+        share = cw * ch / (frame_size[0] * frame_size[1])
+        out = [a * share for a in self.area_fraction]
+        out[0] += 1.0 - share
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class VisibilityEstimate:
+    p_out_of_body: float
+    p_low_visibility: float
+    threshold: float = 0.5
+    model: str = ""  # the model that produced it
+
+    @property
+    def out_of_body(self) -> bool:
+        return self.p_out_of_body > self.threshold
+
+    @property
+    def low_visibility(self) -> bool:
+        return not self.out_of_body and self.p_low_visibility > self.threshold
+
+
+
+CVS_OUTPUT = "critical_view_of_safety"  # the name of the Critical View of Safety assessment a segmentation model may carry
+
+
+@dataclass(frozen=True)
+class ClassificationEstimate:
+    """Image-level labels with their probabilities: a classification model's output (named after the
+    model), or an assessment a segmentation model carries (``cvs``)."""
+
+    model: str
+    name: str
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.name or len(self.labels) != len(self.probabilities) or not self.labels:
+            raise ValueError("a classification needs a name and one probability per label")
+        if any(not 0.0 <= p <= 1.0 + 1e-6 for p in self.probabilities):
+            raise ValueError(f"{self.name}: probabilities must be in [0, 1]")
+
+    def probability(self, label: str) -> float:
+        return self.probabilities[self.labels.index(label)]
+
+    def items(self) -> tuple[tuple[str, float], ...]:
+        return tuple(zip(self.labels, self.probabilities))
+
+
+Estimate = PhaseEstimate | SegmentationEstimate | VisibilityEstimate | ClassificationEstimate
+
 
 # Stage boundaries, in the order a frame crosses them.
 STAGE_MARKS = ("capture", "preprocess", "inference", "postprocess", "publish")
@@ -67,13 +167,29 @@ class FrameResult:
     frame_size: tuple[int, int]  # (width, height)
     marks_ns: dict[str, int]  # STAGE_MARKS -> time.monotonic_ns()
     visibility: VisibilityEstimate | None
-    phase: PhaseEstimate | None  # the newest phase estimate (steps run at the phase rate)
-    anatomy: AnatomyEstimate | None  # None when out of body, or not computed for this frame
-    phase_fresh: bool = False  # the phase model stepped on this very frame
-    anatomy_fresh: bool = False
+    phase: PhaseEstimate | None  # the newest phase estimate (steps run at the phase model's cadence)
+    # one per segmentation model, in the set's order; () when out of body (nothing is drawn or measured on the room)
+    segmentations: tuple[SegmentationEstimate, ...] = ()
+    classifications: tuple[ClassificationEstimate, ...] = ()  # image-level outputs, incl. those segmentations carry
+    fresh: frozenset[str] = frozenset()  # the models that ran on this very frame (the others' results are carried)
     image: np.ndarray | None = field(default=None, repr=False)  # the frame, when the subscriber asked for it
-    polygons: dict[int, list[np.ndarray]] | None = field(default=None, repr=False)  # anatomy outlines, frame pixels
+    # outlines per segmentation model and class, in frame pixels (for the wire)
+    polygons: dict[str, dict[int, list[np.ndarray]]] | None = field(default=None, repr=False)
     withheld: tuple[tuple[str, str], ...] = ()  # (output, why): run but not shown, e.g. ("phase", "not validated ...")
+
+    @classmethod
+    def of(cls, estimates: Sequence[Estimate], **fields) -> FrameResult:
+        """A result holding ``estimates`` (at most one visibility and one phase), each under its kind."""
+        def one(kind):
+            found = [e for e in estimates if isinstance(e, kind)]
+            if len(found) > 1:
+                raise ValueError(f"more than one {kind.__name__} for one frame")
+            return found[0] if found else None
+
+        segmentations = tuple(e for e in estimates if isinstance(e, SegmentationEstimate))
+        carried = tuple(c for c in (s.classification() for s in segmentations) if c is not None)
+        return cls(visibility=one(VisibilityEstimate), phase=one(PhaseEstimate), segmentations=segmentations,
+                   classifications=tuple(e for e in estimates if isinstance(e, ClassificationEstimate)) + carried, **fields)
 
     def __post_init__(self):
         missing = [m for m in STAGE_MARKS[:-1] if m not in self.marks_ns]
@@ -83,6 +199,23 @@ class FrameResult:
     @property
     def out_of_body(self) -> bool:
         return self.visibility is not None and self.visibility.out_of_body
+
+    @property
+    def segmentation(self) -> SegmentationEstimate | None:
+        """The set's first segmentation model's estimate: the one label masks and qualification compare."""
+        return self.segmentations[0] if self.segmentations else None
+
+    def is_fresh(self, estimate: Estimate | None) -> bool:
+        """``estimate`` was computed on this very frame (not carried over from an earlier one)."""
+        return estimate is not None and estimate.model in self.fresh
+
+    @property
+    def phase_fresh(self) -> bool:
+        return self.is_fresh(self.phase)
+
+    @property
+    def segmentation_fresh(self) -> bool:
+        return self.is_fresh(self.segmentation)
 
     def latency_ms(self, start: str = "capture", end: str = "publish") -> float:
         return (self.marks_ns[end] - self.marks_ns[start]) / 1e6

@@ -7,7 +7,8 @@ manifest. Selected with ``--models SET|DIR`` (or ``$OR_AGENT_MODELS``): a set's 
 or a plain models directory (``<dir>/<model>/manifest.json``, as ``calibrate`` writes), which is taken
 as a set of its own with the built-in cholecystectomy rules.
 
-A set is checked as a whole when it is loaded: every model manifest and sha256, one model per task,
+A set is checked as a whole when it is loaded: every model manifest and sha256, at most one phase and
+one visibility model (any number of segmentation and classification models), unique model names,
 and the rules against the classes its models have, so a rule naming a class no model produces is
 refused with the rule and the class named, before any case starts.
 """
@@ -25,13 +26,15 @@ from or_agent.pipelines.manifest import (
     MANIFEST_NAME,
     SET_FILE,
     SETS_ROOT,
-    TASKS,
     ModelManifest,
     Task,
     load_manifest,
     resolve_models_dir,
 )
+from or_agent.pipelines.rules import RuleVocabulary, load_rules
 
+# at most one of these per set (the visibility model gates the others; the phase is one timeline)
+ONE_PER_SET = (Task.VISIBILITY, Task.PHASE)
 SET_SCHEMA = "or-agent/model-set/v1"
 PROCEDURES = ("laparoscopic-cholecystectomy",)
 WITHHOLDABLE = ("phase",)  # outputs a set may run without showing
@@ -64,9 +67,21 @@ class ModelSet:
         return found[0]
 
     @property
+    def outputs(self) -> RuleVocabulary:
+        """What the set's rules may name: each segmentation model's classes, each image-level output's labels
+        (a classification model's, and the Critical View of Safety a segmentation model carries)."""
+        from or_agent.pipelines.cvs import CRITERIA
+        from or_agent.pipelines.messages import CVS_OUTPUT
+
+        segs = tuple((m.name, tuple(lab.name for lab in m.labels)) for m in self.for_task(Task.SEGMENTATION))
+        labels = tuple((m.name, tuple(lab.name for lab in m.labels)) for m in self.for_task(Task.CLASSIFICATION))
+        labels += tuple((CVS_OUTPUT, CRITERIA) for m in self.for_task(Task.SEGMENTATION) if "cvs" in m.extra)[:1]
+        return RuleVocabulary(segs, labels)
+
+    @property
     def class_names(self) -> tuple[str, ...]:
-        """The classes the set's segmentation models produce (what rules may name)."""
-        return tuple(lab.name for m in self.for_task(Task.SEGMENTATION) for lab in m.labels)
+        """Every segmentation class, as ``model.class``."""
+        return self.outputs.class_names
 
 
 def _field(doc: dict, key: str, path: Path, kind=str):
@@ -78,20 +93,23 @@ def _field(doc: dict, key: str, path: Path, kind=str):
     return value
 
 
-def _check_one_per_task(folder: Path, models: list[ModelManifest]) -> None:
-    for task in TASKS:
+def _check_tasks(folder: Path, models: list[ModelManifest]) -> None:
+    """At least one model; at most one phase and one visibility model (any number of the others); unique names."""
+    if not models:
+        raise ManifestError(f"{folder}: no models installed")
+    for task in ONE_PER_SET:
         found = [m for m in models if m.task == task]
-        if not found:
-            raise ManifestError(f"{folder}: no model with task {task!r} installed")
         if len(found) > 1:
             names = ", ".join(m.path.parent.name for m in found)
-            raise ManifestError(f"more than one {task} model installed ({names}): keep one per task")
+            raise ManifestError(f"more than one {task} model installed ({names}): a set has at most one")
+    model_names = [m.name for m in models]
+    dup = sorted({n for n in model_names if model_names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"{folder}: two models are named {dup[0]!r}: results and rules tell models apart by name")
 
 
 def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -> ModelSet:
     """Read and check a model set (see the module doc); ``verify`` also checks every model's sha256."""
-    from or_agent.pipelines.rules import load_rules  # the rules engine reads results; the set only validates against it
-
     folder = resolve_models_dir(spec)
     set_file = folder / SET_FILE
     if set_file.is_file():
@@ -137,10 +155,10 @@ def load_model_set(spec: str | os.PathLike | None = None, verify: bool = True) -
         meta = dict(name=folder.name, version="-", procedure=PROCEDURES[0], license=", ".join(licences),
                     provenance=f"models directory {folder} (no {SET_FILE})")
         declared = False
-    _check_one_per_task(folder, models)
+    _check_tasks(folder, models)
     if verify:
         for m in models:
             m.verify_file()
     model_set = ModelSet(path=folder, rules_file=rules_file, models=tuple(models), declared=declared, withheld=withheld, **meta)
-    load_rules(rules_file, classes=model_set.class_names, owner=f"model set {model_set.name!r}")
+    load_rules(rules_file, vocabulary=model_set.outputs, owner=f"model set {model_set.name!r}")
     return model_set

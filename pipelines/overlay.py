@@ -1,16 +1,17 @@
 """Drawing what the agent concluded onto the frame: shared by replay and the OR display.
 
-Anatomy is drawn as translucent masks in the manifest's colours, each labelled at its
-centre; the phase as a banner with its confidence and time in phase; alerts as banners
-coloured by severity. When there is nothing current to show (camera out of the body, results
-stale, AI unavailable) the frame is dimmed and says so in large letters, so a surgeon can never
-mistake an old overlay for a live one. Out-of-body frames show the operating room and its staff,
-so they are redacted (blacked out) rather than drawn: nothing of them reaches a recording or a stream.
+Every segmentation model's classes are drawn as translucent masks in its manifest's colours, each
+labelled at its centre; image-level classifications (the Critical View of Safety) as a line each;
+the phase as a banner with its confidence and time in phase; alerts as banners coloured by
+severity. When there is nothing current to show (camera out of the body, results stale, AI
+unavailable) the frame is dimmed and says so in large letters, so a surgeon can never mistake an
+old overlay for a live one. Out-of-body frames show the operating room and its staff, so they are
+redacted (blacked out) rather than drawn: nothing of them reaches a recording or a stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -18,8 +19,7 @@ import numpy as np
 
 from or_agent.pipelines.cvs import cvs_text
 from or_agent.pipelines.manifest import Label
-from or_agent.pipelines.messages import FrameResult
-from or_agent.pipelines.stages import AnatomyEstimate
+from or_agent.pipelines.messages import CVS_OUTPUT, ClassificationEstimate, FrameResult, SegmentationEstimate
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SEVERITY_COLOURS = {"info": (160, 110, 30), "warning": (0, 150, 230), "critical": (20, 20, 210)}  # BGR
@@ -61,23 +61,48 @@ def draw_alert_banners(out: np.ndarray, alerts: Sequence[AlertBanner], suffix: s
                     max(1, int(fs * 2)), cv2.LINE_AA)
 
 
-class OverlayRenderer:
-    def __init__(self, anatomy_labels: Sequence[Label], alpha: float = 0.4, min_label_fraction: float = 0.004,
-                 hidden_classes: Sequence[int] = (0,)):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = alpha
-        self.min_label_fraction = min_label_fraction
-        self.names = [lab.name for lab in anatomy_labels]
+class _Palette:
+    """One segmentation model's class names and colours, as lookup tables."""
+
+    def __init__(self, labels: Sequence[Label], hidden_classes: Sequence[int]):
+        self.names = [lab.name for lab in labels]
         lut = np.zeros((256, 3), np.uint8)
-        for lab in anatomy_labels:
+        for lab in labels:
             lut[lab.id] = lab.color[::-1]  # manifests give RGB
         self.lut = lut
         self.hidden = np.zeros(256, bool)
         self.hidden[list(hidden_classes)] = True
         self.shown_lut = np.where(self.hidden, 0, 255).astype(np.uint8)
+
+
+def classification_text(c: ClassificationEstimate) -> str:
+    """One line for an image-level output: the CVS in its own words, any other as ``name: label p ...``."""
+    if c.name == CVS_OUTPUT:
+        return cvs_text(c.items())
+    return f"{c.name}: " + "  ".join(f"{label} {p:.2f}" for label, p in c.items())
+
+
+class OverlayRenderer:
+    """Draws results; ``labels`` are the segmentation classes, per model name (or one list for any model)."""
+
+    def __init__(self, labels: Sequence[Label] | Mapping[str, Sequence[Label]], alpha: float = 0.4,
+                 min_label_fraction: float = 0.004, hidden_classes: Sequence[int] = (0,)):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.min_label_fraction = min_label_fraction
+        per_model = labels if isinstance(labels, Mapping) else {None: labels}
+        self._palettes = {model: _Palette(labs, hidden_classes) for model, labs in per_model.items()}
         self._kernel = np.ones((3, 3), np.uint8)
         self._grid_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def for_models(cls, manifests, **kw) -> OverlayRenderer:
+        """For a model set's models (``ModelManifest``s): the segmentation models' labels by name."""
+        return cls({m.name: m.labels for m in manifests if m.task == "segmentation"}, **kw)
+
+    def _palette(self, model: str) -> _Palette | None:
+        return self._palettes.get(model) or self._palettes.get(None)
 
     def draw(self, image: np.ndarray, result: FrameResult | None, alerts: Sequence[AlertBanner] = (),
              paused_reason: str | None = None) -> np.ndarray:
@@ -95,31 +120,34 @@ class OverlayRenderer:
         if paused_reason is not None:
             self._paused(out, paused_reason)
         elif result is not None:
-            if result.anatomy is not None:
-                self._anatomy(out, result.anatomy)
+            for seg in result.segmentations:
+                self._segmentation(out, seg)
             if result.phase is not None:
                 self._phase_banner(out, result)
             for output, why in result.withheld:  # where the output would be: that it is not shown, and why
                 _text(out, f"{output.capitalize()} not shown: {why}", (10, 26), out.shape[0] / 1000, (255, 255, 255), 1,
                       (70, 70, 70))
-            if result.anatomy is not None and result.anatomy.cvs:
-                # the critical view of safety, one line above the alerts: met only at probability >= 0.5
-                h = out.shape[0]
-                text = cvs_text(result.anatomy.cvs)
-                _text(out, text, (10, h - 12 - 34 * (len(alerts) + 1)), h / 1100, (255, 255, 255), 1, (40, 40, 40))
+            h = out.shape[0]
+            for i, c in enumerate(result.classifications):
+                # image-level outputs (the critical view of safety), a line each above the alerts
+                _text(out, classification_text(c), (10, h - 12 - 34 * (len(alerts) + 1 + i)), h / 1100, (255, 255, 255), 1,
+                      (40, 40, 40))
             if result.visibility is not None and result.visibility.low_visibility:
                 h = out.shape[0]
                 _text(out, "LOW VISIBILITY", (10, h - 12 - 34 * len(alerts)), h / 900, (0, 220, 255), 2, (0, 0, 0))
         self._alerts(out, alerts)
         return out
 
-    def _anatomy(self, out: np.ndarray, est: AnatomyEstimate) -> None:
+    def _segmentation(self, out: np.ndarray, est: SegmentationEstimate) -> None:
+        pal = self._palette(est.model)
+        if pal is None:
+            return  # a model this renderer was not given colours for
         area = est.area
         w, h = area.crop_size
         cmap = est.class_map
         # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
-        colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), self.lut.reshape(256, 1, 3))
-        shown_small = self.shown_lut[cmap]
+        colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), pal.lut.reshape(256, 1, 3))
+        shown_small = pal.shown_lut[cmap]
         edges_small = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, self._kernel)
         edges_small = cv2.bitwise_and(np.where(edges_small > 0, 255, 0).astype(np.uint8), shown_small)
         colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -133,16 +161,16 @@ class OverlayRenderer:
         scale_x, scale_y = w / cmap.shape[1], h / cmap.shape[0]
         ys, xs = self._grid(cmap.shape)
         flat = cmap.ravel()
-        counts = np.bincount(flat, minlength=len(self.names))
-        cx = np.bincount(flat, xs, minlength=len(self.names))
-        cy = np.bincount(flat, ys, minlength=len(self.names))
+        counts = np.bincount(flat, minlength=len(pal.names))
+        cx = np.bincount(flat, xs, minlength=len(pal.names))
+        cy = np.bincount(flat, ys, minlength=len(pal.names))
         fs = max(0.35, out.shape[0] / 1400)
         for c in np.flatnonzero(counts > self.min_label_fraction * flat.size):
-            if c >= len(self.names) or self.hidden[c]:
+            if c >= len(pal.names) or pal.hidden[c]:
                 continue
             x = area.x0 + cx[c] / counts[c] * scale_x
             y = area.y0 + cy[c] / counts[c] * scale_y
-            _text(out, self.names[c], (x - 30, y), fs, (255, 255, 255), 1, (40, 40, 40), pad=2)
+            _text(out, pal.names[c], (x - 30, y), fs, (255, 255, 255), 1, (40, 40, 40), pad=2)
 
     def _grid(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Flattened pixel coordinates of a class map, cached per size."""

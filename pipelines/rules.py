@@ -9,7 +9,12 @@ made it fire, the frame's sequence number and media time.
 
 Condition kinds (``kind = ...``):
 
-- ``distance_below``: two classes' masks closer than ``threshold_px`` (frame pixels), optionally only
+Classes are named ``model.class`` (a segmentation model's name and one of its classes) or by the class
+alone where only one of the set's models has it; classification outputs' labels likewise as
+``output.label`` or the label alone (a classification model's output is named after the model; the
+Critical View of Safety a segmentation model carries is ``critical_view_of_safety``).
+
+- ``distance_below``: two classes' masks (of one model) closer than ``threshold_px`` (frame pixels), optionally only
   in some ``phases`` and only when the model's mean probability over both classes is at least
   ``min_confidence``. Evidence: ``distance_px`` (and ``confidence``).
 - ``structures_not_seen_before``: on entering ``phase``, some ``required`` class was not seen
@@ -20,8 +25,12 @@ Condition kinds (``kind = ...``):
   ``window_s`` and is at least ``min_area``, optionally only in some ``phases``. Bleeding.
 - ``phase_duration_over``: the current phase has lasted longer than its limit: ``limits_s`` per
   phase, or the real Cholec80 90th percentile divided by ``time_scale``.
-- ``state``: a boolean input (``low_visibility``, ``out_of_body``, ``stale``, ``source_lost``,
-  ``model_error``) is true; or ``frame_drop_rate`` above ``threshold``.
+- ``label_probability``: an image-level label's probability at least ``above`` (or below ``below``),
+  optionally only in some ``phases``. Evidence: ``probability``.
+- ``state``: a boolean input (``low_visibility``, ``out_of_body``) is true; or ``frame_drop_rate`` above
+  ``threshold``; or a system state (``stale``, ``source_lost``, ``frozen``, ``source_error``, ``model_error``)
+  holds, its detail in the evidence as ``detail``. The system alerts are such rules, built in
+  (``system_rules.toml``, always loaded beside a set's own), so they are raised and cleared like any other.
 
 The engine only evaluates and reports transitions (raised, updated, cleared); who records them, asks
 for acknowledgement and re-announces them is the agent's business. No rule ever acts on its own.
@@ -32,8 +41,8 @@ from __future__ import annotations
 import math
 import sys
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +50,7 @@ import numpy as np
 
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.measure import class_distance_px
-from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.messages import FrameResult, SegmentationEstimate
 from or_agent.pipelines.surgery import ANATOMY_NAMES, PHASE_DURATIONS, PHASES
 
 if sys.version_info >= (3, 11):
@@ -50,21 +59,72 @@ else:  # Python 3.10
     import tomli as tomllib
 
 SEVERITIES = ("info", "warning", "critical")
-KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "state")
-STATES = ("low_visibility", "out_of_body", "stale", "source_lost", "model_error", "frame_drop_rate")
+KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "label_probability",
+         "state")
+SYSTEM_STATES = ("stale", "source_lost", "frozen", "source_error", "model_error")
+STATES = ("low_visibility", "out_of_body", "frame_drop_rate") + SYSTEM_STATES
 SUPPRESSORS = ("out_of_body", "low_visibility")
 # the reference set's rules (a model set names its own in its set manifest)
 BUILTIN_RULES = Path(__file__).resolve().parent.parent / "models" / "synthetic" / "rules_cholecystectomy.toml"
+# the agent's own alerts (stalls, the source, a model failure): loaded beside every set's rules
+SYSTEM_RULES = Path(__file__).resolve().parent / "system_rules.toml"
+
+
+@dataclass(frozen=True)
+class RuleVocabulary:
+    """What a set's rules may name: each segmentation model's classes and each image-level output's labels."""
+
+    segmentations: tuple[tuple[str, tuple[str, ...]], ...] = (("anatomy", ANATOMY_NAMES),)
+    classifications: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(f"{m}.{c}" for m, names in self.segmentations for c in names)
+
+    def resolve(self, ref: str, where: str, owner: str, outputs: str = "segmentations") -> tuple[str, int, str]:
+        """(model or output, index, name) for ``model.class`` / ``output.label``, or a name only one of them has."""
+        table = self.segmentations if outputs == "segmentations" else self.classifications
+        what = "anatomy class" if outputs == "segmentations" else "label"
+        for model, names in table:
+            if ref.startswith(model + ".") and ref[len(model) + 1:] in names:
+                return model, names.index(ref[len(model) + 1:]), ref[len(model) + 1:]
+        found = [(model, names.index(ref), ref) for model, names in table if ref in names]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InputError(f"{where}: {what} {ref!r} is ambiguous: models {', '.join(m for m, _, _ in found)} have it "
+                             f"(write {found[0][0]}.{ref})")
+        known = [n for _, names in table for n in names]
+        raise InputError(f"{where}: unknown {what} {ref!r}: no model of {owner} has it (known: {', '.join(known) or 'none'})")
 
 
 @dataclass(frozen=True)
 class SystemHealth:
     """What the agent knows about itself, beside the models' outputs."""
 
-    stale: bool = False
-    source_lost: bool = False
-    model_error: bool = False
+    # each system state holds while its detail (what a display says about it) is not empty
+    stale: str = ""
+    source_lost: str = ""
+    frozen: str = ""
+    source_error: str = ""
+    model_error: str = ""
     frame_drop_rate: float = 0.0  # dropped / offered over the recent window
+
+
+@dataclass(frozen=True)
+class SegmentationView:
+    """One segmentation model's estimate as the rules read it."""
+
+    areas: tuple[float, ...]  # per class, fraction of the frame
+    class_map: np.ndarray | None = field(default=None, repr=False)  # model-sized, for distances
+    px_per_cell: float = 1.0  # frame pixels per class-map cell
+    confidence: tuple[float, ...] = ()  # per class, the model's mean probability over its pixels
+
+    @classmethod
+    def of(cls, a: SegmentationEstimate, frame_size: tuple[int, int]) -> SegmentationView:
+        cw, ch = a.area.crop_size
+        cmap = a.class_map
+        return cls(a.frame_fractions(frame_size), cmap, math.sqrt((cw / cmap.shape[1]) * (ch / cmap.shape[0])), a.confidence)
 
 
 @dataclass(frozen=True)
@@ -78,42 +138,40 @@ class RuleInputs:
     time_in_phase_s: float
     out_of_body: bool
     low_visibility: bool
-    areas: tuple[float, ...]  # per anatomy class, fraction of the frame
-    class_map: np.ndarray | None = field(default=None, repr=False)  # model-sized, for distances
-    px_per_cell: float = 1.0  # frame pixels per class-map cell
+    segmentations: Mapping[str, SegmentationView] = field(default_factory=dict)  # by model; none out of body
+    labels: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # output -> label -> probability
     system: SystemHealth = SystemHealth()
-    confidence: tuple[float, ...] = ()  # per anatomy class, the model's mean probability over its pixels
 
     @classmethod
     def from_result(cls, r: FrameResult, system: SystemHealth = SystemHealth()) -> RuleInputs:
-        areas: tuple[float, ...] = ()  # no estimate: every class absent (see ``area``)
-        cmap, scale = None, 1.0
-        if r.anatomy is not None and not r.out_of_body:
-            a = r.anatomy
-            cw, ch = a.area.crop_size
-            areas = a.frame_fractions(r.frame_size)
-            cmap = a.class_map
-            scale = math.sqrt((cw / cmap.shape[1]) * (ch / cmap.shape[0]))
+        segs = {} if r.out_of_body else {a.model: SegmentationView.of(a, r.frame_size) for a in r.segmentations}
         p = r.phase
         return cls(seq=r.seq, t_s=r.media_ms / 1000.0, phase=None if p is None else p.phase,
                    phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
                    out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
-                   areas=areas, class_map=cmap, px_per_cell=scale, system=system,
-                   confidence=r.anatomy.confidence if cmap is not None and r.anatomy is not None else ())
+                   segmentations=segs, labels={c.name: dict(c.items()) for c in r.classifications}, system=system)
 
-    def confidence_of(self, cls: int) -> float:
+    def confidence_of(self, model: str, cls: int) -> float:
         """The model's mean probability over class ``cls``'s pixels (0 when there is no estimate)."""
-        return self.confidence[cls] if cls < len(self.confidence) else 0.0
+        v = self.segmentations.get(model)
+        return v.confidence[cls] if v is not None and cls < len(v.confidence) else 0.0
 
-    def area(self, cls: int) -> float:
-        """Fraction of the frame that class ``cls`` covers (0 when there is no anatomy estimate)."""
-        return self.areas[cls] if cls < len(self.areas) else 0.0
+    def area(self, model: str, cls: int) -> float:
+        """Fraction of the frame that class ``cls`` covers (0 when there is no estimate)."""
+        v = self.segmentations.get(model)
+        return v.areas[cls] if v is not None and cls < len(v.areas) else 0.0
 
-    def distance_px(self, a: int, b: int) -> float:
+    def distance_px(self, model: str, a: int, b: int) -> float:
         """Smallest distance between any pixel of class a and any of class b (inf if either is absent)."""
-        if self.class_map is None:
+        v = self.segmentations.get(model)
+        if v is None or v.class_map is None:
             return math.inf
-        return class_distance_px(self.class_map, a, b, self.px_per_cell)
+        return class_distance_px(v.class_map, a, b, v.px_per_cell)
+
+    def probability(self, output: str, label: str) -> float | None:
+        """An image-level label's probability; None when that output has no estimate on this frame."""
+        got = self.labels.get(output)
+        return None if got is None else got.get(label)
 
 
 @dataclass(frozen=True)
@@ -128,8 +186,8 @@ class Rule:
     cooldown_s: float = 0.0
     suppress_when: tuple[str, ...] = ("out_of_body",)
     rationale: str = ""
-    classes: tuple[str, ...] = ANATOMY_NAMES  # the segmentation classes the rule may name (its model set's)
-    owner: str = "the reference models"  # who those classes belong to, for errors
+    vocabulary: RuleVocabulary = RuleVocabulary()  # the classes and labels the rule may name (its model set's)
+    owner: str = "the reference models"  # who those outputs belong to, for errors
 
     def __post_init__(self):
         if self.severity not in SEVERITIES:
@@ -156,11 +214,10 @@ class AlertTransition:
     t_s: float
 
 
-def _class_id(name: str, where: str, rule: Rule) -> int:
-    if name not in rule.classes:
-        raise InputError(f"{where}: unknown anatomy class {name!r}: no model of {rule.owner} has it "
-                         f"(known: {', '.join(rule.classes)})")
-    return rule.classes.index(name)
+def _class_ref(name: str, where: str, rule: Rule) -> tuple[str, int, str]:
+    if not isinstance(name, str):
+        raise InputError(f"{where}: class names are strings, got {name!r}")
+    return rule.vocabulary.resolve(name, where, rule.owner)
 
 
 def _phase_id(name: str, where: str) -> int:
@@ -193,7 +250,10 @@ class _Condition:
             classes = need("classes", list)
             if len(classes) != 2:
                 raise InputError(f"{where}.classes: give exactly two class names")
-            self.a, self.b = (_class_id(c, f"{where}.classes", rule) for c in classes)
+            (self.model, self.a, _), (model_b, self.b, _) = (_class_ref(c, f"{where}.classes", rule) for c in classes)
+            if model_b != self.model:
+                raise InputError(f"{where}.classes: both classes must be of one segmentation model "
+                                 f"({self.model} and {model_b} are two)")
             self.threshold = need("threshold_px", float)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
             # both structures' mean probability at least this: a model unsure of either is not believed
@@ -201,9 +261,14 @@ class _Condition:
         elif k == "structures_not_seen_before":
             self.at = _phase_id(need("phase", str), f"{where}.phase")
             self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
-            self.required = [_class_id(c, f"{where}.required", rule) for c in need("required", list)]
-            if not self.required:
+            refs = [_class_ref(c, f"{where}.required", rule) for c in need("required", list)]
+            if not refs:
                 raise InputError(f"{where}.required: name at least one class")
+            if len({m for m, _, _ in refs}) > 1:
+                raise InputError(f"{where}.required: the classes must be of one segmentation model (they are seen together)")
+            self.model = refs[0][0]
+            self.required = [c for _, c, _ in refs]
+            self.required_names = [n for _, _, n in refs]
             self.min_area = need("min_area", float, 0.002)
             self.min_seen_s = need("min_seen_s", float, 2.0)
             self.min_sep = need("min_separation_px", float, 10.0)
@@ -213,7 +278,7 @@ class _Condition:
             self.prev_phase: int | None = None
             self.fired_for_entry = False
         elif k == "area_growth":
-            self.cls = _class_id(need("class", str), f"{where}.class", rule)
+            self.model, self.cls, _ = _class_ref(need("class", str), f"{where}.class", rule)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
             self.growth = need("growth", float)
             self.window_s = need("window_s", float)
@@ -227,6 +292,16 @@ class _Condition:
             for name, v in need("limits_s", dict, {}).items():
                 limits[_phase_id(name, f"{where}.limits_s")] = float(v)
             self.limits = limits
+        elif k == "label_probability":
+            self.output, _, self.label = rule.vocabulary.resolve(need("label", str), f"{where}.label", rule.owner,
+                                                                 outputs="classifications")
+            if ("above" in p) == ("below" in p):
+                raise InputError(f"{where}: give exactly one of 'above' and 'below'")
+            self.above = "above" in p
+            self.level = need("above" if self.above else "below", float)
+            if not 0.0 <= self.level <= 1.0:
+                raise InputError(f"{where}.{'above' if self.above else 'below'}: a probability, in [0, 1]")
+            self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
         elif k == "state":
             self.state = need("state", str)
             if self.state not in STATES:
@@ -244,18 +319,18 @@ class _Condition:
         if k == "distance_below":
             if self.phases and x.phase not in self.phases:
                 return False, {}
-            d = x.distance_px(self.a, self.b)
+            d = x.distance_px(self.model, self.a, self.b)
             evidence = {"distance_px": round(d, 1) if math.isfinite(d) else "none", "threshold_px": self.threshold,
                         "phase": PHASES[x.phase] if x.phase is not None else ""}
             if self.min_confidence > 0:
-                sure = min(x.confidence_of(self.a), x.confidence_of(self.b))
+                sure = min(x.confidence_of(self.model, self.a), x.confidence_of(self.model, self.b))
                 evidence["confidence"] = round(sure, 2)
                 return d < self.threshold and sure >= self.min_confidence, evidence
             return d < self.threshold, evidence
         if k == "structures_not_seen_before":
             return self._cvs(x)
         if k == "area_growth":
-            area = x.area(self.cls)
+            area = x.area(self.model, self.cls)
             self.history.append((x.t_s, area))
             while self.history and self.history[0][0] < x.t_s - self.window_s:
                 self.history.popleft()
@@ -271,27 +346,38 @@ class _Condition:
             limit = self.limits[x.phase]
             return x.time_in_phase_s > limit, {"phase": PHASES[x.phase], "time_in_phase_s": round(x.time_in_phase_s, 1),
                                                "limit_s": round(limit, 1)}
+        if k == "label_probability":
+            if self.phases and x.phase not in self.phases:
+                return False, {}
+            prob = x.probability(self.output, self.label)
+            if prob is None:
+                return False, {}
+            holds = prob >= self.level if self.above else prob < self.level
+            return holds, {"label": self.label, "probability": round(prob, 2)}
         # state
         if self.state == "frame_drop_rate":
             return x.system.frame_drop_rate > self.threshold, {"frame_drop_rate": round(x.system.frame_drop_rate, 3),
                                                                 "threshold": self.threshold}
-        value = getattr(x, self.state) if self.state in ("low_visibility", "out_of_body") else getattr(x.system, self.state)
+        if self.state in SYSTEM_STATES:
+            detail = getattr(x.system, self.state)
+            return bool(detail), {self.state: bool(detail), "detail": detail}
+        value = getattr(x, self.state)
         return bool(value), {self.state: bool(value)}
 
     def _cvs(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
         dt = 0.0 if self.last_t is None else max(0.0, x.t_s - self.last_t)
         self.last_t = x.t_s
         if x.phase == self.during and not x.out_of_body:
-            seen = [x.area(c) >= self.min_area for c in self.required]
+            seen = [x.area(self.model, c) >= self.min_area for c in self.required]
             for i, s in enumerate(seen):
                 self.seen_s[i] += dt if s else 0.0
             if len(self.required) > 1 and all(seen):
-                sep = min(x.distance_px(a, b) for i, a in enumerate(self.required) for b in self.required[i + 1:])
+                sep = min(x.distance_px(self.model, a, b) for i, a in enumerate(self.required) for b in self.required[i + 1:])
                 self.together_s += dt if sep >= self.min_sep else 0.0
         entered = x.phase == self.at and self.prev_phase is not None and self.prev_phase != self.at
         if x.phase is not None:
             self.prev_phase = x.phase
-        evidence = {self.rule.classes[c] + "_seen_s": round(s, 1) for c, s in zip(self.required, self.seen_s)}
+        evidence = {n + "_seen_s": round(s, 1) for n, s in zip(self.required_names, self.seen_s)}
         if len(self.required) > 1:
             evidence["seen_separately_s"] = round(self.together_s, 1)
         evidence["min_seen_s"] = self.min_seen_s
@@ -307,6 +393,7 @@ class _RuleState:
     def __init__(self, rule: Rule, condition: _Condition):
         self.rule = rule
         self.condition = condition
+        self.system = rule.kind == "state" and rule.params.get("state") in SYSTEM_STATES
         self.active = False
         self.true_since: float | None = None
         self.false_since: float | None = None
@@ -329,10 +416,11 @@ def distance_rule_holds(rule: Rule, class_map: np.ndarray, px_per_cell: float = 
     if rule.kind != "distance_below":
         raise ValueError(f"rule {rule.id}: not a distance_below rule")
     condition = _Condition(Rule(**{**rule.__dict__, "params": {**rule.params, "phases": []}}), f"rules.{rule.id}")
-    n = int(class_map.max()) + 1 if class_map.size else 1
+    n = max(int(class_map.max()) + 1 if class_map.size else 1,
+            max(len(names) for _, names in rule.vocabulary.segmentations))
+    view = SegmentationView((), class_map, px_per_cell, confidence or (1.0,) * n)
     x = RuleInputs(seq=0, t_s=0.0, phase=None, phase_confidence=0.0, time_in_phase_s=0.0, out_of_body=False,
-                   low_visibility=False, areas=(), class_map=class_map, px_per_cell=px_per_cell,
-                   confidence=confidence or (1.0,) * max(n, len(rule.classes)))
+                   low_visibility=False, segmentations={condition.model: view})
     return condition(x)[0]
 
 
@@ -342,11 +430,16 @@ class RulesEngine:
         self._states = [_RuleState(r, _Condition(r, f"rules.{r.id}")) for r in rules]
         self._on_transition = on_transition
         self._seqs: deque[int] = deque(maxlen=50)  # recent frame sequence numbers: gaps are dropped frames
+        self.system = SystemHealth()  # the agent's own state, as last reported (``set_system``)
+        self._last_seq, self._last_t_s = 0, 0.0
 
-    def evaluate(self, x: RuleInputs) -> list[AlertTransition]:
+    def evaluate(self, x: RuleInputs, only_system: bool = False, cleared_because: str = "") -> list[AlertTransition]:
         out = []
+        self._last_seq, self._last_t_s = x.seq, x.t_s
         for st in self._states:
             rule = st.rule
+            if only_system and not st.system:
+                continue
             suppressed = any(getattr(x, s) for s in rule.suppress_when)
             if suppressed:
                 st.condition.suppressed(x)
@@ -368,7 +461,7 @@ class RulesEngine:
                     if x.t_s - st.false_since >= rule.exit_s:
                         st.active = False
                         st.cleared_at = x.t_s
-                        out.append(self._transition(st, "cleared", x, st.last_evidence))
+                        out.append(self._transition(st, "cleared", x, st.last_evidence, cleared_because))
         if self._on_transition is not None:
             for t in out:
                 self._on_transition(t)
@@ -383,27 +476,45 @@ class RulesEngine:
     def on_result(self, r: FrameResult) -> list[AlertTransition]:
         """Evaluate one pipeline result; the frame-drop rate is derived from its sequence number."""
         self._seqs.append(r.seq)
-        return self.evaluate(RuleInputs.from_result(r, SystemHealth(frame_drop_rate=self.drop_rate())))
+        self.system = replace(self.system, frame_drop_rate=self.drop_rate())
+        return self.evaluate(RuleInputs.from_result(r, self.system))
+
+    def set_system(self, cleared_because: str = "", **states: str) -> list[AlertTransition]:
+        """The agent's own state changed (a stall, the source, a model failure: ``SYSTEM_STATES``, each a
+        detail or "" when it no longer holds); the system rules are evaluated at once, at the last frame's
+        media time, since no frame may come while it holds. ``cleared_because`` goes on what this clears."""
+        unknown = set(states) - set(SYSTEM_STATES)
+        if unknown:
+            raise ValueError(f"unknown system state {sorted(unknown)[0]!r} (known: {', '.join(SYSTEM_STATES)})")
+        self.system = replace(self.system, **states)  # type: ignore[arg-type]  # checked against SYSTEM_STATES above
+        x = RuleInputs(seq=self._last_seq, t_s=self._last_t_s, phase=None, phase_confidence=0.0, time_in_phase_s=0.0,
+                       out_of_body=False, low_visibility=False, system=self.system)
+        return self.evaluate(x, only_system=True, cleared_because=cleared_because)
 
     @staticmethod
-    def _transition(st: _RuleState, kind: str, x: RuleInputs, evidence: dict) -> AlertTransition:
+    def _transition(st: _RuleState, kind: str, x: RuleInputs, evidence: dict, because: str = "") -> AlertTransition:
         ev = {k: str(v) for k, v in evidence.items()}
         try:
             message = st.rule.message.format(**evidence)
         except (KeyError, ValueError, IndexError):
             message = st.rule.message
         if kind == "cleared":
-            message = f"{message} - cleared"
+            message = f"{message} - cleared" + (f": {because}" if because else "")
         return AlertTransition(st.rule.id, st.rule.severity, kind, message, ev, x.seq, x.t_s)
 
 
 RULE_KEYS = {"id", "severity", "kind", "message", "enter_s", "exit_s", "cooldown_s", "suppress_when", "rationale"}
 
 
+def system_rules() -> list[Rule]:
+    """The agent's own alerts (``SYSTEM_RULES``): a stall, the source lost, frozen or failing, a model failure."""
+    return load_rules(SYSTEM_RULES)
+
+
 def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None = None,
-               classes: tuple[str, ...] = ANATOMY_NAMES, owner: str = "the reference models") -> list[Rule]:
-    """Rules from a TOML file (default: the built-in cholecystectomy set), validated against the segmentation
-    ``classes`` of the models they will read (``owner`` names them in errors); errors name the rule and key."""
+               vocabulary: RuleVocabulary = RuleVocabulary(), owner: str = "the reference models") -> list[Rule]:
+    """Rules from a TOML file (default: the built-in cholecystectomy set), validated against the ``vocabulary``
+    of the models they will read (``owner`` names them in errors); errors name the rule and key."""
     path = Path(path) if path is not None else BUILTIN_RULES
     try:
         doc = tomllib.loads(path.read_text())
@@ -433,7 +544,7 @@ def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None
                         enter_s=float(t.get("enter_s", 0.0)), exit_s=float(t.get("exit_s", 0.0)),
                         cooldown_s=float(t.get("cooldown_s", 0.0)),
                         suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""),
-                        classes=tuple(classes), owner=owner)
+                        vocabulary=vocabulary, owner=owner)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {exc}") from None
         _Condition(rule, where)  # checks the kind's parameters, naming this file's table

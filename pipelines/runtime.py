@@ -1,6 +1,11 @@
 """The pipeline runtime: stages on their own threads, joined by small bounded queues.
 
-    source -> capture -> preprocess -> visibility+phase -> anatomy -> postprocess -> publish
+    source -> capture -> preprocess -> light models -> heavy models -> postprocess -> publish
+
+The models are a ``StageGraph`` (``stages.compose``): the gate (visibility) and the other light
+models share one inference thread, the heavy ones (segmentation) have their own. The runtime holds
+no model semantics: the frame schedule says which models are due on a frame, each stage's own
+attributes say whether it is the gate and what it shows while the gate blocks.
 
 Each arrow is a queue of ``queue_size`` items, so a frame waits behind at most a couple of
 others and memory never grows. OpenCV, numpy and ONNX Runtime release the GIL, so the stages
@@ -19,16 +24,18 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from or_agent.pipelines.errors import ModelError, OrAgentError
+from or_agent.pipelines.errors import InputError, ModelError, OrAgentError
 from or_agent.pipelines.frame_path import FramePath, HostFramePath
-from or_agent.pipelines.masks import anatomy_polygons
-from or_agent.pipelines.messages import STAGE_MARKS, Frame, FrameResult, SourceEvent
+from or_agent.pipelines.manifest import Task
+from or_agent.pipelines.masks import segmentation_polygons
+from or_agent.pipelines.messages import STAGE_MARKS, Estimate, Frame, FrameResult, SegmentationEstimate, SourceEvent
 from or_agent.pipelines.preprocess import ContentArea, ContentAreaTracker
 from or_agent.pipelines.schedule import Cadence, FrameSchedule
-from or_agent.pipelines.stages import AnatomyStage, PhaseEstimate, PhaseStage, VisibilityEstimate, VisibilityStage
+from or_agent.pipelines.stages import ModelStage, StageGraph, compose
 from or_agent.pipelines.telemetry import StageClock
 
 _END = object()  # end-of-stream marker that flows through every queue
@@ -36,20 +43,26 @@ _END = object()  # end-of-stream marker that flows through every queue
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    # run anatomy every k frame periods of media time instead of its manifest's cadence (a box too slow
-    # for every frame); the phase model's rate is its manifest's alone
-    anatomy_every: int | None = None
+    # run each segmentation model every k frame periods of media time instead of its manifest's cadence
+    # (a box too slow for every frame); 0: the manifests' cadences. Every other model's is its manifest's alone
+    anatomy_every: int = 0
     # outputs computed but not published, with why (the model set's ``withheld``): their results are
     # None on every FrameResult, so no display, recording or rule acts on them
     withheld: tuple[tuple[str, str], ...] = ()
     queue_size: int = 2
     content_every: int = 25  # re-estimate the endoscope's circle every N frames
     keep_images: bool = True  # attach the frame to each result (drawing, recording, JPEG stream)
-    encode_polygons: bool = False  # outline anatomy as frame-coordinate polygons (for the wire)
+    encode_polygons: bool = False  # outline segmentations as frame-coordinate polygons (for the wire)
 
     def __post_init__(self):
-        if (self.anatomy_every is not None and self.anatomy_every < 1) or self.queue_size < 1 or self.content_every < 1:
-            raise ValueError("anatomy_every, queue_size and content_every must be at least 1")
+        for key, least in (("anatomy_every", 0), ("queue_size", 1), ("content_every", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InputError(f"{key}: must be a whole number of frames, at least {least}, got {value!r}"
+                                 + (" (0: the models' own cadence)" if key == "anatomy_every" else ""))
+        for key in ("keep_images", "encode_polygons"):
+            if not isinstance(getattr(self, key), bool):
+                raise InputError(f"{key}: must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -59,32 +72,24 @@ class _Work:
     frame: Frame
     marks: dict[str, int]
     area: ContentArea | None = None
-    vis_x: object = None  # model inputs from the frame path: arrays, or device buffers to release
-    phase_x: object = None
-    anatomy_x: object = None
-    anatomy_logits: object = None  # logits, or their AnatomyReduction when reduced next to the model
-    visibility: VisibilityEstimate | None = None
-    phase: PhaseEstimate | None = None
-    phase_fresh: bool = False
-    anatomy_fresh: bool = False
+    inputs: dict[str, Any] = field(default_factory=dict)  # model -> input from the frame path (arrays or device buffers)
+    raw: dict[str, Any] = field(default_factory=dict)  # model -> its output, for post-processing
+    gate_estimate: Estimate | None = None  # the gate's verdict for this frame (it holds between the gate's runs)
+    blocked: bool = False  # the gate ruled the frame out (out of body): the others neither run nor show
+    fresh: set[str] = field(default_factory=set)  # the models that ran on this frame
     result: FrameResult | None = None
-
-    @property
-    def out_of_body(self) -> bool:
-        assert self.visibility is not None, "visibility is decided before anything reads it"
-        return self.visibility.out_of_body
 
 
 class Pipeline:
-    def __init__(self, source, anatomy: AnatomyStage, phase: PhaseStage, visibility: VisibilityStage,
-                 config: PipelineConfig | None = None, frame_path: FramePath | None = None):
+    def __init__(self, source, stages: StageGraph | Sequence[ModelStage], config: PipelineConfig | None = None,
+                 frame_path: FramePath | None = None):
         self.source = source
         # Where inputs are made and logits reduced (CPU or GPU kernels); one pipeline at a time uses it.
         self.frame_path = frame_path or HostFramePath()
-        self.anatomy = anatomy
-        self.phase = phase
-        self.visibility = visibility
+        self.stages = stages if isinstance(stages, StageGraph) else compose(stages)
         self.config = config or PipelineConfig()
+        withheld = {out for out, _ in self.config.withheld}
+        self._withheld = [s for s in self.stages.stages if str(s.task) in withheld]
         self.clock = StageClock(STAGE_MARKS)
         self._subscribers: list[Callable[[FrameResult], None]] = []
         self._event_subscribers: list[Callable[[SourceEvent], None]] = []
@@ -97,20 +102,17 @@ class Pipeline:
         self.frames_in = 0
         self.frames_out = 0
         self._started_ns = 0
-        self._last_anatomy = None
-        self._last_polygons = None
-        self._last_phase: PhaseEstimate | None = None
-        self._last_phase_s = 0.0
         self._schedule: FrameSchedule | None = None
-        self._last_visibility: VisibilityEstimate | None = None  # every model runs on the first frame
+        self._gate_estimate: Estimate | None = None  # the gate's verdict holds between its runs
+        self._last: dict[str, Estimate] = {}  # model -> its newest estimate (postprocess thread)
+        self._polygons: dict[str, dict] = {}  # model -> outlines of its newest estimate
         self._tracker = ContentAreaTracker(self.config.content_every)
 
     def frame_schedule(self, nominal_fps: float | None) -> FrameSchedule:
-        """When each stage runs: its manifest's cadence (anatomy's overridden by ``anatomy_every``)."""
-        anatomy = (Cadence(every_frames=self.config.anatomy_every) if self.config.anatomy_every is not None
-                   else self.anatomy.backend.manifest.cadence)
-        return FrameSchedule({"visibility": self.visibility.backend.manifest.cadence,
-                              "phase": self.phase.backend.manifest.cadence, "anatomy": anatomy}, nominal_fps)
+        """When each model runs: its manifest's cadence (segmentation's overridden by ``anatomy_every``)."""
+        every = self.config.anatomy_every
+        return FrameSchedule({s.name: Cadence(every_frames=every) if every and s.task == Task.SEGMENTATION
+                              else s.cadence for s in self.stages.stages}, nominal_fps)
 
     # ----- subscription ---------------------------------------------------------------------
     def subscribe(self, callback: Callable[[FrameResult], None]) -> None:
@@ -127,10 +129,12 @@ class Pipeline:
             raise RuntimeError("pipeline already started")
         self.frame_path.reset()
         self.source.start()
-        self.phase.reset()
+        self.stages.reset()
+        self._last, self._polygons, self._gate_estimate = {}, {}, None
         self._schedule = self.frame_schedule(getattr(self.source, "nominal_fps", None))
         self._started_ns = time.monotonic_ns()
-        steps = [self._preprocess, self._infer_light, self._infer_anatomy, self._postprocess, self._publish]
+        steps = [self._preprocess, self._infer_light] + ([self._infer_heavy] if self.stages.heavy else []) + [
+            self._postprocess, self._publish]
         self._queues = [queue.Queue(maxsize=self.config.queue_size) for _ in steps]
         self._threads = [threading.Thread(target=self._capture_loop, name="capture", daemon=True)]
         for i, step in enumerate(steps):
@@ -261,62 +265,68 @@ class Pipeline:
         w.area = self._tracker.update(img)
         assert self._schedule is not None, "frames flow only after start()"
         due = self._schedule.due(w.frame.media_ms)
-        stages = [stage for name, stage in (("visibility", self.visibility), ("phase", self.phase),
-                                            ("anatomy", self.anatomy)) if name in due]
-        inputs = dict(zip(stages, self.frame_path.prepare(img, w.area, stages)))
-        w.vis_x, w.phase_x, w.anatomy_x = inputs.get(self.visibility), inputs.get(self.phase), inputs.get(self.anatomy)
+        stages = [s for s in self.stages.stages if s.name in due]
+        w.inputs = {s.name: x for s, x in zip(stages, self.frame_path.prepare(img, w.area, stages))}
         w.marks["preprocess"] = time.monotonic_ns()
 
-    def _infer_light(self, w: _Work) -> None:
+    def _infer(self, w: _Work, stages: Sequence[ModelStage]) -> None:
         try:
-            if w.vis_x is not None:  # between its runs (a cadence below every frame) its verdict holds
-                self._last_visibility = self.visibility.post_process(self.visibility.predict(w.vis_x))
-            w.visibility = self._last_visibility
-            if w.phase_x is not None and not w.out_of_body:
-                # Out of the body the phase model is not stepped: the room says nothing about the phase.
-                self._last_phase = self.phase.post_process(self.phase.predict(w.phase_x), w.frame.media_ms / 1000.0)
-                w.phase_fresh = True
-                self._last_phase_s = w.frame.media_ms / 1000.0
-                w.phase = self._last_phase
-            elif self._last_phase is not None:
-                # Between steps the phase holds; its clock keeps running with the media.
-                since = w.frame.media_ms / 1000.0 - self._last_phase_s
-                w.phase = replace(self._last_phase, time_in_phase_s=self._last_phase.time_in_phase_s + since)
+            for s in stages:
+                x = w.inputs.pop(s.name, None)
+                if x is None:
+                    continue
+                try:
+                    if s.gate:  # decided at once: whether the others run on this frame
+                        self._gate_estimate = s.post_process(s.infer(x, self.frame_path), w.area, w.frame.media_ms / 1000.0)
+                        w.fresh.add(s.name)
+                    elif not w.blocked:
+                        w.raw[s.name] = s.infer(x, self.frame_path)
+                finally:
+                    self.frame_path.release(x)
         finally:
-            self.frame_path.release(w.vis_x)
-            self.frame_path.release(w.phase_x)
-            w.vis_x = w.phase_x = None
+            for s in stages:  # a failure above must not keep the others' buffers
+                self.frame_path.release(w.inputs.pop(s.name, None))
 
-    def _infer_anatomy(self, w: _Work) -> None:
-        try:
-            if w.anatomy_x is not None and not w.out_of_body:
-                logits = self.anatomy.predict(w.anatomy_x, on_device=self.frame_path.reduces_on_device)
-                # Reduced here when the logits are on the device: the engine reuses that buffer next frame.
-                w.anatomy_logits = self.frame_path.reduce(logits)
-        finally:
-            self.frame_path.release(w.anatomy_x)
-            w.anatomy_x = None
+    def _infer_light(self, w: _Work) -> None:
+        gate = self.stages.light[0] if self.stages.light and self.stages.light[0].gate else None
+        if gate is not None:
+            self._infer(w, (gate,))
+            w.gate_estimate = self._gate_estimate
+            w.blocked = w.gate_estimate is not None and gate.blocks_others(w.gate_estimate)
+        self._infer(w, [s for s in self.stages.light if s is not gate])
+        if not self.stages.heavy:
+            w.marks["inference"] = time.monotonic_ns()
+
+    def _infer_heavy(self, w: _Work) -> None:
+        self._infer(w, self.stages.heavy)
         w.marks["inference"] = time.monotonic_ns()
 
     def _postprocess(self, w: _Work) -> None:
-        if w.out_of_body:
-            anatomy = None  # nothing is drawn or measured on the room
-        elif w.anatomy_logits is not None:
-            anatomy = self.anatomy.post_process(w.anatomy_logits, w.area)
-            # Outlined once per estimate: frames between anatomy runs reuse the estimate and its polygons.
-            self._last_anatomy = anatomy
-            self._last_polygons = anatomy_polygons(anatomy) if self.config.encode_polygons else None
-            w.anatomy_fresh = True
-        else:
-            anatomy = self._last_anatomy
-        polygons = None if anatomy is None else self._last_polygons
+        t_s = w.frame.media_ms / 1000.0
+        estimates: list[Estimate] = []
+        for s in self.stages.stages:
+            est: Estimate | None
+            if s.gate:
+                est = w.gate_estimate
+            elif s.name in w.raw:
+                est = self._last[s.name] = s.post_process(w.raw.pop(s.name), w.area, t_s)
+                if self.config.encode_polygons and isinstance(est, SegmentationEstimate):
+                    # Outlined once per estimate: frames between runs reuse the estimate and its polygons.
+                    self._polygons[s.name] = segmentation_polygons(est)
+                w.fresh.add(s.name)
+            elif s.name in self._last and (s.holds_out_of_body or not w.blocked):
+                est = s.carry(self._last[s.name], t_s)
+            else:
+                est = None
+            if est is not None and s not in self._withheld and (s.gate or s.holds_out_of_body or not w.blocked):
+                estimates.append(est)
+        shown = {e.model for e in estimates}
+        polygons = {m: p for m, p in self._polygons.items() if m in shown} if self.config.encode_polygons else None
         w.marks["postprocess"] = time.monotonic_ns()
-        phase_shown = not any(task == "phase" for task, _ in self.config.withheld)
-        w.result = FrameResult(
-            seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,
-            visibility=w.visibility, phase=w.phase if phase_shown else None, anatomy=anatomy,
-            phase_fresh=w.phase_fresh and phase_shown, anatomy_fresh=w.anatomy_fresh,
-            image=w.frame.image if self.config.keep_images else None, polygons=polygons, withheld=self.config.withheld)
+        w.result = FrameResult.of(
+            estimates, seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,
+            fresh=frozenset(w.fresh & shown), image=w.frame.image if self.config.keep_images else None,
+            polygons=polygons, withheld=self.config.withheld)
 
     def _publish(self, w: _Work) -> None:
         self._forward_source_events()

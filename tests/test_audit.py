@@ -9,7 +9,10 @@ from argparse import Namespace
 
 import pytest
 
-from or_agent.agent.audit import HEAD_NAME, ZERO_HASH, AuditLog, VerifyResult, audit_files, canonical, cmd_audit_verify, record_hash, verify
+from or_agent.agent.audit.chain import HEAD_NAME, ZERO_HASH, audit_files, canonical, record_hash
+from or_agent.agent.audit.verify import VerifyResult, verify
+from or_agent.agent.audit.writer import AuditLog
+from or_agent.agent.cli import cmd_audit_verify
 from or_agent.pipelines.errors import InputError
 
 KIND_CYCLE = ["note", "alert_raised", "config", "alert_cleared", "models"]

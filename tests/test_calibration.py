@@ -5,11 +5,9 @@ Everything is written into temporary directories: the bundled models/ must not c
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from or_agent.calibration.int8 import qdq_summary
 from or_agent.calibration.sampling import _Candidate, sample_frames, select
 from or_agent.calibration.temperature import apply_temperature, expected_calibration_error, fit_temperature, nll
 from or_agent.pipelines.backends.onnxruntime import cpu_int8_kernels
-from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.manifest import load_manifest, sha256_of
 from or_agent.pipelines.surgery import PHASES
 from or_agent.synth.dataset import SynthConfig, write_video
@@ -52,27 +50,12 @@ FP16_ANATOMY_AGREEMENT_MIN = 0.98
 
 
 def calibrate_cli(*argv: str) -> tuple[int, str, str]:
-    """``or-agent calibrate ...`` in this process: through agent.cli once it is wired there, else through
-    ``calibration.cli.add_arguments`` with agent.cli's one-line error handling."""
+    """``or-agent calibrate ...`` in this process, through agent.cli (its one-line error handling included)."""
     from or_agent.agent import cli
 
-    parser = cli.build_parser()
-    wired = any(isinstance(a, argparse._SubParsersAction) and "calibrate" in a.choices for a in parser._actions)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        if wired:
-            code = cli.main(["calibrate", *argv])
-        else:
-            from or_agent.calibration.cli import add_arguments
-
-            ap = argparse.ArgumentParser(prog="or-agent")
-            add_arguments(ap.add_subparsers(dest="command"))
-            args = ap.parse_args(["calibrate", *argv])
-            try:
-                code = args.func(args)
-            except OrAgentError as exc:
-                print(f"or-agent: error: {exc}", file=sys.stderr)
-                code = exc.exit_code
+        code = cli.main(["calibrate", *argv])
     return code, out.getvalue(), err.getvalue()
 
 

@@ -1,8 +1,8 @@
-"""The box's local PKI (agent/certs.py): the files, the certificates, and real mutual-TLS handshakes."""
+"""The box's local PKI (agent/certs.py, printed by `or-agent certs` in agent/cli.py): the files, the certificates,
+and real mutual-TLS handshakes."""
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -20,14 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from or_agent.agent.certs import (
     CertificateSet,
-    add_arguments,
     channel_credentials,
-    cmd_certs,
     describe,
     load_tls_files,
     make_certificates,
     server_credentials,
 )
+from or_agent.agent.cli import build_parser, cmd_certs
 from or_agent.pipelines.errors import InputError
 
 AGAIN = "; run with --force-new-ca to make a new CA (every display then needs a new certificate)"
@@ -349,10 +348,9 @@ def test_credential_helpers_check_their_inputs(pki):
 
 
 def test_cmd_certs(tmp_path, capsys):
-    ap = argparse.ArgumentParser()
-    add_arguments(ap)
+    ap = build_parser()
     out = tmp_path / "pki"
-    args = ap.parse_args(["--out", str(out), "--box", "or-box-1", "--display", "wall", "--display", "boom",
+    args = ap.parse_args(["certs", "--out", str(out), "--box", "or-box-1", "--display", "wall", "--display", "boom",
                           "--dns", "or1.local", "--ip", "10.0.0.5"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
@@ -362,7 +360,7 @@ def test_cmd_certs(tmp_path, capsys):
     assert f"--tls-cert {out / 'server.crt'} --tls-key {out / 'server.key'} --tls-ca {out / 'ca.crt'}" in printed
     assert "IP:10.0.0.5" in printed and "DNS:or1.local" in printed
 
-    args = ap.parse_args(["--out", str(out), "--box", "or-box-1", "--display", "wall", "--force-new-ca"])
+    args = ap.parse_args(["certs", "--out", str(out), "--box", "or-box-1", "--display", "wall", "--force-new-ca"])
     assert cmd_certs(args) == 0
     printed = capsys.readouterr().out
     assert (f"note: {out / 'clients' / 'boom.crt'} was signed by a previous CA and will be refused; "

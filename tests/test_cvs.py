@@ -63,23 +63,24 @@ def test_a_malformed_block_is_refused():
 
 
 def _result(cvs, oob=False):
-    from or_agent.pipelines.messages import FrameResult
+    from or_agent.pipelines.messages import FrameResult, SegmentationEstimate, VisibilityEstimate
     from or_agent.pipelines.preprocess import ContentArea
-    from or_agent.pipelines.stages import AnatomyEstimate, VisibilityEstimate
 
     cmap = _map()
     n = len(CLASSES)
-    anatomy = AnatomyEstimate(cmap, ContentArea.whole_frame(200, 100), (1.0 / n,) * n, (0.9,) * n, cvs)
-    return FrameResult(3, 120.0, (200, 100), {"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0},
-                       VisibilityEstimate(0.9 if oob else 0.1, 0.1), None, anatomy, polygons={5: [np.array([[0, 0], [9, 0], [9, 9]])]})
+    anatomy = SegmentationEstimate(cmap, ContentArea.whole_frame(200, 100), (1.0 / n,) * n, (0.9,) * n, cvs,
+                                   "anatomy-endoscapes", CLASSES)
+    return FrameResult.of([VisibilityEstimate(0.9 if oob else 0.1, 0.1), anatomy], seq=3, media_ms=120.0, frame_size=(200, 100),
+                          marks_ns={"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0},
+                          polygons={"anatomy-endoscapes": {5: [np.array([[0, 0], [9, 0], [9, 9]])]}})
 
 
 def test_the_cvs_goes_on_the_wire_with_the_model_and_set_and_the_display_draws_it():
     from or_agent.agent.display import draw_classifications
-    from or_agent.agent.service import overlay_to_pb
+    from or_agent.agent.wire import overlay_to_pb
 
     cvs = (("cvs_two_structures", 0.8), ("cvs_hepatocystic_triangle", 0.2), ("cvs_cystic_plate", 0.5))
-    msg = overlay_to_pb(_result(cvs), [], [], list(CLASSES), True, anatomy_model="anatomy-endoscapes", model_set="endoscapes")
+    msg = overlay_to_pb(_result(cvs), [], [], True, model_set="endoscapes")
     assert msg.model_set == "endoscapes" and [r.model for r in msg.anatomy] == ["anatomy-endoscapes"]
     (c,) = msg.classifications
     assert (c.model, c.name) == ("anatomy-endoscapes", "critical_view_of_safety")
@@ -88,5 +89,5 @@ def test_the_cvs_goes_on_the_wire_with_the_model_and_set_and_the_display_draws_i
     draw_classifications(img, msg)
     assert img[440:, :400].any() and not img[:300].any()  # one line, bottom left
     # out of body nothing is classified, as nothing is drawn
-    assert not overlay_to_pb(_result(cvs, oob=True), [], [], list(CLASSES), True).classifications
-    assert not overlay_to_pb(_result(()), [], [], list(CLASSES), True).classifications
+    assert not overlay_to_pb(_result(cvs, oob=True), [], [], True).classifications
+    assert not overlay_to_pb(_result(()), [], [], True).classifications

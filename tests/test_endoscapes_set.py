@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from or_agent.agent.evaluate import evaluate_segmentation
+from or_agent.agent.offline.evaluate import evaluate_segmentation
 from or_agent.pipelines.model_set import load_model_set
 from tests.conftest import ROOT
 
@@ -54,19 +54,19 @@ def test_the_set_runs_live_on_a_real_clip_with_cvs_on_the_overlay(real_data):
         pipeline.run()
     finally:
         models.close()
-    fresh = [r for r in results if r.anatomy_fresh]
+    fresh = [r for r in results if r.segmentation_fresh]
     assert len(results) == 800
     # "every 2 frames" on media time: anatomy on every other in-body frame
     in_body = [r for r in results if not r.out_of_body]
     assert abs(len(fresh) - len(in_body) / 2) <= 2
-    assert all(len(r.anatomy.cvs) == 3 and all(0.0 <= p <= 1.0 for _, p in r.anatomy.cvs) for r in fresh)
+    assert all(len(r.segmentation.cvs) == 3 and all(0.0 <= p <= 1.0 for _, p in r.segmentation.cvs) for r in fresh)
 
 
 def test_the_set_withholds_its_unvalidated_phase_and_says_so(real_data, tmp_path):
     """Its phase model is trained on synthetic video only: the set computes it but publishes no phase,
     and the overlay says why, instead of showing a confident guess."""
-    from or_agent.agent.service import overlay_to_pb
     from or_agent.agent.session import LoadedModels
+    from or_agent.agent.wire import overlay_to_pb
     from or_agent.pipelines.overlay import OverlayRenderer
     from or_agent.pipelines.runtime import PipelineConfig
     from or_agent.pipelines.sources import VideoFileSource
@@ -80,11 +80,10 @@ def test_the_set_withholds_its_unvalidated_phase_and_says_so(real_data, tmp_path
         results = []
         pipeline.subscribe(results.append)
         pipeline.run()
-        names = [lab.name for lab in models.manifests["segmentation"].labels]
     finally:
         models.close()
     assert len(results) == 250 and all(r.phase is None and not r.phase_fresh for r in results)
-    msg = overlay_to_pb(results[-1], [], [], names, True)
+    msg = overlay_to_pb(results[-1], [], [], True)
     assert not msg.HasField("phase") and [(w.output, w.reason) for w in msg.withheld] == [withheld]
-    drawn = OverlayRenderer(models.manifests["segmentation"].labels).draw(results[-1].image, results[-1])
+    drawn = OverlayRenderer.for_models(models.model_set.models).draw(results[-1].image, results[-1])
     assert (drawn[8:40, 8:300] != results[-1].image[8:40, 8:300]).any()  # the notice where the banner would be

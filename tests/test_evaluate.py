@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from or_agent.agent.evaluate import ENDOSCAPES_CLASSES, evaluate_segmentation
+from or_agent.agent.offline.evaluate import ENDOSCAPES_CLASSES, evaluate_segmentation
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.model_set import load_model_set
 from tests.conftest import run_cli

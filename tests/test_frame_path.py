@@ -18,10 +18,11 @@ from or_agent.pipelines.errors import DependencyError, InputError, ModelError
 from or_agent.pipelines.frame_path import GpuFramePath, HostFramePath, ReferenceFramePath, _HostSlot, _SlotPool, choose_frame_path
 from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.metrics import confusion, mean_iou_present
+from or_agent.pipelines.postprocess import SegmentationReduction, reduce_logits
 from or_agent.pipelines.preprocess import ContentArea
 from or_agent.pipelines.runtime import Pipeline, PipelineConfig
 from or_agent.pipelines.sources import FirstFrames, VideoFileSource
-from or_agent.pipelines.stages import AnatomyReduction, AnatomyStage, PhaseStage, VisibilityStage, reduce_logits
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
@@ -29,7 +30,7 @@ MODELS = ROOT / "models" / "synthetic"
 
 
 def stages():
-    return (AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", MODELS))),
+    return (SegmentationStage(OnnxRuntimeBackend(find_model("segmentation", MODELS))),
             PhaseStage(OnnxRuntimeBackend(find_model("phase", MODELS))),
             VisibilityStage(OnnxRuntimeBackend(find_model("visibility", MODELS))))
 
@@ -37,7 +38,7 @@ def stages():
 def run(video, frame_path, limit=None, anatomy_every=1, stage_set=None):
     results = []
     source = VideoFileSource(video)
-    p = Pipeline(FirstFrames(source, limit) if limit else source, *(stage_set or stages()),
+    p = Pipeline(FirstFrames(source, limit) if limit else source, (stage_set or stages()),
                  PipelineConfig(anatomy_every=anatomy_every, keep_images=False), frame_path=frame_path)
     p.subscribe(results.append)
     p.run()
@@ -127,13 +128,13 @@ def test_reduction_message_matches_the_cpu_reduction():
     logits = (np.random.default_rng(4).normal(size=(1, 13, 256, 448)) * 3).astype(np.float32)
     area = ContentArea.whole_frame(448, 256)
     a = anatomy.post_process(logits, area)
-    b = anatomy.post_process(AnatomyReduction(*reduce_logits(logits)), area)
+    b = anatomy.post_process(SegmentationReduction(*reduce_logits(logits)), area)
     assert np.array_equal(a.class_map, b.class_map) and a.area_fraction == b.area_fraction and a.confidence == b.confidence
     cmap, counts, conf = reduce_logits(logits)
     with pytest.raises(ValueError, match="counts add up to"):
-        AnatomyReduction(cmap, counts + 1, conf)
+        SegmentationReduction(cmap, counts + 1, conf)
     with pytest.raises(ModelError, match="4 classes in the output, the manifest labels 13"):
-        anatomy.post_process(AnatomyReduction(*reduce_logits(logits[:, :4])), area)
+        anatomy.post_process(SegmentationReduction(*reduce_logits(logits[:, :4])), area)
 
 
 def test_onnxruntime_takes_a_device_tensor_as_its_input():
@@ -170,7 +171,7 @@ def test_pipeline_on_the_gpu_paths_reference_agrees_with_the_cpu_path(held_out_v
     limit = 1000  # 40 s: every phase transition of the opening, an out-of-body excursion or not
     host = run(video, HostFramePath(), limit, anatomy_every=5)
     anatomy, phase, vis = stages()
-    anatomy = AnatomyStage(_Counting(anatomy.backend))
+    anatomy = SegmentationStage(_Counting(anatomy.backend))
     ref_path = ReferenceFramePath()
     ref = run(video, ref_path, limit, anatomy_every=5, stage_set=(anatomy, phase, vis))
     assert [r.seq for r in ref] == [r.seq for r in host] == list(range(limit))
@@ -181,8 +182,8 @@ def test_pipeline_on_the_gpu_paths_reference_agrees_with_the_cpu_path(held_out_v
     n = 13
     conf = np.zeros((n, n), np.int64)
     for a, b in zip(host, ref):
-        if a.anatomy_fresh and b.anatomy_fresh:
-            conf += confusion(a.anatomy.class_map, b.anatomy.class_map, n)
+        if a.segmentation_fresh and b.segmentation_fresh:
+            conf += confusion(a.segmentation.class_map, b.segmentation.class_map, n)
     # The same input (the GPU arithmetic is INTER_AREA's), hence the same outputs
     assert mean_iou_present(conf) > 0.999
     vis_same = np.mean([a.out_of_body == b.out_of_body for a, b in zip(host, ref)])
@@ -200,7 +201,7 @@ def test_a_stopped_run_leaves_no_buffer_taken_for_the_next(small_dataset):
 
     path = ReferenceFramePath()
     s = stages()
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4", paced=True), *s, frame_path=path)
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4", paced=True), s, frame_path=path)
     p.start()
     time.sleep(1.0)
     p.stop()  # frames were in flight: their buffers are still marked taken
@@ -235,8 +236,8 @@ def test_pipeline_on_the_gpu_kernels_agrees_with_the_cpu_path(held_out_video, tm
     assert [r.seq for r in dev] == [r.seq for r in host]
     conf = np.zeros((13, 13), np.int64)
     for a, b in zip(host, dev):
-        if a.anatomy_fresh and b.anatomy_fresh:
-            conf += confusion(a.anatomy.class_map, b.anatomy.class_map, 13)
+        if a.segmentation_fresh and b.segmentation_fresh:
+            conf += confusion(a.segmentation.class_map, b.segmentation.class_map, 13)
     assert mean_iou_present(conf) > 0.99  # qualify asks >= 0.98 of the deployed path
     assert np.mean([a.phase.phase == b.phase.phase for a, b in zip(host, dev) if a.phase and b.phase]) > 0.99
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from or_agent.pipelines.backends import InferenceBackend
-from or_agent.pipelines.backends import tensorrt as trt_mod
+from or_agent.pipelines.backends import InferenceBackend, engines
 from or_agent.pipelines.backends.select import choose_backend, plan_backend
 from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.gpu.context import GpuInfo, gpu_info
 from or_agent.pipelines.manifest import find_model, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-H200 = trt_mod.GpuInfo("NVIDIA H200", (9, 0), 132, 140 * 1024**3, 13000)
-L4 = trt_mod.GpuInfo("NVIDIA L4", (8, 9), 58, 24 * 1024**3, 12040)
+H200 = GpuInfo("NVIDIA H200", (9, 0), 132, 140 * 1024**3, 13000)
+L4 = GpuInfo("NVIDIA L4", (8, 9), 58, 24 * 1024**3, 12040)
 
 
 def _trt(version="11.0.0.9"):
@@ -32,7 +32,7 @@ def _trt(version="11.0.0.9"):
 
 
 def _no_trt():
-    raise DependencyError(trt_mod.TENSORRT_INSTALL_HINT)
+    raise DependencyError(engines.TENSORRT_INSTALL_HINT)
 
 
 class FakeBackend(InferenceBackend):
@@ -60,38 +60,38 @@ def anatomy():
 # --------------------------------------------------------------------------- engine key and cache
 
 def test_engine_key_filename_is_deterministic_safe_and_field_sensitive(anatomy):
-    k = trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9")
-    assert k.filename() == trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9").filename()
+    k = engines.EngineKey.for_model(anatomy, H200, "11.0.0.9")
+    assert k.filename() == engines.EngineKey.for_model(anatomy, H200, "11.0.0.9").filename()
     name = k.filename()
     assert name.endswith(".engine") and "/" not in name and " " not in name
     assert name.startswith(anatomy.sha256[:12]) and "nvidia-h200" in name and "sm90" in name and "trt11.0.0.9" in name
     assert k.precision == "fp32"
-    variants = [trt_mod.EngineKey.for_model(anatomy, L4, "11.0.0.9"), trt_mod.EngineKey.for_model(anatomy, H200, "10.9.0"),
-                trt_mod.EngineKey(k.model_sha256, k.tensorrt_version, k.gpu_name, k.compute_capability, 114),
-                trt_mod.EngineKey(k.model_sha256, k.tensorrt_version, k.gpu_name, k.compute_capability, 132, "int8"),
-                trt_mod.EngineKey("0" * 64, k.tensorrt_version, k.gpu_name, k.compute_capability, 132)]
+    variants = [engines.EngineKey.for_model(anatomy, L4, "11.0.0.9"), engines.EngineKey.for_model(anatomy, H200, "10.9.0"),
+                engines.EngineKey(k.model_sha256, k.tensorrt_version, k.gpu_name, k.compute_capability, 114),
+                engines.EngineKey(k.model_sha256, k.tensorrt_version, k.gpu_name, k.compute_capability, 132, "int8"),
+                engines.EngineKey("0" * 64, k.tensorrt_version, k.gpu_name, k.compute_capability, 132)]
     assert len({v.filename() for v in variants} | {name}) == 6
-    assert trt_mod.EngineKey.from_dict(k.as_dict()) == k
+    assert engines.EngineKey.from_dict(k.as_dict()) == k
     assert k.describe() == "NVIDIA H200 (sm 9.0, 132 SMs, TensorRT 11.0)"
 
 
 def test_engine_cache_write_read_miss_and_prune(tmp_path, anatomy):
-    cache = trt_mod.EngineCache(tmp_path / "engines")
-    k = trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9")
+    cache = engines.EngineCache(tmp_path / "engines")
+    k = engines.EngineKey.for_model(anatomy, H200, "11.0.0.9")
     assert not cache.has(k)
     p = cache.write(k, b"engine-bytes", model="anatomy")
     assert cache.has(k) and cache.read(k) == b"engine-bytes" and p == cache.path_for(k)
     assert p.with_suffix(".json").is_file() and not list(p.parent.glob(".*.tmp"))
     # another GPU or TensorRT version: a miss, nothing to load
-    assert not cache.has(trt_mod.EngineKey.for_model(anatomy, L4, "11.0.0.9"))
-    assert not cache.has(trt_mod.EngineKey.for_model(anatomy, H200, "11.1.0.2"))
+    assert not cache.has(engines.EngineKey.for_model(anatomy, L4, "11.0.0.9"))
+    assert not cache.has(engines.EngineKey.for_model(anatomy, H200, "11.1.0.2"))
     with pytest.raises(ModelError, match="no engine cached"):
-        cache.read(trt_mod.EngineKey.for_model(anatomy, L4, "11.0.0.9"))
+        cache.read(engines.EngineKey.for_model(anatomy, L4, "11.0.0.9"))
     # an engine without its sidecar (crash between the two writes) is a miss too
     p.with_suffix(".json").unlink()
     assert not cache.has(k)
     cache.write(k, b"engine-bytes")
-    old = trt_mod.EngineKey("f" * 64, "11.0.0.9", "NVIDIA H200", (9, 0), 132)
+    old = engines.EngineKey("f" * 64, "11.0.0.9", "NVIDIA H200", (9, 0), 132)
     cache.write(old, b"old")
     assert cache.prune([anatomy.sha256]) == [cache.path_for(old)]
     cache.prune([anatomy.sha256], remove=True)
@@ -101,9 +101,9 @@ def test_engine_cache_write_read_miss_and_prune(tmp_path, anatomy):
 
 
 def test_build_engine_is_refused_during_a_live_case(tmp_path, anatomy):
-    k = trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9")
+    k = engines.EngineKey.for_model(anatomy, H200, "11.0.0.9")
     with pytest.raises(ModelError) as e:
-        trt_mod.build_engine(anatomy, trt_mod.EngineCache(tmp_path), k, live_session=True)
+        engines.build_engine(anatomy, engines.EngineCache(tmp_path), k, live_session=True)
     assert str(e.value) == ("no TensorRT engine for anatomy on NVIDIA H200 (TensorRT 11.0); building one takes minutes "
                             "and is refused during a live case: run `or-agent build-engines` before the case "
                             "(or set pipeline.build_engines_live = true to build missing engines when the agent starts)")
@@ -115,7 +115,7 @@ def test_auto_without_tensorrt_is_onnxruntime_with_reason(anatomy, tmp_path):
     backend, reason = choose_backend(anatomy, "auto", tmp_path, trt_version=_no_trt, gpu_info=lambda: H200)
     try:
         assert backend.name == "onnxruntime-cpu"
-        assert reason == "onnxruntime-cpu: " + trt_mod.TENSORRT_INSTALL_HINT
+        assert reason == "onnxruntime-cpu: " + engines.TENSORRT_INSTALL_HINT
     finally:
         backend.close()
 
@@ -143,15 +143,15 @@ def test_auto_without_gpu_names_pycuda(anatomy, tmp_path):
 
 
 def test_auto_picks_tensorrt_only_with_an_engine_for_this_gpu(anatomy, tmp_path):
-    cache = trt_mod.EngineCache(tmp_path)
+    cache = engines.EngineCache(tmp_path)
     kw = dict(trt_version=_trt(), gpu_info=lambda: H200, tensorrt_factory=FakeBackend, onnxruntime_factory=fake_ort)
     backend, reason = choose_backend(anatomy, "auto", tmp_path, **kw)
     assert backend.name == "onnxruntime-cpu"
     assert reason == "onnxruntime-cpu: no engine for this GPU yet (run or-agent build-engines)"
     # an engine for another GPU does not count
-    cache.write(trt_mod.EngineKey.for_model(anatomy, L4, "11.0.0.9"), b"x")
+    cache.write(engines.EngineKey.for_model(anatomy, L4, "11.0.0.9"), b"x")
     assert choose_backend(anatomy, "auto", tmp_path, **kw)[0].name == "onnxruntime-cpu"
-    key = trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9")
+    key = engines.EngineKey.for_model(anatomy, H200, "11.0.0.9")
     path = cache.write(key, b"x")
     backend, reason = choose_backend(anatomy, "auto", tmp_path, live_session=True, **kw)
     assert backend.name == "fake-tensorrt" and backend.engine_path == path
@@ -161,7 +161,7 @@ def test_auto_picks_tensorrt_only_with_an_engine_for_this_gpu(anatomy, tmp_path)
 
 
 def test_auto_falls_back_when_the_engine_does_not_load(anatomy, tmp_path):
-    trt_mod.EngineCache(tmp_path).write(trt_mod.EngineKey.for_model(anatomy, H200, "11.0.0.9"), b"x")
+    engines.EngineCache(tmp_path).write(engines.EngineKey.for_model(anatomy, H200, "11.0.0.9"), b"x")
 
     def broken(manifest, path):
         raise ModelError("anatomy: TensorRT cannot deserialize the engine")
@@ -212,7 +212,7 @@ def test_build_engines_live_is_a_checked_setting(tmp_path):
 
 def test_modules_import_without_tensorrt_or_pycuda():
     import bench.gpu_check  # noqa: F401
-    import or_agent.agent.doctor
+    import or_agent.agent.offline.doctor
     import or_agent.pipelines.gpu  # noqa: F401
 
 
@@ -224,9 +224,9 @@ def test_missing_dependencies_raise_clear_errors():
         except ImportError:
             pass
     with pytest.raises(DependencyError, match=r"^TensorRT is not installed: install it on the OR box from NVIDIA's index"):
-        trt_mod.tensorrt_version()
+        engines.tensorrt_version()
     with pytest.raises(DependencyError, match=r"^no CUDA GPU found \(pycuda: "):
-        trt_mod.gpu_info()
+        gpu_info()
     from or_agent.pipelines.gpu import GpuPreprocessor
 
     with pytest.raises(DependencyError, match="no CUDA GPU found"):
@@ -272,14 +272,14 @@ def test_gpu_arithmetic_reproduces_the_cpu_path(anatomy, shape):
 def test_reduce_reference_matches_anatomy_stage(anatomy):
     from or_agent.pipelines.gpu import reduce_logits_reference
     from or_agent.pipelines.preprocess import ContentArea
-    from or_agent.pipelines.stages import AnatomyStage
+    from or_agent.pipelines.stages import SegmentationStage
 
     class Dummy(InferenceBackend):
         def run(self, inputs):
             return {}
 
     logits = np.random.default_rng(3).normal(size=(1, 13, 256, 448)).astype(np.float32)
-    est = AnatomyStage(Dummy(anatomy)).post_process(logits, ContentArea.whole_frame(448, 256))
+    est = SegmentationStage(Dummy(anatomy)).post_process(logits, ContentArea.whole_frame(448, 256))
     cmap, counts, conf = reduce_logits_reference(logits)
     assert np.array_equal(cmap, est.class_map)
     assert np.allclose(counts / cmap.size, est.area_fraction) and np.allclose(conf, est.confidence)
@@ -288,7 +288,7 @@ def test_reduce_reference_matches_anatomy_stage(anatomy):
 # --------------------------------------------------------------------------- doctor
 
 def test_doctor_on_this_machine(tmp_path):
-    from or_agent.agent.doctor import run_doctor
+    from or_agent.agent.offline.doctor import run_doctor
 
     lines = []
     code = run_doctor(cache_dir=tmp_path / "engines", out=lines.append, work_dir=tmp_path, audit_dir=tmp_path / "audit")
@@ -299,13 +299,13 @@ def test_doctor_on_this_machine(tmp_path):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        assert trt_mod.TENSORRT_INSTALL_HINT in text
+        assert engines.TENSORRT_INSTALL_HINT in text
     assert code == 0, text
     assert lines[-1].startswith("READY")
 
 
 def test_doctor_names_a_corrupt_model(tmp_path):
-    from or_agent.agent.doctor import run_doctor
+    from or_agent.agent.offline.doctor import run_doctor
 
     models = tmp_path / "models"
     shutil.copytree(ROOT / "models" / "synthetic", models, ignore=shutil.ignore_patterns("training", "*.py", "__pycache__"))
@@ -317,14 +317,14 @@ def test_doctor_names_a_corrupt_model(tmp_path):
     text = "\n".join(lines)
     assert code != 0
     assert f"FAIL  {models / 'phase' / 'manifest.json'}: sha256: {onnx.name}" in text
-    assert "no working phase model" in text and lines[-1].startswith("NOT READY")
+    assert lines[-1].startswith("NOT READY")
 
 
 def test_gpu_check_exits_cleanly_without_a_gpu(capsys):
     from bench.gpu_check import main
 
     try:
-        trt_mod.gpu_info()
+        gpu_info()
         pytest.skip("this machine has a GPU: run `python -m bench.gpu_check` instead")
     except DependencyError:
         pass
@@ -336,14 +336,14 @@ def test_gpu_check_exits_cleanly_without_a_gpu(capsys):
 
 def _need_gpu():
     try:
-        trt_mod.gpu_info()
+        gpu_info()
     except DependencyError as exc:
         pytest.skip(str(exc))
 
 
 def _need_tensorrt():
     try:
-        trt_mod.tensorrt_version()
+        engines.tensorrt_version()
     except DependencyError as exc:
         pytest.skip(str(exc))
     _need_gpu()
@@ -391,10 +391,10 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 
     m = find_model("phase")
-    info, version = trt_mod.gpu_info(), trt_mod.tensorrt_version()
-    cache = trt_mod.EngineCache(tmp_path)
-    key = trt_mod.EngineKey.for_model(m, info, version)
-    trt_mod.build_engine(m, cache, key, tmp_path / "timing.cache")
+    info, version = gpu_info(), engines.tensorrt_version()
+    cache = engines.EngineCache(tmp_path)
+    key = engines.EngineKey.for_model(m, info, version)
+    engines.build_engine(m, cache, key, tmp_path / "timing.cache")
     assert cache.has(key) and (tmp_path / "timing.cache").is_file()
     backend, reason = choose_backend(m, "auto", tmp_path, live_session=True)
     assert backend.name == "tensorrt", reason
@@ -424,7 +424,7 @@ def test_qualify_writes_an_acceptance_report(small_dataset, tmp_path):
                    "--budget-ms", "1000")
     report = json.loads((tmp_path / "q" / "qualification.json").read_text())
     assert_qualification_consistent(report, proc.returncode)
-    assert report["box"]["models"]["segmentation"]["sha256"] and report["box"]["onnxruntime"]
+    assert report["box"]["models"]["anatomy"]["sha256"] and report["box"]["onnxruntime"]
     assert report["box"]["preprocessing"] == "cpu: the models run on ONNX Runtime (CPU), so their inputs are made there"
     assert report["box"]["models"]["phase"]["cuda_graph"] == "n/a"  # ONNX Runtime has none
     # deployed backend and frame path here are the reference's own: identical, frame for frame

@@ -85,9 +85,12 @@ def test_set_manifest_errors_name_the_field(set_copy, change, message):
     assert str(e.value) == f"{set_copy / 'model-set.json'}: {message}"
 
 
-def test_a_set_without_a_phase_model_is_refused(set_copy):
+def test_a_set_needs_no_phase_model_but_at_least_one_model(set_copy):
+    """Any task may be absent (a set of segmentation models only is a set); an empty one is refused."""
     _edit(set_copy / "model-set.json", lambda d: d.update(models=["anatomy", "visibility"]))
-    with pytest.raises(ManifestError, match="no model with task 'phase' installed"):
+    assert [m.task for m in load_model_set(set_copy).models] == [Task.SEGMENTATION, Task.VISIBILITY]
+    _edit(set_copy / "model-set.json", lambda d: d.update(models=[]))
+    with pytest.raises(ManifestError, match="models: must list the set's model folders"):
         load_model_set(set_copy)
 
 

@@ -11,7 +11,7 @@ from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.errors import ModelError
 from or_agent.pipelines.manifest import discover, find_model, load_manifest
 from or_agent.pipelines.preprocess import ContentArea
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from tests.conftest import ROOT, assert_runs_with_documented_shapes
 
 MODELS = ROOT / "models" / "synthetic"
@@ -82,7 +82,7 @@ def test_stages_produce_valid_typed_results(small_dataset):
     from or_agent.pipelines.preprocess import detect_content_area
 
     area = detect_content_area(frame)
-    a = AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", MODELS)))(frame, area)
+    a = SegmentationStage(OnnxRuntimeBackend(find_model("segmentation", MODELS)))(frame, area)
     assert a.class_map.shape == (256, 448) and abs(sum(a.area_fraction) - 1) < 1e-6
     assert all(0 <= c <= 1 for c in a.confidence)
     v = VisibilityStage(OnnxRuntimeBackend(find_model("visibility", MODELS)))(frame, area)
@@ -95,14 +95,14 @@ def test_phase_stage_applies_the_manifest_temperature(tmp_path):
     import shutil
 
     from or_agent.calibration.temperature import apply_temperature
-    from or_agent.pipelines.stages import softmax
+    from or_agent.pipelines.postprocess import softmax
 
     shutil.copytree(MODELS / "phase", tmp_path / "phase")
     apply_temperature(tmp_path / "phase" / "manifest.json", 2.0, 0.05, 0.02)
     hot = PhaseStage(OnnxRuntimeBackend(load_manifest(tmp_path / "phase")))
     assert hot.temperature == 2.0
     logits = np.array([[4.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0]], np.float32)
-    est = hot.post_process(logits, 0.0)
+    est = hot.post_process(logits, t_s=0.0)
     assert np.allclose(est.probabilities, softmax(logits[0] / 2.0))
 
 

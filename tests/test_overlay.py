@@ -1,10 +1,9 @@
 import numpy as np
 
 from or_agent.pipelines.manifest import find_model
-from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.messages import FrameResult, PhaseEstimate, SegmentationEstimate, VisibilityEstimate
 from or_agent.pipelines.overlay import AlertBanner, OverlayRenderer
 from or_agent.pipelines.preprocess import ContentArea
-from or_agent.pipelines.stages import AnatomyEstimate, PhaseEstimate, VisibilityEstimate
 from tests.conftest import ROOT
 
 MARKS = {"capture": 0, "preprocess": 1, "inference": 2, "postprocess": 3}
@@ -13,7 +12,8 @@ MARKS = {"capture": 0, "preprocess": 1, "inference": 2, "postprocess": 3}
 def _result(oob=False, anatomy=None):
     phase = PhaseEstimate(1, "CalotTriangleDissection", 0.9, (0.05, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01), 1, 75.0)
     return FrameResult(seq=3, media_ms=120.0, frame_size=(320, 240), marks_ns=MARKS,
-                       visibility=VisibilityEstimate(0.9 if oob else 0.01, 0.01), phase=phase, anatomy=anatomy)
+                       visibility=VisibilityEstimate(0.9 if oob else 0.01, 0.01), phase=phase,
+                       segmentations=(anatomy,) if anatomy is not None else ())
 
 
 def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
@@ -21,7 +21,7 @@ def test_anatomy_drawn_in_manifest_colour_where_the_class_is():
     img = np.full((240, 320, 3), 100, np.uint8)
     cmap = np.zeros((60, 80), np.uint8)
     cmap[:, 40:] = 2  # liver on the right half
-    est = AnatomyEstimate(cmap, ContentArea.whole_frame(320, 240), (0.5, 0, 0.5) + (0,) * 10, (1, 0, 1) + (0,) * 10)
+    est = SegmentationEstimate(cmap, ContentArea.whole_frame(320, 240), (0.5, 0, 0.5) + (0,) * 10, (1, 0, 1) + (0,) * 10)
     out = OverlayRenderer(labels, alpha=0.5).draw(img, _result(anatomy=est))
     liver_bgr = np.array(labels[2].color[::-1])
     right = out[120:200, 200:300].reshape(-1, 3).mean(0)
@@ -53,14 +53,14 @@ def test_alert_banner_in_severity_colour():
 
 
 def test_polygons_are_in_frame_coordinates_and_rasterise_back():
-    from or_agent.pipelines.masks import anatomy_polygons, rasterise
+    from or_agent.pipelines.masks import rasterise, segmentation_polygons
 
     cmap = np.zeros((64, 112), np.uint8)
     cmap[10:40, 20:60] = 2
     cmap[45:60, 70:100] = 8
     area = ContentArea(cx=400, cy=240, radius=300, x0=120, y0=0, x1=680, y1=480)  # crop 560x480
-    est = AnatomyEstimate(cmap, area, (0.0,) * 13, (0.0,) * 13)
-    polys = anatomy_polygons(est)
+    est = SegmentationEstimate(cmap, area, (0.0,) * 13, (0.0,) * 13)
+    polys = segmentation_polygons(est)
     assert set(polys) == {2, 8}
     xs, ys = polys[2][0][:, 0], polys[2][0][:, 1]
     assert xs.min() >= 120 + 20 * 5 - 3 and xs.max() <= 120 + 60 * 5 + 3  # 560/112 = 5 px per model px

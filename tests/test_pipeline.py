@@ -15,7 +15,7 @@ from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.messages import STAGE_MARKS
 from or_agent.pipelines.runtime import Pipeline, PipelineConfig
 from or_agent.pipelines.sources import VideoFileSource
-from or_agent.pipelines.stages import AnatomyStage, PhaseStage, VisibilityStage
+from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.synth.dataset import read_phase_file
 from tests.conftest import ROOT
 
@@ -23,14 +23,14 @@ MODELS = ROOT / "models" / "synthetic"
 
 
 def stages():
-    return (AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", MODELS))),
+    return (SegmentationStage(OnnxRuntimeBackend(find_model("segmentation", MODELS))),
             PhaseStage(OnnxRuntimeBackend(find_model("phase", MODELS))),
             VisibilityStage(OnnxRuntimeBackend(find_model("visibility", MODELS))))
 
 
 def test_every_frame_in_order_with_stage_timestamps(small_dataset):
     results = []
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages(), PipelineConfig(anatomy_every=2))
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), stages(), PipelineConfig(anatomy_every=2))
     p.subscribe(results.append)
     p.run()
     meta = json.loads((small_dataset / "video01.json").read_text())
@@ -47,13 +47,13 @@ def test_every_frame_in_order_with_stage_timestamps(small_dataset):
     steps = sum(r.phase_fresh for r in results)
     in_body = sum(not r.out_of_body for r in results)
     assert abs(steps - in_body / 5) <= 3
-    assert all(r.anatomy is None for r in results if r.out_of_body)
-    assert all(r.anatomy_fresh == (r.seq % 2 == 0) for r in results if not r.out_of_body)
+    assert all(r.segmentation is None for r in results if r.out_of_body)
+    assert all(r.segmentation_fresh == (r.seq % 2 == 0) for r in results if not r.out_of_body)
 
 
 def test_pipeline_results_match_ground_truth(held_out_video):
     results = []
-    p = Pipeline(VideoFileSource(held_out_video / "video01.mp4"), *stages())
+    p = Pipeline(VideoFileSource(held_out_video / "video01.mp4"), stages())
     p.subscribe(results.append)
     p.run()
     truth = read_phase_file(held_out_video / "video01-phase.txt")
@@ -80,9 +80,9 @@ class _Exploding(InferenceBackend):
 
 def test_a_failing_stage_stops_the_run_with_its_error_and_no_thread_left(small_dataset):
     anatomy, phase, vis = stages()
-    anatomy = AnatomyStage(_Exploding(anatomy.backend, after=10))
+    anatomy = SegmentationStage(_Exploding(anatomy.backend, after=10))
     before = threading.active_count()
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), anatomy, phase, vis)
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), [anatomy, phase, vis])
     t0 = time.monotonic()
     with pytest.raises(ModelError, match="simulated device loss"):
         p.run()
@@ -92,7 +92,7 @@ def test_a_failing_stage_stops_the_run_with_its_error_and_no_thread_left(small_d
 
 
 def test_stop_midway_returns_promptly_and_twice(small_dataset):
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), stages())
     seen = []
     p.subscribe(seen.append)
     p.start()
@@ -104,7 +104,7 @@ def test_stop_midway_returns_promptly_and_twice(small_dataset):
 
 
 def test_no_unbounded_queue(small_dataset):
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages(), PipelineConfig(queue_size=3))
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), stages(), PipelineConfig(queue_size=3))
     p.start()
     try:
         assert p._queues and all(isinstance(q, queue.Queue) and q.maxsize == 3 for q in p._queues)
@@ -122,7 +122,7 @@ def test_slow_subscriber_never_loses_a_frame_from_a_recording(small_dataset):
         got.append(r.seq)
 
     sink = QueuedSubscriber(slow, maxsize=2).start()
-    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), *stages())
+    p = Pipeline(VideoFileSource(small_dataset / "video01.mp4"), stages())
     p.subscribe(sink)
     p.run()
     sink.stop()
@@ -140,3 +140,65 @@ def test_live_style_subscriber_drops_oldest_and_counts():
     release.set()
     sink.stop()
     assert sink.dropped >= 6 and got[-1] == 9 and got == sorted(got)
+
+
+def test_the_composed_pipeline_gives_exactly_what_the_plain_loop_gives(held_out_video, tmp_path):
+    """Behaviour pinned across the move to composed stages: on held-out frames that leave the body and come
+    back, the threaded pipeline's results equal a plain loop's that runs the documented rules (visibility
+    every frame; the phase stepped at its manifest's 5 Hz of media time and only inside, held with its clock
+    running in between; anatomy on every inside frame, none outside)."""
+    from dataclasses import replace
+
+    import cv2
+
+    from or_agent.pipelines.preprocess import ContentAreaTracker
+    from or_agent.pipelines.schedule import frame_stepper
+
+    cap = cv2.VideoCapture(str(held_out_video / "video01.mp4"))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 1700)  # the camera leaves the body at frame 1810 and is back at 1925
+    clip = tmp_path / "clip.avi"
+    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (854, 480))
+    for _ in range(300):
+        ok, img = cap.read()
+        assert ok
+        out.write(img)
+    out.release()
+    cap.release()
+
+    anatomy, phase, vis = stages()
+    results = []
+    p = Pipeline(VideoFileSource(clip), [anatomy, phase, vis])
+    p.subscribe(results.append)
+    p.run()
+
+    src = VideoFileSource(clip)
+    src.start()
+    phase.reset()
+    steps = frame_stepper(phase.cadence, 25.0)
+    tracker = ContentAreaTracker()
+    last = None
+    expected = []
+    for f in range(300):
+        frame = src.read()
+        t = frame.media_ms / 1000.0
+        area = tracker.update(frame.image)
+        v = vis(frame.image, area)
+        if steps(f) and not v.out_of_body:
+            ph = phase(frame.image, area, t)
+            last = (ph, t)
+        elif last is not None:
+            ph = replace(last[0], time_in_phase_s=last[0].time_in_phase_s + (t - last[1]))
+        else:
+            ph = None
+        expected.append((v, ph, None if v.out_of_body else anatomy(frame.image, area)))
+    src.stop()
+    for stage in (anatomy, phase, vis):
+        stage.backend.close()
+
+    assert len(results) == 300 and sum(r.out_of_body for r in results) > 50
+    for r, (v, ph, a) in zip(results, expected):
+        assert r.visibility == v and r.phase == ph, f"frame {r.seq}"
+        assert (r.segmentation is None) == (a is None)
+        if a is not None:
+            assert np.array_equal(r.segmentation.class_map, a.class_map) and r.segmentation.area_fraction == a.area_fraction
+            assert r.segmentation.confidence == a.confidence

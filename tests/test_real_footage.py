@@ -8,7 +8,7 @@ import pytest
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.preprocess import ContentAreaTracker, detect_content_area
-from or_agent.pipelines.stages import AnatomyStage, VisibilityStage
+from or_agent.pipelines.stages import SegmentationStage, VisibilityStage
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.real_data
@@ -47,7 +47,7 @@ def test_content_area_found_on_real_frames(real_data):
 
 
 def test_anatomy_and_visibility_run_on_real_clips(real_data):
-    anatomy = AnatomyStage(OnnxRuntimeBackend(find_model("segmentation", ROOT / "models" / "synthetic")))
+    anatomy = SegmentationStage(OnnxRuntimeBackend(find_model("segmentation", ROOT / "models" / "synthetic")))
     vis = VisibilityStage(OnnxRuntimeBackend(find_model("visibility", ROOT / "models" / "synthetic")))
     for path in clips(real_data):
         cap = cv2.VideoCapture(str(path))

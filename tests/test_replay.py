@@ -142,7 +142,7 @@ def test_the_recording_keeps_media_time_when_frames_were_dropped(tmp_path):
     import cv2
     import numpy as np
 
-    from or_agent.agent.replay import AnnotatedVideo
+    from or_agent.agent.offline.replay import AnnotatedVideo
 
     rec = AnnotatedVideo(tmp_path / "annotated", 25.0)
     frames = {seq: np.full((48, 64, 3), 10 * seq, np.uint8) for seq in (0, 1, 5, 6, 9)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.rules import RuleInputs, RulesEngine, SystemHealth, load_rules
+from or_agent.pipelines.rules import RuleInputs, RulesEngine, SegmentationView, SystemHealth, load_rules
 from or_agent.pipelines.surgery import PHASE_ID, Anatomy
 
 FPS = 25.0
@@ -20,7 +20,7 @@ def frame(i, phase=CALOT, t_in_phase=None, oob=False, lowvis=False, areas=None, 
         a[k] = v
     return RuleInputs(seq=i, t_s=i / FPS, phase=phase, phase_confidence=0.9,
                       time_in_phase_s=i / FPS if t_in_phase is None else t_in_phase, out_of_body=oob,
-                      low_visibility=lowvis, areas=tuple(a), class_map=cmap, px_per_cell=px,
+                      low_visibility=lowvis, segmentations={"anatomy": SegmentationView(tuple(a), cmap, px)},
                       system=SystemHealth(frame_drop_rate=drops))
 
 
@@ -135,8 +135,8 @@ def test_evidence_and_message_name_the_values():
 
 def test_distance_is_in_frame_pixels():
     x = frame(0, cmap=hook_map(80), px=4.0)
-    assert math.isclose(x.distance_px(Anatomy.L_HOOK, Anatomy.CYSTIC_DUCT), (91 - 80) * 4.0, rel_tol=0.05)
-    assert frame(0).distance_px(Anatomy.L_HOOK, Anatomy.CYSTIC_DUCT) == math.inf
+    assert math.isclose(x.distance_px("anatomy", Anatomy.L_HOOK, Anatomy.CYSTIC_DUCT), (91 - 80) * 4.0, rel_tol=0.05)
+    assert frame(0).distance_px("anatomy", Anatomy.L_HOOK, Anatomy.CYSTIC_DUCT) == math.inf
 
 
 @pytest.mark.parametrize("text, message", [
@@ -161,13 +161,12 @@ def test_rule_file_errors_name_the_rule_and_key(tmp_path, text, message):
 
 
 def test_frame_drop_rate_is_derived_from_sequence_gaps():
-    from or_agent.pipelines.messages import FrameResult
-    from or_agent.pipelines.stages import VisibilityEstimate
+    from or_agent.pipelines.messages import FrameResult, VisibilityEstimate
 
     def result(seq):
         return FrameResult(seq=seq, media_ms=seq * 40.0, frame_size=(320, 240),
                            marks_ns={"capture": 0, "preprocess": 0, "inference": 0, "postprocess": 0},
-                           visibility=VisibilityEstimate(0.0, 0.0), phase=None, anatomy=None)
+                           visibility=VisibilityEstimate(0.0, 0.0), phase=None)
 
     e = RulesEngine(load_rules())
     kept = [s for s in range(300) if s < 100 or s % 2 == 0]  # from frame 100 on, every other frame is dropped
@@ -197,8 +196,8 @@ message = "hook {distance_px} px from the duct (confidence {confidence})"
     def inputs(duct_conf):
         conf[Anatomy.CYSTIC_DUCT] = duct_conf
         return [RuleInputs(seq=i, t_s=i / FPS, phase=CALOT, phase_confidence=0.9, time_in_phase_s=1.0, out_of_body=False,
-                           low_visibility=False, areas=(0.01,) * 13, class_map=cmap, px_per_cell=1.0,
-                           confidence=tuple(conf)) for i in range(5)]
+                           low_visibility=False,
+                           segmentations={"anatomy": SegmentationView((0.01,) * 13, cmap, 1.0, tuple(conf))}) for i in range(5)]
 
     unsure = RulesEngine([rule])
     assert not [t for x in inputs(0.5) for t in unsure.evaluate(x)]

@@ -37,6 +37,7 @@ from or_agent.agent.display import Display, ai_off_reason
 from or_agent.agent.server import AgentServer
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.manifest import Task
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 from tests.conftest import ROOT
@@ -405,7 +406,7 @@ def test_slow_subscriber_is_ended_and_affects_neither_pipeline_nor_fast_subscrib
             # The server ends the slow display by itself, while it still reads one overlay a second,
             # and the stuck one, whose transport will take nothing more.
             def subscribed(client_id: str) -> bool:
-                return any(s.client_id == client_id for s in agent.server.service.subscribers)
+                return any(s.client_id == client_id for s in agent.server.service.fanout.subscribers)
 
             await eventually(lambda: not subscribed("slow-display") and not subscribed("stuck-display"),
                              20, "the server to end the slow and the stuck displays' streams")
@@ -738,12 +739,12 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(video):
 
             # More overlay streams than the limit.
             calls = [stub.StreamOverlays(pb.SubscribeRequest(client_id=f"disp{i}")) for i in range(2)]
-            await eventually(lambda: len(agent.server.service.subscribers) == 2, 5, "two subscribers")
+            await eventually(lambda: len(agent.server.service.fanout.subscribers) == 2, 5, "two subscribers")
             e = await rpc_error(stub.StreamOverlays(pb.SubscribeRequest(client_id="disp9")).read())
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in e.details()
             for c in calls:
                 c.cancel()
-            await eventually(lambda: not agent.server.service.subscribers, 5, "the subscribers to leave")
+            await eventually(lambda: not agent.server.service.fanout.subscribers, 5, "the subscribers to leave")
 
             # Still serving, and a good case still starts.
             st = await stub.GetStatus(pb.StatusRequest())
@@ -913,6 +914,9 @@ def test_stop_ends_open_streams_with_a_status(video):
     ('[server]\nlisten = "0.0.0.0:50051"\n', "server.listen: 0.0.0.0:50051 is beyond loopback, so TLS is required: "
                                               "set server.tls_cert, server.tls_key and server.tls_ca"),
     ("[servers]\n", "unknown section [servers] (known: server, case, pipeline, alerts, audit)"),
+    ("[server]\nbehind_limit_s = 0\n", "server.behind_limit_s: must be positive, got 0.0"),
+    ("[pipeline]\nanatomy_every = -2\n", "pipeline.anatomy_every: must be a whole number of frames, at least 0, got -2"),
+    ("[pipeline]\nanatomy_every = 1.5\n", "pipeline.anatomy_every: must be a whole number of frames, at least 0, got 1.5"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "agent.toml"
@@ -920,6 +924,23 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(InputError) as e:
         load_config(path)
     assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_one_configuration_model_checks_every_table_once_however_it_is_made(tmp_path):
+    """The pipeline table embeds the runtime's own configuration: the file, a command-line override and the
+    defaults all give the runtime's PipelineConfig, checked by it alone."""
+    from or_agent.agent.config import AgentConfig
+    from or_agent.pipelines.runtime import PipelineConfig
+
+    path = tmp_path / "agent.toml"
+    path.write_text("[pipeline]\nanatomy_every = 3\nstale_after_s = 2\n")
+    cfg = load_config(path)
+    assert cfg.pipeline.runtime == PipelineConfig(anatomy_every=3) and cfg.pipeline.stale_after_s == 2.0
+    assert AgentConfig().with_overrides(**{"pipeline.anatomy_every": 3}).pipeline.runtime == cfg.pipeline.runtime
+    with pytest.raises(InputError, match=r"^server.behind_limit_s: must be positive, got 0.0$"):
+        AgentConfig().with_overrides(**{"server.behind_limit_s": 0})
+    with pytest.raises(InputError, match=r"^pipeline.anatomy_every: must be a whole number of frames"):
+        AgentConfig().with_overrides(**{"pipeline.anatomy_every": -1})
 
 
 def test_example_config_is_the_defaults():
@@ -1048,12 +1069,13 @@ def _audit_records(audit_dir: Path) -> list[dict]:
 
 
 def test_a_stalled_stage_makes_the_ai_unavailable_then_records_the_gap(video):
-    from or_agent.agent.audit import verify
+    from or_agent.agent.audit.verify import verify
 
     async def scenario():
         agent = Agent(**{"pipeline.stale_after_s": 0.5})
         models = agent.server.models
-        models.anatomy.backend = _StallingBackend(models.anatomy.backend, stall_at=40, stall_s=2.5)
+        segmentation = models.stages.one(Task.SEGMENTATION)
+        segmentation.backend = _StallingBackend(segmentation.backend, stall_at=40, stall_s=2.5)
         async with agent:
             async with channel(agent.target) as ch:
                 stub, health = pbg.OrAgentStub(ch), health_pb2_grpc.HealthStub(ch)

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from or_agent.agent.evaluate import evaluate_segmentation, read_ratings
+from or_agent.agent.offline.evaluate import evaluate_segmentation, read_ratings
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.cvs import CRITERIA, FEATURES, cvs_measurements, fit_assessor
 from or_agent.pipelines.errors import InputError
@@ -28,7 +28,7 @@ from or_agent.pipelines.files import atomic_write_text
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area
-from or_agent.pipelines.stages import AnatomyStage
+from or_agent.pipelines.stages import SegmentationStage
 
 
 def measure_split(folder: Path, manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +38,7 @@ def measure_split(folder: Path, manifest) -> tuple[np.ndarray, np.ndarray]:
     names = tuple(lab.name for lab in manifest.labels)
     x, y = [], []
     with OnnxRuntimeBackend(manifest, threads=1) as backend:
-        stage = AnatomyStage(backend)
+        stage = SegmentationStage(backend)
         for image, rating in sorted(ratings.items()):
             frame = cv2.imread(str(folder / "images" / f"{image}.jpg"), cv2.IMREAD_COLOR)
             if frame is None:

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from or_agent.pipelines.backends import InferenceBackend
-from or_agent.pipelines.backends import tensorrt as trt_mod
+from or_agent.pipelines.backends import InferenceBackend, engines
+from or_agent.pipelines.backends.tensorrt import TensorRTBackend
 from or_agent.pipelines.errors import DependencyError, InputError, ModelError
+from or_agent.pipelines.gpu import context as gpu_context
 from or_agent.pipelines.manifest import ModelManifest
-
-PREFERENCES = ("auto", "onnxruntime", "tensorrt")
+from or_agent.pipelines.options import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,16 @@ class BackendPlan:
     backend: str  # "tensorrt" or "onnxruntime-cpu"
     reason: str  # one line, starts with the backend's name
     engine_path: Path | None = None
-    key: trt_mod.EngineKey | None = None
+    key: engines.EngineKey | None = None
     build_first: bool = False  # tensorrt requested outside a live case and no engine yet
 
 
 def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 live_session: bool = False, *, trt_version: Callable[[], str] = trt_mod.tensorrt_version,
-                 gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info, build_missing: bool = False) -> BackendPlan:
+                 live_session: bool = False, *, trt_version: Callable[[], str] = engines.tensorrt_version,
+                 gpu_info: Callable[[], gpu_context.GpuInfo] = gpu_context.gpu_info, build_missing: bool = False) -> BackendPlan:
     """The decision alone (nothing loaded). Raises for ``tensorrt`` requested but impossible."""
-    if preference not in PREFERENCES:
-        raise InputError(f"backend: must be one of {', '.join(PREFERENCES)}, got {preference!r}")
+    if preference not in BACKENDS:
+        raise InputError(f"backend: must be one of {', '.join(BACKENDS)}, got {preference!r}")
     if preference == "onnxruntime":
         return BackendPlan("onnxruntime-cpu", "onnxruntime-cpu: requested")
     explicit = preference == "tensorrt"
@@ -50,14 +50,14 @@ def plan_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: s
         if explicit:
             raise
         return BackendPlan("onnxruntime-cpu", f"onnxruntime-cpu: {exc}")
-    cache = trt_mod.EngineCache(cache_dir if cache_dir is not None else trt_mod.default_cache_dir())
-    key = trt_mod.EngineKey.for_model(manifest, gpu, version)
+    cache = engines.EngineCache(cache_dir if cache_dir is not None else engines.default_cache_dir())
+    key = engines.EngineKey.for_model(manifest, gpu, version)
     path = cache.path_for(key)
     if cache.has(key):
         return BackendPlan("tensorrt", f"tensorrt: engine {path.name} for {key.describe()}", path, key)
     if explicit or build_missing:
         if live_session and not build_missing:
-            raise ModelError(trt_mod.refuse_live_build_message(manifest, key))
+            raise ModelError(engines.refuse_live_build_message(manifest, key))
         return BackendPlan("tensorrt", f"tensorrt: building engine {path.name} for {key.describe()} (takes minutes)",
                            path, key, build_first=True)
     return BackendPlan("onnxruntime-cpu", "onnxruntime-cpu: no engine for this GPU yet (run or-agent build-engines)",
@@ -71,13 +71,13 @@ def _onnxruntime(manifest: ModelManifest, threads: int) -> InferenceBackend:
 
 
 def _tensorrt(manifest: ModelManifest, engine_path: Path, cuda_graphs: bool = False) -> InferenceBackend:
-    return trt_mod.TensorRTBackend(manifest, engine_path, cuda_graph=cuda_graphs)
+    return TensorRTBackend(manifest, engine_path, cuda_graph=cuda_graphs)
 
 
 def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir: str | os.PathLike | None = None,
                    threads: int = 1, live_session: bool = False, *,
-                   trt_version: Callable[[], str] = trt_mod.tensorrt_version,
-                   gpu_info: Callable[[], trt_mod.GpuInfo] = trt_mod.gpu_info,
+                   trt_version: Callable[[], str] = engines.tensorrt_version,
+                   gpu_info: Callable[[], gpu_context.GpuInfo] = gpu_context.gpu_info,
                    tensorrt_factory: Callable[[ModelManifest, Path], InferenceBackend] | None = None,
                    onnxruntime_factory: Callable[[ModelManifest, int], InferenceBackend] = _onnxruntime,
                    timing_cache_path: str | os.PathLike | None = None, cuda_graphs: bool = False,
@@ -89,9 +89,9 @@ def choose_backend(manifest: ModelManifest, preference: str = "auto", cache_dir:
         return onnxruntime_factory(manifest, threads), plan.reason
     assert plan.engine_path is not None  # a TensorRT plan always names its engine
     if plan.build_first:
-        cache = trt_mod.EngineCache(plan.engine_path.parent)
+        cache = engines.EngineCache(plan.engine_path.parent)
         tc = timing_cache_path or cache.timing_cache_path
-        trt_mod.build_engine(manifest, cache, plan.key, tc, live_session=live_session, allow_build_live=build_missing)
+        engines.build_engine(manifest, cache, plan.key, tc, live_session=live_session, allow_build_live=build_missing)
     try:
         if tensorrt_factory is None:
             return _tensorrt(manifest, plan.engine_path, cuda_graphs), plan.reason

@@ -17,7 +17,7 @@ which is *not* what INTER_AREA does there (it interpolates); no equality is clai
 
 **Segmentation reduction** (``GpuLogitsReducer``): logits [C,H,W] on the device -> uint8 class map
 (argmax, first maximum wins like numpy), per-class pixel counts (shared-memory histogram per block,
-then ``atomicAdd`` into a C-sized array), and the per-class confidence that ``AnatomyStage`` reports
+then ``atomicAdd`` into a C-sized array), and the per-class confidence that ``SegmentationStage`` reports
 (mean max-softmax probability on the 4x4-subsampled grid). Only the class map (H*W bytes) and three
 C-sized arrays come back.
 
@@ -32,8 +32,9 @@ import math
 
 import numpy as np
 
+from or_agent.pipelines.gpu.context import CudaContext
+from or_agent.pipelines.postprocess import CONF_SUBSAMPLE, class_confidence, reduce_logits
 from or_agent.pipelines.preprocess import ContentArea, InputSpec
-from or_agent.pipelines.stages import CONF_SUBSAMPLE, class_confidence, reduce_logits
 
 _PREPROCESS_SRC = r"""
 __global__ void preprocess_area(const unsigned char* __restrict__ rows, int pitch, int x0,
@@ -184,8 +185,6 @@ class GpuResources:
     them, released together by ``close()``."""
 
     def __init__(self, device: int = 0):
-        from or_agent.pipelines.backends.tensorrt import CudaContext
-
         self._ctx = CudaContext(device)
         self.cuda = self._ctx.cuda
         self._allocs: list = []

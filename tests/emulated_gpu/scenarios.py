@@ -34,13 +34,15 @@ def phase_state(steps: str) -> dict:
     kept on the device: after the first step only the frame is uploaded."""
     import pycuda.driver as cuda
 
-    from or_agent.pipelines.backends import tensorrt as trt_mod
+    from or_agent.pipelines.backends import engines
     from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.backends.tensorrt import TensorRTBackend
+    from or_agent.pipelines.gpu.context import gpu_info
     from or_agent.pipelines.manifest import find_model
     from or_agent.pipelines.stages import PhaseStage
 
     m = find_model("phase")
-    info, version = trt_mod.gpu_info(), trt_mod.tensorrt_version()
+    info, version = gpu_info(), engines.tensorrt_version()
     uploads: list[int] = []
     real_htod = cuda.memcpy_htod_async
 
@@ -52,10 +54,10 @@ def phase_state(steps: str) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = trt_mod.EngineCache(tmp)
-        key = trt_mod.EngineKey.for_model(m, info, version)
-        trt_mod.build_engine(m, cache, key, Path(tmp) / "timing.cache")
-        trt_stage = PhaseStage(trt_mod.TensorRTBackend(m, cache.path_for(key), cuda_graph=True))
+        cache = engines.EngineCache(tmp)
+        key = engines.EngineKey.for_model(m, info, version)
+        engines.build_engine(m, cache, key, Path(tmp) / "timing.cache")
+        trt_stage = PhaseStage(TensorRTBackend(m, cache.path_for(key), cuda_graph=True))
     ort_stage = PhaseStage(OnnxRuntimeBackend(m))
     rng = np.random.default_rng(0)
     diffs, per_step_uploads = [], []
@@ -96,6 +98,7 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
     from or_agent.agent.cli import main as cli_main
     from or_agent.agent.session import LoadedModels
     from or_agent.pipelines.frame_path import ReferenceFramePath
+    from or_agent.pipelines.manifest import Task
     from or_agent.pipelines.runtime import PipelineConfig
     from or_agent.pipelines.sources import FirstFrames, VideoFileSource
 
@@ -125,14 +128,13 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
         dev = results(deployed)
         ref = results(reference, ReferenceFramePath())
         in_use = deployed.frame_path.pool.in_use()
-        anatomy_runs = deployed.anatomy.backend._context.executions
-        graph_status = {t: s.backend.graph_status for t, s in
-                        (("segmentation", deployed.anatomy), ("phase", deployed.phase), ("visibility", deployed.visibility))}
+        anatomy_runs = deployed.stages.one(Task.SEGMENTATION).backend._context.executions
+        graph_status = {str(s.task): s.backend.graph_status for s in deployed.stages.stages}
         pool_slots = len(deployed.frame_path.pool.slots())
     finally:
         reasons = dict(deployed.reasons)
         frame_path_reason = deployed.frame_path_reason
-        backends = {t: deployed.backend_name(t) for t in deployed.manifests}
+        backends = {str(s.task): s.backend.name for s in deployed.stages.stages}
         deployed.close()
         reference.close()
     pairs = list(zip(ref, dev))
@@ -143,11 +145,11 @@ def build_and_pipeline(video: str, cache_dir: str, frames: str) -> dict:
         "built": built, "backends": backends, "reasons": reasons,
         "frame_path": frame_path_reason, "graph_status": graph_status, "frames": [len(ref), len(dev)],
         "seq_equal": [r.seq for r in ref] == [r.seq for r in dev],
-        "anatomy_fresh": sum(b.anatomy_fresh for b in dev), "anatomy_runs": anatomy_runs,
-        "class_maps_equal": float(np.mean([np.array_equal(a.anatomy.class_map, b.anatomy.class_map)
-                                           for a, b in pairs if a.anatomy_fresh and b.anatomy_fresh])),
-        "area_fraction_diff": max(float(np.abs(np.subtract(a.anatomy.area_fraction, b.anatomy.area_fraction)).max())
-                                  for a, b in pairs if a.anatomy_fresh and b.anatomy_fresh),
+        "anatomy_fresh": sum(b.segmentation_fresh for b in dev), "anatomy_runs": anatomy_runs,
+        "class_maps_equal": float(np.mean([np.array_equal(a.segmentation.class_map, b.segmentation.class_map)
+                                           for a, b in pairs if a.segmentation_fresh and b.segmentation_fresh])),
+        "area_fraction_diff": max(float(np.abs(np.subtract(a.segmentation.area_fraction, b.segmentation.area_fraction)).max())
+                                  for a, b in pairs if a.segmentation_fresh and b.segmentation_fresh),
         "phase_equal": float(np.mean([p.phase == q.phase for p, q in phase_pairs])),
         "phase_prob_diff": max(float(np.abs(np.subtract(p.probabilities, q.probabilities)).max()) for p, q in phase_pairs),
         "visibility_equal": float(np.mean([a.out_of_body == b.out_of_body for a, b in pairs])),

@@ -27,7 +27,7 @@ def _preprocess_area(rows, pitch, x0, crop_w, crop_h, sx, sy, out, out_w, out_h,
 
 
 def _reduce_logits(logits, C, H, W, sub, cls, counts, sub_counts, conf_sums, **launch):
-    from or_agent.pipelines.stages import reduce_logits
+    from or_agent.pipelines.postprocess import reduce_logits
 
     c, h, w, s = int(C), int(H), int(W), int(sub)
     lg = device_bytes(logits, 4 * c * h * w).view(np.float32).reshape(c, h, w)

@@ -24,6 +24,7 @@ from or_agent.agent import VERSION
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import FrameResult
 from or_agent.pipelines.metrics import confusion, mean_iou_present
 from or_agent.pipelines.runtime import PipelineConfig
@@ -66,16 +67,18 @@ def _agreement(clip: Path, fps: float, reference: LoadedModels, deployed: Loaded
     dep = _results(clip, deployed, frames * stride, stride)
     if not ref:
         raise InputError(f"{clip}: no frame could be decoded")
-    n_cls = reference.anatomy.classes
+    segmentation = reference.stages.one(Task.SEGMENTATION)  # the set's first: the one the gates compare
+    n_cls = len(segmentation.names) if segmentation is not None else 1
     conf = np.zeros((n_cls, n_cls), np.int64)
     anatomy_frames = phase_same = phase_steps = vis_same = 0
     for seq, r in ref.items():
         d = dep.get(seq)
         if d is None:
             continue
-        vis_same += (r.visibility.out_of_body, r.visibility.low_visibility) == (d.visibility.out_of_body, d.visibility.low_visibility)
-        if r.anatomy_fresh and d.anatomy_fresh:
-            conf += confusion(r.anatomy.class_map, d.anatomy.class_map, n_cls)
+        vis_same += (r.out_of_body, bool(r.visibility and r.visibility.low_visibility)) == (
+            d.out_of_body, bool(d.visibility and d.visibility.low_visibility))
+        if r.segmentation_fresh and d.segmentation_fresh:
+            conf += confusion(r.segmentation.class_map, d.segmentation.class_map, n_cls)
             anatomy_frames += 1
         if r.phase_fresh and d.phase_fresh:
             phase_same += r.phase.phase == d.phase.phase
@@ -103,15 +106,16 @@ def _identity(deployed: LoadedModels) -> dict:
     ident = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
              "cpu_cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "agent_version": VERSION}
     try:
-        from or_agent.pipelines.backends.tensorrt import gpu_info, tensorrt_version
+        from or_agent.pipelines.backends.engines import tensorrt_version
+        from or_agent.pipelines.gpu.context import gpu_info
 
         ident["gpu"] = gpu_info().describe()
         ident["tensorrt"] = tensorrt_version()
     except Exception as exc:
         ident.setdefault("gpu", f"none ({str(exc).splitlines()[0][:120]})")
-    ident["models"] = {t: {"name": m.name, "version": m.version, "sha256": m.sha256, "backend": deployed.backend_name(t),
-                           "why": deployed.reasons.get(t, ""), "cuda_graph": getattr(deployed.stage(t).backend, "graph_status", "n/a")}
-                      for t, m in deployed.manifests.items()}
+    ident["models"] = {s.name: {"task": str(s.task), "version": s.manifest.version, "sha256": s.manifest.sha256,
+                                "backend": s.backend.name, "why": deployed.reasons.get(s.name, ""),
+                                "cuda_graph": getattr(s.backend, "graph_status", "n/a")} for s in deployed.stages.stages}
     ident["preprocessing"] = deployed.frame_path_reason
     return ident
 

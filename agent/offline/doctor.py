@@ -56,7 +56,8 @@ def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
 
 
 def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
-    from or_agent.pipelines.backends import tensorrt as trt_mod
+    from or_agent.pipelines.backends import engines
+    from or_agent.pipelines.gpu.context import gpu_info
 
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     if smi:
@@ -66,7 +67,7 @@ def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
         r.info("nvidia-smi: not found or failed (no NVIDIA driver on this box?)")
     gpu = None
     try:
-        gpu = trt_mod.gpu_info()
+        gpu = gpu_info()
         r.ok(f"GPU {gpu.describe()}, {gpu.total_memory / 1024**3:.1f} GiB, driver supports CUDA {gpu.driver_cuda} (pycuda)")
     except OrAgentError as exc:
         r.warn(f"{exc}", "no GPU means no TensorRT: the models run on the CPU with ONNX Runtime (slower; "
@@ -75,15 +76,15 @@ def _check_gpu(r: Report, cache_dir: Path, manifests: list) -> None:
         _check_gpu_kernels(r)
     version = None
     try:
-        version = trt_mod.tensorrt_version()
+        version = engines.tensorrt_version()
         r.ok(f"TensorRT {version}")
     except OrAgentError as exc:
         r.warn(str(exc), "without it the models run on ONNX Runtime (CPU)")
     if gpu is None or version is None or not manifests:
         return
-    cache = trt_mod.EngineCache(cache_dir)
+    cache = engines.EngineCache(cache_dir)
     for m in manifests:
-        key = trt_mod.EngineKey.for_model(m, gpu, version)
+        key = engines.EngineKey.for_model(m, gpu, version)
         if cache.has(key):
             r.ok(f"engine for {m.name}: {cache.path_for(key).name}")
         else:
@@ -119,7 +120,8 @@ def _check_onnxruntime(r: Report) -> None:
 
 
 def _check_models(r: Report, models_dir) -> list:
-    from or_agent.pipelines.manifest import TASKS, discover, load_manifest, resolve_models_dir
+    from or_agent.pipelines.manifest import discover, load_manifest, resolve_models_dir
+    from or_agent.pipelines.model_set import load_model_set
 
     try:
         root = resolve_models_dir(models_dir)
@@ -137,12 +139,11 @@ def _check_models(r: Report, models_dir) -> list:
             continue
         good.append(m)
         r.ok(f"model {m.name} {m.version} ({m.task}): sha256 verified")
-    for task in TASKS:
-        n = sum(1 for m in good if m.task == task)
-        if n == 0:
-            r.fail(f"{root}: no working {task} model", "install one (see models/README.md)")
-        elif n > 1:
-            r.fail(f"{root}: {n} {task} models installed", "keep one per task")
+    if len(good) == len(paths):
+        try:  # the set as a whole: at most one phase and visibility model, unique names, its rules
+            load_model_set(root, verify=False)
+        except OrAgentError as exc:
+            r.fail(str(exc), "fix the model set (see models/README.md)")
     return good
 
 
@@ -220,7 +221,7 @@ def run_doctor(models_dir: str | os.PathLike | None = None, cache_dir: str | os.
                out: Callable[[str], None] = print, work_dir: str | os.PathLike = ".",
                audit_dir: str | os.PathLike | None = "audit", probe_capture: bool = True) -> int:
     """Print the checks; 0 if a live case can run here, 1 if not."""
-    from or_agent.pipelines.backends.tensorrt import default_cache_dir
+    from or_agent.pipelines.backends.engines import default_cache_dir
 
     r = Report(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -21,7 +21,7 @@ import numpy as np
 
 from or_agent.agent.config import load_config
 from or_agent.agent.display import Display, has_screen
-from or_agent.agent.progress import Progress
+from or_agent.agent.offline.progress import Progress
 from or_agent.agent.server import AgentServer
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.metrics import RELAXED_WINDOW_S, accuracy, phase_scores, relax_boundaries

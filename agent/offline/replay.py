@@ -30,11 +30,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from or_agent.agent.progress import Progress
-from or_agent.agent.report import phase_ribbon, write_html_report, write_png
+from or_agent.agent.offline.progress import Progress
+from or_agent.agent.offline.report import phase_ribbon, write_html_report, write_png
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError, OrAgentError
 from or_agent.pipelines.files import atomic_write_text, part_path
+from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import FrameResult, SourceEvent
 from or_agent.pipelines.metrics import (
     RELAXED_WINDOW_S,
@@ -102,8 +103,9 @@ class _Collector:
         self.seq.append(r.seq)
         self.phase.append(-1 if r.phase is None else r.phase.phase)
         self.oob.append(r.out_of_body)
-        fractions = r.anatomy.frame_fractions(r.frame_size) if r.anatomy is not None else ()
-        if r.anatomy is not None and r.anatomy_fresh:
+        seg = r.segmentation
+        fractions = seg.frame_fractions(r.frame_size) if seg is not None else ()
+        if seg is not None and r.segmentation_fresh:
             self.area_sum += np.asarray(fractions)
             self.area_frames += 1
         if r.phase_fresh or (r.out_of_body and r.seq % 5 == 0):
@@ -122,8 +124,8 @@ class _Collector:
             truth = cv2.imread(str(self.masks / f"frame{r.seq:06d}.png"), cv2.IMREAD_UNCHANGED)
             if truth is not None and truth.shape[:2] == (r.frame_size[1], r.frame_size[0]):
                 pred = np.zeros(truth.shape[:2], np.uint8)
-                if r.anatomy is not None:
-                    pred = paste_back(r.anatomy.class_map, r.anatomy.area, r.frame_size[0], r.frame_size[1])
+                if seg is not None:
+                    pred = paste_back(seg.class_map, seg.area, r.frame_size[0], r.frame_size[1])
                 self.conf += confusion(np.minimum(truth, self.conf.shape[0] - 1), pred, self.conf.shape[0])
                 self.mask_frames += 1
 
@@ -261,9 +263,13 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
     out_dir.mkdir(parents=True, exist_ok=True)
     fps = source.nominal_fps or 25.0
     total = source.frame_count or 0
-    pipeline = models.pipeline(source, PipelineConfig(anatomy_every=anatomy_every))
-    overlay = OverlayRenderer(models.manifests["segmentation"].labels)
-    collector = _Collector(len(models.manifests["segmentation"].labels), item.masks)
+    pipeline = models.pipeline(source, PipelineConfig(anatomy_every=anatomy_every or 0))
+    overlay = OverlayRenderer.for_models(models.model_set.models)
+    # the label masks and the timeline's areas are the set's first segmentation model's; the phase its phase model's
+    segmentation, phase_model = models.stages.one(Task.SEGMENTATION), models.stages.one(Task.PHASE)
+    class_names = list(segmentation.names) if segmentation is not None else []
+    names = phase_model.names if phase_model is not None else ()
+    collector = _Collector(max(1, len(class_names)), item.masks if segmentation is not None else None)
     alerts = _AlertTimeline(_rules_for(video, models, rules_file, time_scale))
     bar = Progress(progress_label, total or 1)
     recording = AnnotatedVideo(out_dir / "annotated", fps)
@@ -303,13 +309,12 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
         "fps_processed": round(stats["fps_out"], 2), "frames_dropped": stats["frames_dropped_source"],
         "latency_ms": stats["latency_ms"]["end_to_end"], "stage_latency_ms": stats["latency_ms"],
         "out_of_body_frames": int(np.sum(collector.oob)),
-        "models": {k: {"name": m.name, "version": m.version, "sha256": m.sha256} for k, m in models.manifests.items()},
+        "models": {m.name: {"task": str(m.task), "version": m.version, "sha256": m.sha256} for m in models.model_set.models},
         "events": [{"kind": e.kind, "message": e.message, "seq": e.seq} for e in collector.events],
         "complete": not errors,
         "alerts": alerts.events,
     }
-    names = tuple(lab.name for lab in models.manifests["phase"].labels)
-    if truth is not None:
+    if truth is not None and phase_model is not None:
         keep = seq < len(truth)
         t, p = truth[seq[keep]], pred[keep]
         window = int(round(RELAXED_WINDOW_S * fps))
@@ -317,7 +322,6 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
             "labels": str(item.labels), "relaxed_window_s": RELAXED_WINDOW_S,
             "strict": phase_scores(t, p, names), "relaxed": phase_scores(t, relax_boundaries(t, p, window), names)}
     if collector.mask_frames:
-        class_names = [lab.name for lab in models.manifests["segmentation"].labels]
         iou, dice = per_class_iou(collector.conf), per_class_dice(collector.conf)
         present = collector.conf.sum(1) > 0
         summary["anatomy_metrics"] = {
@@ -325,9 +329,9 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
             "per_class": {class_names[c]: {"iou": round(float(iou[c]), 4), "dice": round(float(dice[c]), 4)}
                           for c in np.flatnonzero(present)}}
     truth_aligned = truth[:len(pred)] if truth is not None else None
-    colours = [tuple(lab.color) for lab in models.manifests["phase"].labels]
-    write_png(out_dir / "phase_ribbon.png", phase_ribbon(pred, truth_aligned, names, colours, fps))
-    class_names = [lab.name for lab in models.manifests["segmentation"].labels]
+    if phase_model is not None:
+        colours = [tuple(lab.color) for lab in phase_model.manifest.labels]
+        write_png(out_dir / "phase_ribbon.png", phase_ribbon(pred, truth_aligned, names, colours, fps))
     atomic_write_text(out_dir / "timeline.csv", _timeline_csv(collector.rows, names, class_names, truth))
     atomic_write_text(out_dir / "timeline.json", json.dumps({"video": str(video), "fps": fps, "phases": names,
                                                              "classes": class_names, "rows": collector.rows,

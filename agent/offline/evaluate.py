@@ -33,7 +33,7 @@ from or_agent.pipelines.metrics import average_precision, balanced_accuracy, con
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
 from or_agent.pipelines.rules import distance_rule_holds, load_rules
-from or_agent.pipelines.stages import AnatomyStage
+from or_agent.pipelines.stages import SegmentationStage
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -185,7 +185,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
             raise InputError(f"{out_dir}: exists and is not a directory")
         (out_dir / "class_maps").mkdir(parents=True, exist_ok=True)
     # the set's distance rules, judged per frame on the model's map as the live agent judges it and on the truth
-    distance_rules = [r for r in load_rules(model_set.rules_file, classes=model_set.class_names,
+    distance_rules = [r for r in load_rules(model_set.rules_file, vocabulary=model_set.outputs,
                                             owner=f"model set {model_set.name!r}") if r.kind == "distance_below"]
     held = {r.id: [0, 0, 0, 0] for r in distance_rules}  # on model, on truth, false alarms, missed
     assesses_cvs = "cvs" in manifest.extra
@@ -195,7 +195,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     conf = np.zeros((n, n), np.int64)
     times, rows = [], []
     with OnnxRuntimeBackend(manifest, threads=1) as backend:
-        stage = AnatomyStage(backend)
+        stage = SegmentationStage(backend)
         for k, (image, mask) in enumerate(pairs, start=1):
             frame, truth = _read(image, mask, n, manifest.name)
             h, w = truth.shape

@@ -1,0 +1,174 @@
+"""Per-display fan-out: every result and notice, once serialised, to each display's own bounded queue.
+
+Separate from the service's state because its one job is a real-time guarantee: a slow or stuck
+display must never slow the pipeline or the other displays. The pipeline's publish thread turns each
+result into wire bytes once (with and without anatomy, as subscribers asked) and offers them to every
+subscriber's queue on the event loop; a full queue drops its oldest overlay and the display's stream
+is ended once it has been behind for too long (``OrAgentHandlers.StreamOverlays``). Composited JPEGs
+are made once per frame and quality, on their own thread, only when someone asked. Alert streams are
+woken here too, whenever the alert log records an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import cv2
+
+from or_agent.agent.alert_log import AlertLog, AlertRecord
+from or_agent.agent.wire import active_alerts_to_pb, jpeg_field, overlay_to_pb, unavailable_to_pb
+from or_agent.pipelines.messages import FrameResult
+from or_agent.pipelines.overlay import AlertBanner, OverlayRenderer
+from or_agent.pipelines.sinks import QueuedSubscriber
+
+log = logging.getLogger("or-agent.service")  # the service's: log lines keep the source they always had
+# The last item of a stream's queue at shutdown: the stream ends with OK after what it had queued.
+SHUTDOWN = object()
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One display's overlay stream: its wishes, its bounded queue, and how far behind it is."""
+    client_id: str
+    peer: str
+    include_anatomy: bool
+    jpeg_key: tuple[int, int] | None  # (quality, max side) when the display wants composited JPEG
+    queue: asyncio.Queue
+    dropped: int = 0
+    sent: int = 0
+    behind_since: float | None = None
+
+    def over_limit(self, limit_s: float) -> bool:
+        return self.behind_since is not None and time.monotonic() - self.behind_since > limit_s
+
+    def offer(self, payload) -> None:
+        """On the event loop: enqueue, dropping the oldest overlay when full."""
+        if self.queue.full():
+            try:
+                self.queue.get_nowait()
+                self.dropped += 1
+                if self.behind_since is None:
+                    self.behind_since = time.monotonic()
+            except asyncio.QueueEmpty:
+                pass
+        self.queue.put_nowait(payload)
+
+
+class Fanout:
+    """The displays subscribed to overlays and the delivery of results, notices and alert wakeups to them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, alerts: AlertLog, model_info: list, model_set: str,
+                 renderer: OverlayRenderer, queue_size: int):
+        self.loop = loop
+        self.alerts = alerts
+        self.model_info = model_info
+        self.model_set = model_set
+        self.renderer = renderer
+        self.queue_size = queue_size
+        self.subscribers: set[Subscriber] = set()
+        self.closed = False
+        self._alert_wakeup = asyncio.Event()
+        self._jpeg_worker: QueuedSubscriber | None = None
+
+    # ----- displays (on the event loop) ---------------------------------------------------------
+    def subscribe(self, client_id: str, peer: str, include_anatomy: bool, jpeg_key: tuple[int, int] | None) -> Subscriber:
+        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size))
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    # ----- from the pipeline's publish thread -------------------------------------------------
+    def publish(self, r: FrameResult) -> None:
+        """Serialise the result once per kind of subscriber and hand it to the event loop (or, for
+        displays that asked for composited JPEG, to the JPEG thread)."""
+        subs = list(self.subscribers)
+        if not subs:
+            return
+        active = self._active_alerts_pb()
+        payload = {}
+        for want in {s.include_anatomy for s in subs}:
+            payload[want] = overlay_to_pb(r, self.model_info, active, want, self.model_set).SerializeToString()
+        plain = [s for s in subs if s.jpeg_key is None]
+        if plain:
+            self.loop.call_soon_threadsafe(self._deliver, [(s, payload[s.include_anatomy]) for s in plain])
+        if len(plain) < len(subs) and self._jpeg_worker is not None:
+            self._jpeg_worker((r, payload, [s for s in subs if s.jpeg_key is not None]))
+
+    def _compose_jpegs(self, item) -> None:
+        r, payload, subs = item
+        banners = [AlertBanner(a.severity, a.message) for a in self.alerts.active()]
+        composed = self.renderer.draw(r.image, r, banners)
+        encoded: dict[tuple[int, int], bytes] = {}
+        deliveries = []
+        for s in subs:
+            if s.jpeg_key not in encoded:
+                quality, max_side = s.jpeg_key
+                img = composed
+                h, w = img.shape[:2]
+                if max_side and max(w, h) > max_side:
+                    k = max_side / max(w, h)
+                    img = cv2.resize(img, (max(1, int(w * k)), max(1, int(h * k))), interpolation=cv2.INTER_AREA)
+                ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+                encoded[s.jpeg_key] = jpeg_field(buf.tobytes()) if ok else b""
+            deliveries.append((s, payload[s.include_anatomy] + encoded[s.jpeg_key]))
+        self.loop.call_soon_threadsafe(self._deliver, deliveries)
+
+    def _active_alerts_pb(self) -> list:
+        return active_alerts_to_pb(self.alerts.active())
+
+    # ----- on the event loop ------------------------------------------------------------------
+    def publish_unavailable(self, reason: str) -> None:
+        """On the event loop: tell every display, explicitly, that there is no current AI result.
+        Sent while the pipeline is stalled or the source lost, so no display keeps an old overlay."""
+        data = unavailable_to_pb(reason, self._active_alerts_pb(), self.model_info).SerializeToString()
+        self._deliver([(s, data) for s in self.subscribers])
+
+    def _deliver(self, deliveries) -> None:
+        if self.closed:
+            return  # each stream's queue ends with the shutdown marker; nothing may push it out
+        for s, data in deliveries:
+            if s in self.subscribers:
+                s.offer(data)
+
+    def close(self) -> None:
+        """Deliver nothing more: from now on only the shutdown markers of ``end_streams`` go out."""
+        self.closed = True
+
+    def end_streams(self) -> None:
+        """At shutdown: each overlay stream ends with OK after what it had queued, each alert stream
+        wakes to see the agent stopping."""
+        for sub in list(self.subscribers):
+            sub.offer(SHUTDOWN)
+        self.wake_alert_streams()
+
+    # ----- alert streams ----------------------------------------------------------------------
+    def alert_recorded(self, _rec: AlertRecord) -> None:
+        """An ``AlertLog`` listener, called on whichever thread recorded the event."""
+        self.loop.call_soon_threadsafe(self.wake_alert_streams)
+
+    @property
+    def alert_wakeup(self) -> asyncio.Event:
+        """The event the next recorded alert sets; an alert stream takes it before reading the log."""
+        return self._alert_wakeup
+
+    def wake_alert_streams(self) -> None:
+        """On the event loop: wake every alert stream. Each waits on the event that was current when
+        it last read the log, so none can miss a wakeup another stream has already consumed."""
+        wakeup, self._alert_wakeup = self._alert_wakeup, asyncio.Event()
+        wakeup.set()
+
+    # ----- the JPEG thread --------------------------------------------------------------------
+    def start_worker(self) -> None:
+        self._jpeg_worker = QueuedSubscriber(self._compose_jpegs, maxsize=1, drop_oldest=True, name="jpeg").start()
+
+    def stop_worker(self) -> None:
+        if self._jpeg_worker is not None:
+            try:
+                self._jpeg_worker.stop(timeout_s=2.0)
+            except Exception:
+                log.exception("JPEG worker failed")
