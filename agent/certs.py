@@ -470,3 +470,113 @@ def _signed_by(cert_path: Path, ca_path: Path) -> bool:
         return True
     except Exception:  # unreadable, not PEM, or not signed by it: all mean "will be refused"
         return False
+
+
+# -- revocation -------------------------------------------------------------------------------
+#
+# `or-agent certs revoke NAME` writes DIR/revoked.txt: one line per revocation, the certificate's
+# serial number (hex; "-" when no certificate file of that name was there), the display name and the
+# time (UTC). The agent refuses a certificate whose serial is listed, and every certificate issued to
+# a listed name up to that time (a display may hold an older copy made before a re-run of `certs`);
+# a certificate made for the name afterwards (`or-agent certs --display NAME`) is accepted again. A
+# plain text file rather than an X.509 CRL: a CRL lists serial numbers only, and gRPC's Python server
+# cannot check one; the agent checks this list itself, on every call (agent.access).
+
+REVOKED_FILE = "revoked.txt"
+_REVOKED_HEADER = ("# or-agent revoked display certificates (or-agent certs revoke NAME): serial (hex, '-' for\n"
+                   "# none), display name, revoked at (UTC). Refused: a listed serial, and every certificate\n"
+                   "# issued to a listed name up to that time. Read by the agent at start and when it changes.\n")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: int | None  # None: the name alone
+    name: str
+    revoked_at: dt.datetime  # UTC, whole seconds
+
+    def line(self) -> str:
+        serial = "-" if self.serial is None else format(self.serial, "x")
+        return f"{serial} {self.name} {self.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What the agent needs of a display's certificate: its name (CN), serial and when it was issued."""
+
+    name: str
+    serial: int
+    issued_at: dt.datetime  # not_valid_before + BACKDATE: when `certs` made it
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> PeerCertificate:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        c = x509.load_pem_x509_certificate(pem)
+        names = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        name = str(names[0].value) if names else ""
+        return cls(name, c.serial_number, c.not_valid_before_utc + BACKDATE)
+
+
+def revoked_path(ca_cert: Path) -> Path:
+    """Where `or-agent certs revoke` writes the list: beside the CA's certificate."""
+    return Path(ca_cert).parent / REVOKED_FILE
+
+
+def read_revocations(path: Path) -> list[Revocation]:
+    """The revocation list at ``path``; each bad line is named."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    out = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 3 or not is_plain_name(parts[1]):
+                raise ValueError
+            serial = None if parts[0] == "-" else int(parts[0], 16)
+            at = dt.datetime.strptime(parts[2], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            raise InputError(f"{path}:{number}: expected 'SERIAL NAME YYYY-MM-DDTHH:MM:SSZ' "
+                             f"(SERIAL hex or '-'), got {line[:100]!r}") from None
+        out.append(Revocation(serial, parts[1], at))
+    return out
+
+
+def revocation_of(cert: PeerCertificate, revocations: Sequence[Revocation]) -> Revocation | None:
+    """The entry that revokes ``cert``, or None."""
+    for r in revocations:
+        if r.serial is not None and r.serial == cert.serial:
+            return r
+        if r.name == cert.name and cert.issued_at <= r.revoked_at:
+            return r
+    return None
+
+
+def revoke(out_dir: Path, name: str) -> tuple[Revocation, Path, bool]:
+    """Revoke the display ``name`` in ``out_dir``'s list: its certificate's serial (when
+    ``clients/NAME.crt`` is one of this CA's) and every certificate issued to the name until now.
+    Returns the entry, the list's path, and whether a certificate file was found."""
+    check_name("display", name)
+    out = Path(out_dir)
+    ca_cert = out / "ca.crt"
+    if not ca_cert.is_file():
+        raise InputError(f"{ca_cert}: no such file (is {out} the directory `or-agent certs --out` made?)")
+    path = revoked_path(ca_cert)
+    existing = read_revocations(path) if path.exists() else []
+    crt = out / "clients" / f"{name}.crt"
+    serial = None
+    if crt.is_file() and _signed_by(crt, ca_cert):
+        serial = _parse_certs(crt, _read(crt))[0].serial_number
+    # whole seconds, as certificates' times: one issued earlier within this second is covered too
+    entry = Revocation(serial, name, _now().replace(microsecond=0))
+    lines = [r.line() for r in existing] + [entry.line()]
+    _write_public(path, (_REVOKED_HEADER + "\n".join(lines) + "\n").encode())
+    return entry, path, serial is not None

@@ -156,6 +156,15 @@ def _client_credentials(args):
                                Path(args.tls_key) if args.tls_key else None)
 
 
+def _certificate_name(path: Path) -> str:
+    from or_agent.agent.certs import PeerCertificate
+
+    try:
+        return PeerCertificate.from_pem(path.read_bytes()).name or "display"
+    except (OSError, ValueError):
+        return "display"  # the credentials' own check names the problem
+
+
 def cmd_display(args) -> int:
     import asyncio
 
@@ -167,7 +176,10 @@ def cmd_display(args) -> int:
         headless = str(Path("out") / f"display-{args.client_id}.mp4")
         Path(headless).parent.mkdir(parents=True, exist_ok=True)
         print(f"no screen found: running headless, writing what the display shows to {headless}")
-    d = Display(args.target, client_id=args.client_id, video=args.video, headless=headless, stale_ms=args.stale_ms,
+    client_id = args.client_id
+    if client_id is None:  # under mutual TLS the agent knows a display by its certificate's name
+        client_id = _certificate_name(Path(args.tls_cert)) if args.tls_cert else "display"
+    d = Display(args.target, client_id=client_id, video=args.video, headless=headless, stale_ms=args.stale_ms,
                 credentials=_client_credentials(args), duration_s=args.duration)
     code = asyncio.run(d.run())
     if headless:
@@ -232,6 +244,8 @@ def _mode(path: Path) -> str:
 def cmd_certs(args) -> int:
     from or_agent.agent.certs import describe, make_certificates, stale_clients
 
+    if not args.out or not args.box:
+        raise InputError("certs: --out and --box are required (or: or-agent certs revoke NAME --out DIR)")
     made = make_certificates(Path(args.out), args.box, args.display or (), dns=args.dns or (), ips=args.ip or (),
                              ca_days=args.ca_days, cert_days=args.cert_days, force_new_ca=args.force_new_ca)
     print(f"{made.ca_cert}  {'new' if made.new_ca else 'kept'} {describe(made.ca_cert)}")
@@ -256,6 +270,20 @@ def cmd_certs(args) -> int:
         print(f"  {crt} {key} {made.ca_cert}")
     print(f"Keep {made.ca_key} private (it can make certificates the agent trusts); "
           "it is needed only to make more of them.")
+    return 0
+
+
+def cmd_certs_revoke(args) -> int:
+    """``or-agent certs revoke NAME --out DIR``: the agent refuses that display's certificates from then on."""
+    from or_agent.agent.certs import revoke
+
+    entry, path, found = revoke(Path(args.out), args.name)
+    what = f"certificate serial {entry.serial:x} and every" if found else "every"
+    print(f"revoked: {what} certificate issued to {entry.name} until {entry.revoked_at:%Y-%m-%d %H:%M:%S} UTC ({path})")
+    if not found:
+        print(f"note: no certificate of this CA at {Path(args.out) / 'clients' / (args.name + '.crt')}: revoked by name only")
+    print("A running agent reads the list within a second and refuses the display's calls, ending its open streams;")
+    print(f"to admit the display again, make it a new certificate: or-agent certs --out {args.out} --box BOX --display {args.name}")
     return 0
 
 
@@ -368,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("display", help="the reference OR display: overlays from a running agent, full screen")
     p.add_argument("--target", required=True, help="the agent's HOST:PORT")
-    p.add_argument("--client-id", default="display", help="this display's name, for logs and acknowledgements")
+    p.add_argument("--client-id", default=None,
+                   help="this display's name, for logs and acknowledgements (default: the name in --tls-cert, else display)")
     p.add_argument("--video", help="a local copy of the video: draw overlays on it, matched by media timestamp")
     p.add_argument("--headless", metavar="OUT.mp4", help="write what would be shown to a video file instead of a window")
     p.add_argument("--stale-ms", type=float, default=250.0, help="show AI OFF when the newest overlay is older (default 250)")
@@ -381,9 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from or_agent.agent.certs import CA_DAYS, CERT_DAYS
 
-    p = sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates")
-    p.add_argument("--out", required=True, help="directory of the certificates (made 0700 if new)")
-    p.add_argument("--box", required=True, help="the box's name: the server certificate's CN and a DNS name in it")
+    p = sub.add_parser("certs", help="make a local CA, the box's server certificate and the displays' client certificates; "
+                                     "revoke a display's (certs revoke NAME --out DIR)")
+    p.add_argument("--out", help="directory of the certificates (made 0700 if new); required")
+    p.add_argument("--box", help="the box's name: the server certificate's CN and a DNS name in it; required")
     p.add_argument("--display", action="append", default=[], metavar="NAME",
                    help="make a client certificate for this display (repeatable)")
     p.add_argument("--dns", action="append", default=[], metavar="NAME",
@@ -396,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-new-ca", action="store_true",
                    help="make a new CA even if DIR has one (every display then needs a new certificate)")
     p.set_defaults(func=cmd_certs)
+    certs_sub = p.add_subparsers(dest="certs_command", metavar="[revoke]")
+    r = certs_sub.add_parser("revoke", help="revoke a display's certificates: the agent refuses them from then on")
+    r.add_argument("name", metavar="NAME", help="the display's name (its certificate's CN)")
+    r.add_argument("--out", required=True, help="the certificates' directory (as given to or-agent certs --out)")
+    r.set_defaults(func=cmd_certs_revoke)
 
     p = sub.add_parser("doctor", help="check this box: GPU, drivers, TensorRT, ONNX Runtime, cameras, engines, disk, clock")
     add_models_option(p)

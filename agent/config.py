@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from or_agent.agent.source_policy import check_entry
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.options import BACKENDS, FRAME_PATHS
 from or_agent.pipelines.runtime import PipelineConfig
@@ -51,8 +52,12 @@ class _Section:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, f.name, value)
+            if expected is tuple and isinstance(value, list):  # a TOML array; kept as a tuple (frozen)
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-                raise InputError(f"{self.SECTION}.{f.name}: must be {expected.__name__}, got {value!r}")
+                kind = "an array" if expected is tuple else expected.__name__
+                raise InputError(f"{self.SECTION}.{f.name}: must be {kind}, got {value!r}")
             if expected in (int, float) and value < 0:
                 raise InputError(f"{self.SECTION}.{f.name}: must not be negative, got {value}")
         for key in self.AT_LEAST_ONE:
@@ -89,6 +94,20 @@ class ServerConfig(_Section):
     behind_limit_s: float = 5.0  # a display dropping overlays this long is told RESOURCE_EXHAUSTED
     alert_history: int = 1000  # alert events kept for reconnecting displays
     shutdown_grace_s: float = 2.0
+    # revocation list written by `or-agent certs revoke`; default: revoked.txt beside tls_ca, if it is there
+    tls_revoked: str = ""
+    # roles under mutual TLS: the display names (certificate CNs) that may start and stop cases, and that
+    # may acknowledge alerts; "*" is every display certificate of tls_ca (viewing needs only a certificate)
+    may_start_stop: tuple = ("*",)
+    may_acknowledge: tuple = ("*",)
+    # displays (certificate CNs under mutual TLS, else client ids) that always get an overlay slot: when
+    # every slot is taken, the stalest other display gives its own up
+    reserved_displays: tuple = ()
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Whether a display is known by its certificate (TLS with client certificates required)."""
+        return bool(self.tls_cert and self.require_client_auth)
 
     def check(self) -> None:
         host = listen_host(self.listen)
@@ -99,6 +118,23 @@ class ServerConfig(_Section):
                              "server.tls_key and server.tls_ca (see `or-agent certs`), or server.insecure = true")
         if self.tls_cert and self.require_client_auth and not self.tls_ca:
             raise InputError("server.tls_ca: mutual TLS (server.require_client_auth) needs the CA of the displays' certificates")
+        for key in ("may_start_stop", "may_acknowledge"):
+            names = getattr(self, key)
+            bad = [n for n in names if n != "*" and not is_plain_name(n)]
+            if bad:
+                raise InputError(f"server.{key}: display names (1-64 letters, digits, '.', '_' or '-') or \"*\", got {bad[0]!r}")
+            if "*" not in names and not self.mutual_tls:
+                raise InputError(f"server.{key}: roles need mutual TLS (server.tls_cert, tls_key, tls_ca and "
+                                 "require_client_auth): without a client certificate a display's name is only what it claims")
+        bad = [n for n in self.reserved_displays if not is_plain_name(n)]
+        if bad:
+            raise InputError(f"server.reserved_displays: display names (1-64 letters, digits, '.', '_' or '-'), got {bad[0]!r}")
+        if len(self.reserved_displays) >= self.max_subscribers:
+            raise InputError(f"server.reserved_displays: {len(self.reserved_displays)} reserved slots leave none of the "
+                             f"{self.max_subscribers} (max_subscribers) for other displays")
+        if self.tls_revoked and not self.mutual_tls:
+            raise InputError("server.tls_revoked: a revocation list needs mutual TLS (server.tls_cert, tls_key, tls_ca "
+                             "and require_client_auth)")
 
 
 @dataclass(frozen=True)
@@ -108,10 +144,17 @@ class CaseConfig(_Section):
     source: str = ""  # started at launch when set: file, camera index, /dev/videoN, rtsp:// URL
     case_id: str = ""
     paced: bool = True  # files replay at their native rate, as a live feed would arrive
+    # what StartCase may open besides the launch source and the box's capture devices: absolute
+    # directories or files, stream URL prefixes (agent.source_policy)
+    allowed_sources: tuple = ()
 
     def check(self) -> None:
         if self.case_id and not is_plain_name(self.case_id):
             raise InputError(f"case.case_id: use 1-64 letters, digits, '.', '_' or '-' (no patient data), got {self.case_id!r}")
+        for entry in self.allowed_sources:
+            problem = check_entry(entry)
+            if problem is not None:
+                raise InputError(f"case.allowed_sources: {problem}")
 
 
 # keys earlier versions read, with what replaced them: an old config file gets that, not "unknown key"

@@ -3,8 +3,10 @@
 Separate from the service's state because its one job is a real-time guarantee: a slow or stuck
 display must never slow the pipeline or the other displays. The pipeline's publish thread turns each
 result into wire bytes once (with and without anatomy, as subscribers asked) and offers them to every
-subscriber's queue on the event loop; a full queue drops its oldest overlay and the display's stream
-is ended once it has been behind for too long (``OrAgentHandlers.StreamOverlays``). Composited JPEGs
+subscriber's queue on the event loop; a full queue drops its oldest overlay. A display is judged by the
+age of what it is being sent (since its frame was captured), whatever kind of stream it asked for: once
+the overlay it is to receive next is older than the limit, its stream is ended
+(``OrAgentHandlers.StreamOverlays``), and a stale display loses its slot to a live one. Composited JPEGs
 are made once per frame and quality, on their own thread, only when someone asked. Alert streams are
 woken here too, whenever the alert log records an event.
 """
@@ -31,30 +33,41 @@ SHUTDOWN = object()
 
 @dataclass(eq=False)
 class Subscriber:
-    """One display's overlay stream: its wishes, its bounded queue, and how far behind it is."""
+    """One display's overlay stream: its wishes, its bounded queue of (payload, when its frame was
+    captured, monotonic seconds), and how old what it is being sent is."""
     client_id: str
     peer: str
     include_anatomy: bool
     jpeg_key: tuple[int, int] | None  # (quality, max side) when the display wants composited JPEG
     queue: asyncio.Queue
+    reserved: bool = False  # a configured display: it always gets a slot
     dropped: int = 0
     sent: int = 0
-    behind_since: float | None = None
+    writing: float | None = None  # capture time of the overlay whose write is under way
+    ended: asyncio.Event | None = None  # set to end the stream (its slot went to a live display)
+
+    def age_s(self, now: float | None = None) -> float:
+        """How old the overlay this display is to receive next is: the one being written, else the
+        oldest queued one; 0 when it holds nothing (it is up to date)."""
+        now = time.monotonic() if now is None else now
+        oldest = self.writing
+        if oldest is None and not self.queue.empty():
+            oldest = self.queue._queue[0][1]  # type: ignore[attr-defined]  # asyncio.Queue's deque, read only
+        return 0.0 if oldest is None else max(0.0, now - oldest)
 
     def over_limit(self, limit_s: float) -> bool:
-        return self.behind_since is not None and time.monotonic() - self.behind_since > limit_s
+        return self.age_s() > limit_s
 
-    def offer(self, payload) -> None:
-        """On the event loop: enqueue, dropping the oldest overlay when full."""
+    def offer(self, payload, made_at: float | None = None) -> None:
+        """On the event loop: enqueue, dropping the oldest overlay when full. ``made_at`` is when the
+        overlay's frame was captured (monotonic seconds); now, for notices."""
         if self.queue.full():
             try:
                 self.queue.get_nowait()
                 self.dropped += 1
-                if self.behind_since is None:
-                    self.behind_since = time.monotonic()
             except asyncio.QueueEmpty:
                 pass
-        self.queue.put_nowait(payload)
+        self.queue.put_nowait((payload, time.monotonic() if made_at is None else made_at))
 
 
 class Fanout:
@@ -74,10 +87,31 @@ class Fanout:
         self._jpeg_worker: QueuedSubscriber | None = None
 
     # ----- displays (on the event loop) ---------------------------------------------------------
-    def subscribe(self, client_id: str, peer: str, include_anatomy: bool, jpeg_key: tuple[int, int] | None) -> Subscriber:
-        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size))
+    def subscribe(self, client_id: str, peer: str, include_anatomy: bool, jpeg_key: tuple[int, int] | None,
+                  reserved: bool = False) -> Subscriber:
+        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size), reserved,
+                         ended=asyncio.Event())
         self.subscribers.add(sub)
         return sub
+
+    def make_room(self, limit: int, reserved: bool, stale_s: float) -> Subscriber | None:
+        """With ``limit`` displays subscribed, the one whose slot goes to a newcomer (its stream is ended),
+        or None if none may be displaced: a stale display (what it is to receive next is older than
+        ``stale_s``) for anyone, the stalest other unreserved display for a configured (reserved) one."""
+        if len(self.subscribers) < limit:
+            return None
+        now = time.monotonic()
+        by_age = sorted(self.subscribers, key=lambda s: (s.reserved, -s.age_s(now), -s.dropped))
+        candidates = [s for s in by_age if not s.reserved and (reserved or s.age_s(now) > stale_s)]
+        if not candidates:
+            return None
+        victim = candidates[0]
+        self.subscribers.discard(victim)
+        if victim.ended is not None:
+            victim.ended.set()
+        if victim.queue.empty():  # wake a stream waiting for its next overlay
+            victim.queue.put_nowait((None, time.monotonic()))
+        return victim
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
@@ -93,9 +127,10 @@ class Fanout:
         payload = {}
         for want in {s.include_anatomy for s in subs}:
             payload[want] = overlay_to_pb(r, self.model_info, active, want, self.model_set).SerializeToString()
+        made_at = r.marks_ns["capture"] / 1e9  # its age is judged from the frame's capture
         plain = [s for s in subs if s.jpeg_key is None]
         if plain:
-            self.loop.call_soon_threadsafe(self._deliver, [(s, payload[s.include_anatomy]) for s in plain])
+            self.loop.call_soon_threadsafe(self._deliver, [(s, payload[s.include_anatomy]) for s in plain], made_at)
         if len(plain) < len(subs) and self._jpeg_worker is not None:
             self._jpeg_worker((r, payload, [s for s in subs if s.jpeg_key is not None]))
 
@@ -116,7 +151,7 @@ class Fanout:
                 ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
                 encoded[s.jpeg_key] = jpeg_field(buf.tobytes()) if ok else b""
             deliveries.append((s, payload[s.include_anatomy] + encoded[s.jpeg_key]))
-        self.loop.call_soon_threadsafe(self._deliver, deliveries)
+        self.loop.call_soon_threadsafe(self._deliver, deliveries, r.marks_ns["capture"] / 1e9)
 
     def _active_alerts_pb(self) -> list:
         return active_alerts_to_pb(self.alerts.active())
@@ -128,12 +163,12 @@ class Fanout:
         data = unavailable_to_pb(reason, self._active_alerts_pb(), self.model_info).SerializeToString()
         self._deliver([(s, data) for s in self.subscribers])
 
-    def _deliver(self, deliveries) -> None:
+    def _deliver(self, deliveries, made_at: float | None = None) -> None:
         if self.closed:
             return  # each stream's queue ends with the shutdown marker; nothing may push it out
         for s, data in deliveries:
             if s in self.subscribers:
-                s.offer(data)
+                s.offer(data, made_at)
 
     def close(self) -> None:
         """Deliver nothing more: from now on only the shutdown markers of ``end_streams`` go out."""

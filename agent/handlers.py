@@ -15,14 +15,18 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
+from or_agent.agent.access import ACKNOWLEDGE, START_STOP, Access, Caller, Refused
 from or_agent.agent.config import is_plain_name
 from or_agent.agent.fanout import SHUTDOWN, Subscriber
 from or_agent.agent.service import AgentService
 from or_agent.agent.session import CaseSpec
+from or_agent.agent.source_policy import NOT_ALLOWED, SourceNotAllowed, SourcePolicy, public_name
 from or_agent.agent.wire import alert_to_pb, case_info_to_pb
 from or_agent.pipelines.errors import OrAgentError
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 
+# a display whose next overlay is this old loses its slot to a newcomer when every slot is taken
+DISPLACE_AFTER_S = 2.0
 log = logging.getLogger("or-agent.service")  # the service's: log lines keep the source they always had
 SERVICE_NAME = "oragent.v1.OrAgent"
 _MALFORMED = object()
@@ -57,33 +61,85 @@ async def _check_client_id(client_id: str, context) -> None:
                             f"client_id: use 1-64 letters, digits, '.', '_' or '-', got {client_id[:80]!r}")
 
 
-class OrAgentHandlers:
-    """The RPC handlers; thin, all state lives in AgentService."""
+def _by(caller: Caller) -> str:
+    return f" by {loggable(caller.name)}" if caller.certificate is not None else ""
 
-    def __init__(self, service: AgentService):
+
+def _public_error(message: str, source: str) -> str:
+    """A source's error with the resolved path it names replaced by the source's public name."""
+    return message.replace(source, public_name(source)) if source else message
+
+
+class OrAgentHandlers:
+    """The RPC handlers; thin, all state lives in AgentService. Every call is identified first (under
+    mutual TLS by its certificate, which must not be revoked), then checked against the roles."""
+
+    def __init__(self, service: AgentService, access: Access | None = None):
         self.s = service
+        self.access = access or Access(service.config.server)
+        case = service.config.case
+        self.sources = SourcePolicy(case.allowed_sources, case.source)
+
+    async def _caller(self, context, client_id: str | None = None, role: str | None = None) -> Caller:
+        """The verified caller (``client_id``: the request's, where it has one); refused calls are
+        aborted with the reason and logged."""
+        if client_id is not None and not (self.access.mutual and client_id == ""):
+            await _check_client_id(client_id, context)
+        try:
+            caller = self.access.identify(context.auth_context(), client_id)
+            if role is not None:
+                self.access.require(caller, role)
+            return caller
+        except Refused as r:
+            log.warning("refused a call from %s: %s", loggable(context.peer()), loggable(r.message))
+            await context.abort(getattr(grpc.StatusCode, r.code), r.message)
+            raise  # abort raises; this only tells the type checker
+
+    async def _still_allowed(self, caller: Caller, context, generation: int) -> int:
+        """For an open stream: if the revocation list changed since ``generation``, check the caller again
+        (aborting its stream if its certificate is now revoked); returns the current generation."""
+        now = self.access.generation
+        if now != generation:
+            try:
+                self.access.check_revoked(caller)
+            except Refused as r:
+                log.warning("ending the stream of %s: %s", loggable(caller.name), loggable(r.message))
+                await context.abort(getattr(grpc.StatusCode, r.code), r.message)
+        return now
 
     async def StreamOverlays(self, request, context):
         await _reject_malformed(request, context)
-        await _check_client_id(request.client_id, context)
+        caller = await self._caller(context, request.client_id)
+        generation = self.access.generation
         cfg = self.s.config.server
         if request.jpeg_quality > 100 or request.jpeg_max_side > 8192:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "jpeg_quality must be 0-100 and jpeg_max_side 0-8192")
+        reserved = caller.name in cfg.reserved_displays
         if len(self.s.fanout.subscribers) >= cfg.max_subscribers:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many subscribers (limit {cfg.max_subscribers})")
+            # a configured display always gets in; anyone gets the slot of a display gone stale
+            displaced = self.s.fanout.make_room(cfg.max_subscribers, reserved, DISPLACE_AFTER_S)
+            if displaced is None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many subscribers (limit {cfg.max_subscribers})")
+            else:
+                log.warning("display %s (%s) gave its slot to %s: %.1f s behind", displaced.client_id, displaced.peer,
+                            loggable(caller.name), displaced.age_s())
         jpeg = (request.jpeg_quality or 80, request.jpeg_max_side) if request.include_jpeg else None
-        sub = self.s.fanout.subscribe(request.client_id, context.peer(), request.include_anatomy, jpeg)
+        sub = self.s.fanout.subscribe(caller.name, context.peer(), request.include_anatomy, jpeg, reserved)
         log.info("display %s (%s) subscribed to overlays", sub.client_id, sub.peer)
         try:
             while True:
-                payload = await sub.queue.get()
+                payload, made_at = await sub.queue.get()
                 if payload is SHUTDOWN:
                     return
-                if sub.behind_since is not None and sub.queue.empty():
-                    sub.behind_since = None
-                if sub.over_limit(cfg.behind_limit_s) or not await self._write(sub, context, payload, cfg.behind_limit_s):
-                    await self._end_behind(sub, context, cfg.behind_limit_s)
+                if sub.ended is not None and sub.ended.is_set():
+                    await self._end_behind(sub, context, cfg.behind_limit_s, displaced=True)
                     return
+                generation = await self._still_allowed(caller, context, generation)
+                sub.writing = made_at
+                if sub.over_limit(cfg.behind_limit_s) or not await self._write(sub, context, payload, cfg.behind_limit_s):
+                    await self._end_behind(sub, context, cfg.behind_limit_s, displaced=bool(sub.ended and sub.ended.is_set()))
+                    return
+                sub.writing = None
                 sub.sent += 1
         finally:
             self.s.fanout.unsubscribe(sub)
@@ -94,12 +150,13 @@ class OrAgentHandlers:
         """Send one overlay; False if the display's transport stayed full until it fell behind the limit.
 
         A display that reads slowly first fills gRPC's flow-control window; the write then waits
-        for it, and only a watch beside the write can tell that the display stayed behind."""
+        for it, and only a watch beside the write can tell that the display stayed behind (or that
+        its slot went to a live display)."""
         write = asyncio.ensure_future(context.write(payload))
         try:
             while not write.done():
                 await asyncio.wait((write,), timeout=0.25)
-                if not write.done() and sub.over_limit(limit_s):
+                if not write.done() and (sub.over_limit(limit_s) or (sub.ended is not None and sub.ended.is_set())):
                     return False
             write.result()
             return True
@@ -108,19 +165,25 @@ class OrAgentHandlers:
                 write.cancel()
 
     @staticmethod
-    async def _end_behind(sub: Subscriber, context, limit_s: float) -> None:
-        log.warning("display %s (%s) fell behind: %d overlays dropped; ending its stream", sub.client_id, sub.peer, sub.dropped)
+    async def _end_behind(sub: Subscriber, context, limit_s: float, displaced: bool = False) -> None:
+        age = sub.age_s()
+        if displaced:
+            message = (f"display {sub.client_id} was {age:.1f} s behind and gave its slot to a live display "
+                       f"({sub.dropped} overlays dropped); reconnect")
+        else:
+            log.warning("display %s (%s) fell behind: what it was to receive was %.1f s old, %d overlays dropped; "
+                        "ending its stream", sub.client_id, sub.peer, age, sub.dropped)
+            message = (f"display {sub.client_id} fell behind: what it was to receive was more than {limit_s:g} s old "
+                       f"({sub.dropped} overlays dropped); reconnect")
         try:
             # The status goes out after what the display's transport still holds; don't wait for it.
-            await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                 f"display {sub.client_id} fell behind: {sub.dropped} overlays dropped, "
-                                                 f"still behind after {limit_s:g} s; reconnect"), timeout=1.0)
+            await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message), timeout=1.0)
         except asyncio.TimeoutError:
             pass
 
     async def StreamAlerts(self, request, context):
         await _reject_malformed(request, context)
-        await _check_client_id(request.client_id, context)
+        caller = await self._caller(context, request.client_id)
         cursor = request.after_sequence
         instance = self.s.alerts.instance
         changed = bool(request.agent_instance) and request.agent_instance != instance
@@ -140,13 +203,15 @@ class OrAgentHandlers:
                                     message=f"this is agent instance {instance}, not {loggable(request.agent_instance, 40)}: "
                                             "its alert numbering is its own; its history follows from the start",
                                     event_unix_ms=int(time.time() * 1000))
-            async for event in self._alert_events(cursor):
+            async for event in self._alert_events(cursor, caller, context):
                 yield event
         finally:
             self.s.alert_streams -= 1
 
-    async def _alert_events(self, cursor: int):
+    async def _alert_events(self, cursor: int, caller: Caller, context):
+        generation = self.access.generation
         while not self.s.shutting_down:
+            generation = await self._still_allowed(caller, context, generation)
             wakeup = self.s.fanout.alert_wakeup  # before reading: an event recorded after this sets it
             events, truncated = self.s.alerts.since(cursor)
             if truncated:
@@ -165,32 +230,44 @@ class OrAgentHandlers:
 
     async def GetStatus(self, request, context):
         await _reject_malformed(request, context)
+        await self._caller(context)
         return self.s.status()
 
     async def StartCase(self, request, context):
         await _reject_malformed(request, context)
+        caller = await self._caller(context, role=START_STOP)
         try:
-            spec = CaseSpec(request.source, request.case_id, request.paced)
-            session = await self.s.start_case(spec)
+            # the allow-list first: a refused source is never looked at, so the answer is the same
+            # whether or not it exists and whatever it is
+            source = self.sources.admit(request.source)
+        except SourceNotAllowed:
+            log.warning("StartCase from %s refused: the source is not in [case] allowed_sources",
+                        loggable(caller.name or context.peer()))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_ALLOWED)
+        try:
+            spec = CaseSpec(source, request.case_id, request.paced)
+            session = await self.s.start_case(spec, by=caller.name)
         except OrAgentError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # a source's own error names the path resolved; the caller is told the name it knows
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _public_error(str(exc), source))
         except RuntimeError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        log.info("case %s started on %s", spec.case_id, loggable(session.source.name))
+        log.info("case %s started on %s%s", spec.case_id, loggable(session.source_label), _by(caller))
         return case_info_to_pb(session)
 
     async def StopCase(self, request, context):
         await _reject_malformed(request, context)
-        session = await self.s.stop_case()
+        caller = await self._caller(context, role=START_STOP)
+        session = await self.s.stop_case(by=caller.name)
         if session is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no case is running")
-        log.info("case %s stopped (%s)", session.spec.case_id, loggable(request.reason) or "no reason given")
+        log.info("case %s stopped (%s)%s", session.spec.case_id, loggable(request.reason) or "no reason given", _by(caller))
         return case_info_to_pb(session)
 
     async def AcknowledgeAlert(self, request, context):
         await _reject_malformed(request, context)
-        await _check_client_id(request.client_id, context)
-        rec = self.s.alerts.acknowledge(request.alert_id, request.client_id)
+        caller = await self._caller(context, request.client_id, role=ACKNOWLEDGE)
+        rec = self.s.alerts.acknowledge(request.alert_id, caller.name)
         if rec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no active alert {request.alert_id[:80]!r}")
         return pb.AcknowledgeResponse(event=alert_to_pb(rec, self.s.model_info, self.s.alerts.instance))

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from or_agent.agent.access import Access
 from or_agent.agent.config import AgentConfig, is_loopback, listen_host
 from or_agent.agent.failsafe import Failsafe
 from or_agent.agent.handlers import SERVICE_NAME, OrAgentHandlers, generic_handler
@@ -44,6 +45,7 @@ class AgentServer:
     def __init__(self, config: AgentConfig, models: LoadedModels | None = None):
         self.config = config
         p = config.pipeline
+        self.access = Access(config.server)  # reads the revocation list: a bad one stops the start here
         self.models = models or LoadedModels(p.models or None, backend=p.backend, cache_dir=p.engine_cache or None,
                                              live_session=True, preprocessing=p.preprocessing,
                                              cuda_graphs=p.cuda_graphs, build_engines_live=p.build_engines_live)
@@ -72,7 +74,7 @@ class AgentServer:
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(options=options)
-        self.server.add_generic_rpc_handlers((generic_handler(OrAgentHandlers(self.service)),))
+        self.server.add_generic_rpc_handlers((generic_handler(OrAgentHandlers(self.service, self.access)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         creds = _credentials(self.config)

@@ -84,6 +84,10 @@ class AgentService:
         self._audit_writer: QueuedSubscriber | None = None
         self._audit_log = None
         self._case_started = 0.0
+        # Agent-level system states that outlive a case (the audit trail found damaged at start): every
+        # case's decision support starts with them, so each case shows their alerts.
+        self.system_states: dict[str, str] = {}
+        self._source_trouble: tuple[str, float, float] | None = None  # this case's last: (message, unix s, monotonic s)
 
     # ----- from the pipeline's publish thread -------------------------------------------------
     def on_result(self, r: FrameResult) -> None:
@@ -97,6 +101,8 @@ class AgentService:
         """Source trouble becomes system state, which the system rules turn into alerts, so the team
         sees why the AI went quiet."""
         change = SOURCE_STATES.get(e.kind)
+        if change is not None and change[1]:  # trouble: the case's last_error in GetStatus
+            self._source_trouble = (e.message or e.kind, time.time(), time.monotonic())
         if change is not None and self.decision is not None:
             state, holds = change
             back = "" if holds else f"{BACK[state]} after {e.gap_s or 0:.1f} s"
@@ -111,23 +117,26 @@ class AgentService:
         return sum(1 for t in list(self._published_at) if now - t <= span) / span
 
     # ----- case lifecycle -------------------------------------------------------------------
-    async def start_case(self, spec: CaseSpec) -> CaseSession:
+    async def start_case(self, spec: CaseSpec, by: str = "") -> CaseSession:
+        """``by``: the display that asked (its verified certificate name under mutual TLS), for the audit trail."""
         async with self._session_lock:
             if self.session is not None and not self.session.stopped_unix_ms:
                 raise RuntimeError(f"case {self.session.spec.case_id!r} is running; stop it first")
             session = CaseSession(spec, self.models, self.config.pipeline, self.on_result, self.on_source_event)
-            self._case_started = time.monotonic()
+            self._case_started, self._source_trouble = time.monotonic(), None
             self.decision = DecisionSupport(self.alerts, self.rules, self.config.alerts.reannounce_s)
             await asyncio.get_running_loop().run_in_executor(None, session.start)
             self.session = session
+            if self.system_states:  # the agent's own lasting trouble shows in every case
+                self.decision.set_system(**self.system_states)
             self.audit("session_start", {"case_id": spec.case_id, "source_kind": source_kind(spec.source),
                                          "paced": spec.paced, "config_sha256": config_digest(self.config),
                                          "models": [{"task": str(m.task), "model": m.name, "version": m.version,
                                                      "sha256": m.sha256} for m in self.models.model_set.models],
-                                         "rules": [r.id for r in self.rules]})
+                                         "rules": [r.id for r in self.rules], "by": by})
             return session
 
-    async def stop_case(self) -> CaseSession | None:
+    async def stop_case(self, by: str = "") -> CaseSession | None:
         async with self._session_lock:
             session = self.session
             if session is None or session.stopped_unix_ms:
@@ -141,7 +150,7 @@ class AgentService:
             stats = session.pipeline.stats()
             self.audit("session_stop", {"case_id": session.spec.case_id, "frames_processed": stats["frames_out"],
                                         "frames_dropped": stats["frames_dropped_source"],
-                                        "error": str(session.pipeline.error or "")})
+                                        "error": session.public(str(session.pipeline.error or "")), "by": by})
             return session
 
     # ----- the audit trail ------------------------------------------------------------------
@@ -171,6 +180,8 @@ class AgentService:
             from or_agent.agent.audit.writer import AuditLog
 
             self._audit_log = AuditLog(Path(self.config.audit.directory), max_bytes=self.config.audit.max_bytes).open()
+            if self._audit_log.damage:  # recorded in the trail by the writer; shown at every case from now on
+                self.system_states["audit_damaged"] = self._audit_log.damage
             self._audit_writer = QueuedSubscriber(self._write_audit, maxsize=1024, name="audit").start()
             self.alerts.listen(self._audit_alert)
             self.audit("config", {"config_sha256": config_digest(self.config), "agent_version": VERSION,
@@ -202,4 +213,13 @@ class AgentService:
         state = self.state_name()
         s = self.session
         return status_to_pb(state, self.model_info, time.monotonic() - self.started, len(self.fanout.subscribers),
-                            self.preprocessing, s, self.recent_fps() if s is not None else 0.0)
+                            self.preprocessing, s, self.recent_fps() if s is not None else 0.0,
+                            last_error=self.source_trouble(), audit_warning=self.system_states.get("audit_damaged", ""))
+
+    def source_trouble(self) -> str:
+        """The case's last source trouble (lost, stalled, an error, frozen) with when it happened, or ""."""
+        if self._source_trouble is None:
+            return ""
+        message, unix_s, mono_s = self._source_trouble
+        at = time.strftime("%H:%M:%S", time.gmtime(unix_s))
+        return f"{message} (at {at} UTC, {time.monotonic() - mono_s:.1f} s ago)"

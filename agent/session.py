@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from or_agent.agent.config import PipelineSettings, is_plain_name
+from or_agent.agent.source_policy import public_name
 from or_agent.pipelines.backends.select import choose_backend
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.frame_path import choose_frame_path
@@ -100,6 +101,8 @@ class CaseSession:
         self._on_result = on_result
         self._on_event = on_event
         self.source = open_source(spec.source, paced=spec.paced)
+        # the source's name outside the agent: status, case info, logs, alerts, the audit trail
+        self.source_label = public_name(self.source.name)
         self.pipeline = models.pipeline(self.source, replace(settings.runtime, keep_images=True, encode_polygons=True))
         self.pipeline.subscribe(self._result)
         self.pipeline.subscribe_events(self._event)
@@ -110,7 +113,13 @@ class CaseSession:
         self.last_result_ns = time.monotonic_ns()
         self._on_result(r)
 
+    def public(self, text: str) -> str:
+        """``text`` (a source's message or error) with the source's full name replaced by its label."""
+        name = self.source.name
+        return text.replace(name, self.source_label) if name and name != self.source_label else text
+
     def _event(self, e: SourceEvent) -> None:
+        e = replace(e, source=self.source_label, message=self.public(e.message))
         if e.kind == "disconnected":
             self.source_lost = True
         elif e.kind in ("reconnected", "opened"):

@@ -81,25 +81,30 @@ def jpeg_field(jpeg: bytes) -> bytes:
 
 
 def case_info_to_pb(session: CaseSession) -> pb.CaseInfo:
-    return pb.CaseInfo(case_id=session.spec.case_id, source=session.source.name, started_unix_ms=session.started_unix_ms,
+    return pb.CaseInfo(case_id=session.spec.case_id, source=session.source_label, started_unix_ms=session.started_unix_ms,
                        stopped_unix_ms=session.stopped_unix_ms,
                        state=pb.Status.PipelineState.Value(session.state() if not session.stopped_unix_ms else "IDLE"))
 
 
 def status_to_pb(state: str, models: list, uptime_s: float, subscribers: int, preprocessing: str,
-                 session: CaseSession | None, frames_per_second: float) -> pb.Status:
+                 session: CaseSession | None, frames_per_second: float, last_error: str = "",
+                 audit_warning: str = "") -> pb.Status:
     """``GetStatus``'s answer; ``frames_per_second`` is the recent rate, as the contract says, so that a
-    stall shows at once."""
+    stall shows at once. ``last_error``: the case's last source trouble, shown unless the pipeline failed;
+    ``audit_warning``: the damage found in the audit trail when the agent started."""
     st = pb.Status(state=pb.Status.PipelineState.Value(state), models=models, uptime_s=uptime_s,
-                   subscribers=subscribers, agent_version=VERSION, preprocessing=preprocessing)
+                   subscribers=subscribers, agent_version=VERSION, preprocessing=preprocessing,
+                   audit_warning=audit_warning)
     if session is not None:
         stats = session.pipeline.stats()
         lat = stats["latency_ms"]["end_to_end"]
-        st.source, st.case_id = session.source.name, session.spec.case_id
+        st.source, st.case_id = session.source_label, session.spec.case_id  # the name only, never a full path
         st.frames_per_second = frames_per_second
         st.frames_processed, st.frames_dropped = stats["frames_out"], stats["frames_dropped_source"]
         st.capture_to_publish.CopyFrom(pb.LatencyPercentiles(p50_ms=lat["p50_ms"], p95_ms=lat["p95_ms"],
                                                              p99_ms=lat["p99_ms"], max_ms=lat["max_ms"], count=lat["count"]))
         if session.pipeline.error is not None:
-            st.last_error = str(session.pipeline.error)
+            st.last_error = session.public(str(session.pipeline.error))
+        else:
+            st.last_error = last_error  # already public: the session names the source by its label in events
     return st

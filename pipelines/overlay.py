@@ -49,16 +49,61 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def draw_alert_banners(out: np.ndarray, alerts: Sequence[AlertBanner], suffix: str = "") -> None:
-    """One coloured banner per alert, stacked up from the bottom edge (the agent's and the display's)."""
-    h, w = out.shape[:2]
+MAX_ALERT_ROWS = 6  # banners (the summary line included) at most, whatever the frame's height ...
+MAX_ALERT_FRACTION = 0.4  # ... and at most this share of it: the surgical field stays visible
+SEVERITY_RANK = {"critical": 2, "warning": 1, "info": 0}
+
+
+def fit_text(text: str, fs: float, thickness: int, max_w: int, keep: str = "") -> str:
+    """``text + keep``, with ``text`` cut and ended by "..." so that the whole is at most ``max_w``
+    pixels wide (``keep``, e.g. "+3 more", is kept whole while it fits at all)."""
+    def width(s: str) -> int:
+        return cv2.getTextSize(s, FONT, fs, thickness)[0][0]
+
+    if width(text + keep) <= max_w:
+        return text + keep
+    if keep and width("..." + keep) > max_w:
+        return fit_text(text + keep, fs, thickness, max_w)
+    lo, hi = 0, len(text)  # the longest prefix that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if width(text[:mid].rstrip() + "..." + keep) <= max_w:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "..." + keep if lo or width("..." + keep) <= max_w else ""
+
+
+def alert_metrics(h: int) -> tuple[float, int, int]:
+    """Font scale, row height and thickness of the alert banners on a frame ``h`` pixels high (the
+    agent's composited picture and the display use the same, so the display's cover the agent's)."""
     fs = max(0.45, h / 1000)
-    row = int(34 * fs * 1.3)
-    for i, alert in enumerate(alerts):
+    return fs, int(34 * fs * 1.3), max(1, int(fs * 2))
+
+
+def alert_rows_fit(h: int, bottom: int = 0) -> int:
+    """How many banner rows (the summary line included) the frame takes, ``bottom`` pixels kept free below."""
+    _, row, _ = alert_metrics(h)
+    return max(1, min(MAX_ALERT_ROWS, int(h * MAX_ALERT_FRACTION) // row, (h - bottom - 6) // row))
+
+
+def draw_alert_banners(out: np.ndarray, alerts: Sequence[AlertBanner], suffix: str = "") -> None:
+    """One coloured banner per alert, stacked up from the bottom edge, most severe at the bottom: as many
+    as fit (``alert_rows_fit``), the rest summed up in one line "+K more alerts", every text cut to the
+    frame's width, so a critical alert is never the one pushed off the screen."""
+    h, w = out.shape[:2]
+    fs, row, thickness = alert_metrics(h)
+    ordered = sorted(alerts, key=lambda a: -SEVERITY_RANK[a.severity])
+    fit = alert_rows_fit(h)
+    shown = ordered if len(ordered) <= fit else ordered[:max(1, fit - 1)]
+    rest = ordered[len(shown):]
+    rows = [(a.severity, fit_text(f"{a.severity.upper()}: {a.message}{suffix}", fs, thickness, w - 20)) for a in shown]
+    if rest:
+        rows.append((rest[0].severity, fit_text(f"+{len(rest)} more alerts", fs, thickness, w - 20)))
+    for i, (severity, text) in enumerate(rows[:fit]):
         y = h - 10 - i * row
-        cv2.rectangle(out, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[alert.severity], -1)
-        cv2.putText(out, f"{alert.severity.upper()}: {alert.message}{suffix}", (10, y - 6), FONT, fs, (255, 255, 255),
-                    max(1, int(fs * 2)), cv2.LINE_AA)
+        cv2.rectangle(out, (0, y - row + 4), (w, y + 4), SEVERITY_COLOURS[severity], -1)
+        cv2.putText(out, text, (10, y - 6), FONT, fs, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
 class _Palette:

@@ -28,8 +28,8 @@ Critical View of Safety a segmentation model carries is ``critical_view_of_safet
 - ``label_probability``: an image-level label's probability at least ``above`` (or below ``below``),
   optionally only in some ``phases``. Evidence: ``probability``.
 - ``state``: a boolean input (``low_visibility``, ``out_of_body``) is true; or ``frame_drop_rate`` above
-  ``threshold``; or a system state (``stale``, ``source_lost``, ``frozen``, ``source_error``, ``model_error``)
-  holds, its detail in the evidence as ``detail``. The system alerts are such rules, built in
+  ``threshold``; or a system state (``stale``, ``source_lost``, ``frozen``, ``source_error``, ``model_error``,
+  ``audit_damaged``) holds, its detail in the evidence as ``detail``. The system alerts are such rules, built in
   (``system_rules.toml``, always loaded beside a set's own), so they are raised and cleared like any other.
 
 The engine only evaluates and reports transitions (raised, updated, cleared); who records them, asks
@@ -61,7 +61,7 @@ else:  # Python 3.10
 SEVERITIES = ("info", "warning", "critical")
 KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "label_probability",
          "state")
-SYSTEM_STATES = ("stale", "source_lost", "frozen", "source_error", "model_error")
+SYSTEM_STATES = ("stale", "source_lost", "frozen", "source_error", "model_error", "audit_damaged")
 STATES = ("low_visibility", "out_of_body", "frame_drop_rate") + SYSTEM_STATES
 SUPPRESSORS = ("out_of_body", "low_visibility")
 # the reference set's rules (a model set names its own in its set manifest)
@@ -108,6 +108,7 @@ class SystemHealth:
     frozen: str = ""
     source_error: str = ""
     model_error: str = ""
+    audit_damaged: str = ""  # the audit trail was found damaged when the agent started
     frame_drop_rate: float = 0.0  # dropped / offered over the recent window
 
 

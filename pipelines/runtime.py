@@ -16,7 +16,10 @@ the sum of all of them. Queues block rather than drop: a live source drops in it
 Every frame's result carries the time it crossed each stage boundary; the runtime keeps
 per-interval and end-to-end histograms. Results and events go out through one publish point
 (``subscribe`` / ``subscribe_events``) that the gRPC service, the alert rules and recorders
-attach to. Cleanup is in ``stop()``, which always runs, whatever failed.
+attach to. Source events travel with the results while frames flow; while none do (a lost or
+stalled feed) the capture thread hands them on itself, within one read timeout, so a lost source
+is known while it is lost and not once it is back. Cleanup is in ``stop()``, which always runs,
+whatever failed.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class Pipeline:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._events_lock = threading.Lock()  # one forwarder at a time: events reach subscribers in order
         self.frames_in = 0
         self.frames_out = 0
         self._started_ns = 0
@@ -222,9 +226,10 @@ class Pipeline:
         drain = getattr(self.source, "drain_events", None)
         if drain is None:
             return
-        for ev in drain():
-            for cb in self._event_subscribers:
-                cb(ev)
+        with self._events_lock:
+            for ev in drain():
+                for cb in self._event_subscribers:
+                    cb(ev)
 
     def _capture_loop(self) -> None:
         try:
@@ -233,6 +238,8 @@ class Pipeline:
                 if frame is None:
                     if getattr(self.source, "ended", True):
                         break
+                    # No frame, so no publish soon: what the source says (lost, stalled) goes out now.
+                    self._forward_source_events()
                     continue
                 self.frames_in += 1
                 if not self._put(self._queues[0], _Work(frame, {"capture": frame.capture_ns})):

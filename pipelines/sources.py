@@ -12,7 +12,8 @@ grabber thread that keeps only the newest frame: OpenCV's FFmpeg backend ignores
 behind real time. Frames the consumer did not take in time are counted as dropped and show
 as a jump in ``Frame.seq``. A live feed that stops delivering is reopened with exponential
 backoff; a feed that keeps repeating the same picture (a hung tower or capture card) is
-reported as frozen.
+reported as frozen. A stream whose read hangs past its read timeout is reported lost at once,
+by a watchdog, even while the read itself is still blocked (FFmpeg does not always give up).
 
 Mistakes in what the user asked for (a missing file, a camera that does not exist, a URL
 that never answers) raise ``InputError`` from ``start()`` with a one-line message that names
@@ -167,6 +168,12 @@ class _LiveGrabber:
     the gap). Without it a failed read is the end of the file and ``on_end`` is told how many
     frames were grabbed. With ``pace`` frames are held back until their media time has come,
     so a file plays as if it were live.
+
+    With ``stall_after_s`` a watchdog thread says "disconnected" as soon as no frame has come
+    for that long, while the read may still be blocked (a stream that stalls without closing
+    its connection); the failed read that follows, if any, reopens the feed without saying it
+    again, and the next frame, from the same connection or a new one, says "reconnected".
+    Every "disconnected" is followed by exactly one "reconnected" once frames come again.
     """
 
     def __init__(self, name: str, capture: Capture, *, emit: Callable[..., None],
@@ -174,7 +181,7 @@ class _LiveGrabber:
                  reopen: Callable[[], Capture | None] | None = None, backoff: Backoff = Backoff(),
                  freeze_after_s: float | None = None, pace: bool = False,
                  first: tuple[np.ndarray, float, int] | None = None,
-                 on_end: Callable[[int], None] | None = None):
+                 on_end: Callable[[int], None] | None = None, stall_after_s: float | None = None):
         self._name = name
         self._cap: Capture | None = capture
         self._emit = emit
@@ -192,6 +199,14 @@ class _LiveGrabber:
         self._grabbed = 0
         self._dropped = 0
         self._thread = threading.Thread(target=self._run, name=f"or-agent grabber {name}", daemon=True)
+        # Whether the feed is lost, shared by the reading thread and the watchdog: each says
+        # "disconnected"/"reconnected" under this lock, so the two never repeat or reorder them.
+        self._health = threading.Lock()
+        self._lost_ns: int | None = None  # when the feed was said to be lost; None while it delivers
+        self._last_frame_ns = 0  # when the last frame came (or the grabber started)
+        self._stall_after_s = stall_after_s
+        self._watchdog = (threading.Thread(target=self._watch, name=f"or-agent grabber {name} watchdog", daemon=True)
+                          if stall_after_s else None)
 
     @property
     def dropped(self) -> int:
@@ -203,12 +218,17 @@ class _LiveGrabber:
             return self._finished and self._slot is None
 
     def start(self) -> None:
+        self._last_frame_ns = time.monotonic_ns()
         self._thread.start()
+        if self._watchdog is not None:
+            self._watchdog.start()
 
     def stop(self) -> None:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()  # wake a reader blocked in take()
+        if self._watchdog is not None and self._watchdog.is_alive():
+            self._watchdog.join()
         if self._thread.is_alive():
             # A blocked read or reopen returns within the capture's own timeout.
             self._thread.join()
@@ -262,6 +282,7 @@ class _LiveGrabber:
                     return
                 continue
             image, media_ms, capture_ns = got
+            self._delivering()
             if self._pace:
                 if origin is None:
                     origin = (time.monotonic_ns(), media_ms)
@@ -281,16 +302,40 @@ class _LiveGrabber:
                 self._slot = frame
                 self._cond.notify_all()
 
+    def _delivering(self) -> None:
+        """A frame came: the feed is alive (and back, if it was lost)."""
+        with self._health:
+            now = time.monotonic_ns()
+            self._last_frame_ns = now
+            if self._lost_ns is not None:
+                gap = (now - self._lost_ns) / 1e9
+                self._lost_ns = None
+                self._emit("reconnected", f"{self._name}: feed back after {gap:.1f} s", gap_s=gap)
+
+    def _watch(self) -> None:
+        """The watchdog: the feed is lost once no frame came for ``stall_after_s``, blocked read or not."""
+        assert self._stall_after_s is not None, "the watchdog runs only with a stall limit"
+        stall_ns = int(self._stall_after_s * 1e9)
+        while not self._stop.wait(min(0.1, self._stall_after_s / 4)):
+            with self._health:
+                idle_ns = time.monotonic_ns() - self._last_frame_ns
+                if self._lost_ns is None and idle_ns > stall_ns:
+                    self._lost_ns = time.monotonic_ns()
+                    self._emit("disconnected", f"{self._name}: feed stalled, no frame for {idle_ns / 1e9:.1f} s "
+                                               f"(read timeout {self._stall_after_s:g} s)")
+
     def _reconnect(self) -> bool:
         """Reopen until a frame comes back; False when stopped first."""
         assert self._reopen is not None, "only a grabber that can reopen its source reconnects"
-        lost_ns = time.monotonic_ns()
         if self._cap is not None:
             self._cap.release()  # a V4L2 device stays busy until released
             self._cap = None
         first_delay = self._backoff.initial_s
-        self._emit("disconnected", f"{self._name}: feed lost, reopening (after {first_delay:g} s, "
-                                   f"backing off to every {self._backoff.max_s:g} s)")
+        with self._health:
+            if self._lost_ns is None:  # else the watchdog said so already, while the read hung
+                self._lost_ns = time.monotonic_ns()
+                self._emit("disconnected", f"{self._name}: feed lost, reopening (after {first_delay:g} s, "
+                                           f"backing off to every {self._backoff.max_s:g} s)")
         for delay in self._backoff.delays():
             if self._stop.wait(delay):
                 return False
@@ -303,9 +348,7 @@ class _LiveGrabber:
                 cap.release()
                 self._cap = None
                 continue
-            self._pending = got
-            gap = (time.monotonic_ns() - lost_ns) / 1e9
-            self._emit("reconnected", f"{self._name}: feed back after {gap:.1f} s", gap_s=gap)
+            self._pending = got  # the loop takes it next, and says "reconnected"
             return True
         return False  # the delays never run out; here for the type checker
 
@@ -677,11 +720,12 @@ class _LiveCaptureSource(FrameSource):
     """What capture devices and streams share: open at start, then a grabber that reopens."""
 
     def __init__(self, name: str, *, backoff: Backoff, freeze_after_s: float,
-                 capture_factory: CaptureFactory | None):
+                 capture_factory: CaptureFactory | None, stall_after_s: float | None = None):
         super().__init__(name, live=True)
         _check_positive(name, "freeze threshold", freeze_after_s)
         self._backoff = backoff
         self._freeze_after_s = freeze_after_s
+        self._stall_after_s = stall_after_s  # no frame for this long: lost, even while a read hangs
         self._factory = capture_factory
         self._grabber: _LiveGrabber | None = None
         self._fps: float | None = None
@@ -734,7 +778,8 @@ class _LiveCaptureSource(FrameSource):
         # the grabber treats it as a lost feed and keeps trying.
         self._grabber = _LiveGrabber(
             self._name, cap, emit=self._emit, media_ms=lambda _c, _seq, ns: (ns - self._opened_ns) / 1e6,
-            reopen=self._try_open, backoff=self._backoff, freeze_after_s=self._freeze_after_s)
+            reopen=self._try_open, backoff=self._backoff, freeze_after_s=self._freeze_after_s,
+            stall_after_s=self._stall_after_s)
         self._grabber.start()
 
     def _close(self) -> None:
@@ -815,6 +860,8 @@ def _redact(url: str) -> str:
 class StreamSource(_LiveCaptureSource):
     """A network stream (rtsp, rtsps, http, https, rtmp) through FFmpeg, with open and read
     timeouts so that a silent server fails the start, or is noticed as lost, in bounded time.
+    A stream that stalls is reported lost once no frame came for the read timeout, whether or
+    not FFmpeg's read has given up by then.
 
     The name, and so every message, shows the URL with its password masked.
     """
@@ -826,9 +873,10 @@ class StreamSource(_LiveCaptureSource):
         scheme = urlsplit(url).scheme.lower() if "://" in url else ""
         if scheme not in STREAM_SCHEMES:
             raise InputError(f"{name}: not a stream URL (use {', '.join(STREAM_SCHEMES)})")
-        super().__init__(name, backoff=backoff, freeze_after_s=freeze_after_s, capture_factory=capture_factory)
         _check_positive(name, "open timeout", open_timeout_s)
         _check_positive(name, "read timeout", read_timeout_s)
+        super().__init__(name, backoff=backoff, freeze_after_s=freeze_after_s, capture_factory=capture_factory,
+                         stall_after_s=float(read_timeout_s))
         self._url = url
         self._open_timeout_s = float(open_timeout_s)
         self._read_timeout_s = float(read_timeout_s)

@@ -475,3 +475,97 @@ def test_verify_result_is_consistent():
         VerifyResult(ok=True, records=1, files=("a",), first_error="x")
     with pytest.raises(ValueError):
         VerifyResult(ok=False, records=1, files=("a",), first_error=None)
+
+
+def flip_a_byte_in_the_middle(f, within=b"bleeding"):
+    """Flip one bit of one byte of the file's middle record (inside a string, so the line stays JSON):
+    the silent damage of a bad disk block or a careless edit. Returns the damaged line's number."""
+    ls = lines(f)
+    n = len(ls) // 2
+    at = ls[n].index(within) + 2
+    ls[n] = ls[n][:at] + bytes([ls[n][at] ^ 1]) + ls[n][at + 1:]
+    f.write_bytes(b"".join(ls))
+    return n + 1
+
+
+def test_damage_in_the_middle_of_the_continued_file_is_recorded_and_the_chain_restarts(tmp_path, capsys):
+    d = tmp_path / "audit"
+    total = write_chain(d, n=40, max_bytes=1 << 20).seq
+    f = d / "audit-000001.jsonl"
+    last = records(f)[-1]
+    line = flip_a_byte_in_the_middle(f)
+    problem = f"audit-000001.jsonl:{line}: hash mismatch (record edited)"
+    assert verify([d]).first_error == problem
+    before = f.read_bytes()
+
+    with AuditLog(d, max_bytes=1 << 20) as log:
+        assert log.damage == f"{problem}; chain restarted in audit-000002.jsonl"
+        assert log.path.name == "audit-000002.jsonl"
+        rec = log.append("session_start", {"case_id": "case-006"})
+    assert f.read_bytes() == before  # the damaged file is kept as it is, for review
+    first, second = records(d / "audit-000002.jsonl")
+    assert first["kind"] == "chain_damaged" and first["prev"] == ZERO_HASH and first["seq"] == total + 1
+    assert first["data"] == {"problem": problem, "checked_from": "audit-000001.jsonl", "after_seq": total,
+                             "after_hash": last["hash"]}
+    assert second == rec and rec["prev"] == first["hash"]
+
+    # the verifier shows the break, where it is and where the new segment starts, and verifies the new segment
+    result = verify([d])
+    assert result.ok and result.records == (line - 1) + 2
+    assert result.warnings == (f"{problem}; the agent found this damage and recorded it at audit-000002.jsonl:1 "
+                               f"(chain_damaged, seq {total + 1}), where a new segment starts; records from the "
+                               "damage to there are not verified",)
+    assert cmd_audit_verify(Namespace(paths=[str(d)])) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"ok: {result.records} records in 2 files, chain intact"
+    assert out[1] == f"warning: {result.warnings[0]}"
+
+    # the new segment is what the next start continues: it verifies, and is simply continued
+    with AuditLog(d, max_bytes=1 << 20) as log:
+        assert log.damage is None and log.path.name == "audit-000002.jsonl"
+        log.append("session_stop", {"reason": "done"})
+    assert verify([d]).ok
+
+    # damage after the new segment starts is not excused by the earlier break
+    g = d / "audit-000002.jsonl"
+    g.write_bytes(g.read_bytes().replace(b"case-006", b"case-007"))
+    assert verify([d]).first_error == "audit-000002.jsonl:2: hash mismatch (record edited)"
+
+
+def test_a_restart_excuses_only_the_stretch_the_writer_checked(chain):
+    d, _ = chain
+    files = audit_files(d)
+    flip_a_byte_in_the_middle(files[1])  # in a file before the one the writer continues: it never sees this
+    with AuditLog(d, max_bytes=1 << 20) as log:
+        assert log.damage is None
+        for i in range(6):  # so that the file it continues has a middle
+            log.append("note", {"i": i})
+    flip_a_byte_in_the_middle(files[-1], within=b'"kind"')  # now in the file it continues
+    with AuditLog(d, max_bytes=1 << 20) as log:
+        assert log.damage is not None and log.damage.startswith(f"{files[-1].name}:")
+    result = verify([d])
+    assert not result.ok and result.first_error.startswith("audit-000002.jsonl:")  # never recorded: still broken
+
+
+def test_a_rolled_back_head_is_damage_found_at_start(tmp_path):
+    """What the verifier cannot see after the fact (the anchor rewritten) is recorded when the writer sees it."""
+    d = tmp_path / "audit"
+    total = write_chain(d, n=20, max_bytes=1 << 20).seq
+    head = json.loads((d / HEAD_NAME).read_text())
+    f = d / "audit-000001.jsonl"
+    f.write_bytes(b"".join(lines(f)[:-3]))  # the last three records removed
+    problem = f"chain ends at seq {total - 3} but audit.head says {total} (records removed from the end)"
+    assert verify([d]).first_error == problem
+    with AuditLog(d) as log:
+        assert log.damage == f"{problem}; chain restarted in audit-000002.jsonl"
+    assert json.loads((d / HEAD_NAME).read_text())["seq"] == total - 2 != head["seq"]
+    result = verify([d])
+    assert result.ok and result.warnings == (
+        f"audit-000002.jsonl:1: the agent found the chain damaged ({problem}) and started a new segment here "
+        f"(seq {total - 2})",)
+
+
+def test_chain_damaged_records_are_the_writers_own(tmp_path):
+    with AuditLog(tmp_path / "audit") as log:
+        with pytest.raises(ValueError, match="'chain_damaged': written by the log itself when it opens"):
+            log.append("chain_damaged", {"problem": "x", "checked_from": "audit-000001.jsonl"})

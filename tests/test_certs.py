@@ -462,3 +462,64 @@ def test_a_private_key_readable_by_others_is_refused(pki, tmp_path):
     assert str(e.value) == f"{key}: the private key is readable or writable by other users (mode 644); chmod 600 {key}"
     os.chmod(key, 0o600)
     assert server_credentials(pki.server_cert, key, pki.ca_cert, require_client_auth=True) is not None
+
+
+# -- revocation (issue 13 item 10) -------------------------------------------------------------
+
+
+def test_revoke_lists_the_serial_and_the_name(tmp_path, capsys):
+    import datetime as dt
+
+    from or_agent.agent.certs import PeerCertificate, read_revocations, revocation_of
+    from or_agent.agent.cli import main
+
+    out = tmp_path / "pki"
+    made = make_certificates(out, "or-box-1", ["wall", "boom"])
+    wall_old = PeerCertificate.from_pem(made.clients["wall"][0].read_bytes())
+    wall = PeerCertificate.from_pem(make_certificates(out, "or-box-1", ["wall"]).clients["wall"][0].read_bytes())
+    assert wall.serial != wall_old.serial and wall.name == "wall"
+
+    assert main(["certs", "revoke", "wall", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"revoked: certificate serial {wall.serial:x} and every certificate issued to wall until ")
+    assert main(["certs", "revoke", "gone", "--out", str(out)]) == 0  # no certificate file: by name alone
+    assert "revoked by name only" in capsys.readouterr().out
+
+    entries = read_revocations(out / "revoked.txt")
+    assert [(e.serial, e.name) for e in entries] == [(wall.serial, "wall"), (None, "gone")]
+    # refused: the certificate listed, and an older copy of the display's certificate (issued before)
+    assert revocation_of(wall, entries) == entries[0] and revocation_of(wall_old, entries) == entries[0]
+    boom = PeerCertificate.from_pem(made.clients["boom"][0].read_bytes())
+    assert revocation_of(boom, entries) is None
+    # a certificate made for the name after the revocation is accepted
+    later = PeerCertificate("wall", 12345, entries[0].revoked_at + dt.timedelta(seconds=1))
+    assert revocation_of(later, entries) is None
+    # a certificate with a listed serial is refused, whatever its name says
+    assert revocation_of(PeerCertificate("renamed", wall.serial, later.issued_at), entries) == entries[0]
+
+
+def test_revoke_checks_its_input(tmp_path, capsys):
+    from or_agent.agent.certs import read_revocations
+    from or_agent.agent.cli import main
+
+    assert main(["certs", "revoke", "wall", "--out", str(tmp_path / "nothing-here")]) == 2
+    assert f"{tmp_path / 'nothing-here' / 'ca.crt'}: no such file" in capsys.readouterr().err
+    out = tmp_path / "pki"
+    make_certificates(out, "or-box-1", ["wall"])
+    assert main(["certs", "revoke", "../wall", "--out", str(out)]) == 2
+    assert "display name '../wall': use 1-64 letters" in capsys.readouterr().err
+    assert not (out / "revoked.txt").exists()
+    (out / "revoked.txt").write_text("# comment\n\nzz wall 2026-01-01T00:00:00Z\n")
+    with pytest.raises(InputError) as e:
+        read_revocations(out / "revoked.txt")
+    assert str(e.value).startswith(f"{out / 'revoked.txt'}:3: expected 'SERIAL NAME YYYY-MM-DDTHH:MM:SSZ'")
+    # `certs` itself still needs --out and --box
+    assert main(["certs", "--out", str(out)]) == 2
+    assert "--out and --box are required" in capsys.readouterr().err
+
+
+def test_the_display_is_named_by_its_certificate_by_default(pki):
+    from or_agent.agent.cli import _certificate_name
+
+    assert _certificate_name(pki.clients["boom.1"][0]) == "boom.1"
+    assert _certificate_name(pki.server_key) == "display"  # not a certificate: the credentials' check says so

@@ -235,6 +235,15 @@ def test_system_states_raise_and_clear_the_built_in_system_rules():
         engine.set_system(smoke="yes")
 
 
+def test_a_damaged_audit_trail_is_a_system_warning():
+    engine = RulesEngine(load_rules() + system_rules())
+    (raised,) = engine.set_system(audit_damaged="audit-000001.jsonl:7: hash mismatch (record edited)")
+    assert (raised.rule, raised.kind, raised.severity, raised.message) == (
+        "audit_damaged", "raised", "warning", "audit trail damaged: audit-000001.jsonl:7: hash mismatch (record edited)")
+    (cleared,) = engine.set_system("the trail verifies", audit_damaged="")
+    assert (cleared.rule, cleared.kind) == ("audit_damaged", "cleared") and cleared.message.endswith(": the trail verifies")
+
+
 def test_a_set_rule_cannot_take_a_system_rule_id(tmp_path):
     rules = tmp_path / "r.toml"
     rules.write_text('[[rules]]\nid = "source_lost"\nseverity = "info"\nkind = "state"\nstate = "out_of_body"\nmessage = "m"\n')

@@ -70,3 +70,16 @@ def test_polygons_are_in_frame_coordinates_and_rasterise_back():
     truth[75:300, 220:420] = 2
     inter = ((back == 2) & (truth == 2)).sum()
     assert inter / ((back == 2) | (truth == 2)).sum() > 0.95
+
+
+def test_the_agents_own_alert_banners_stay_on_the_picture_most_severe_at_the_bottom():
+    from or_agent.pipelines.overlay import SEVERITY_COLOURS, alert_rows_fit, draw_alert_banners
+
+    img = np.zeros((480, 854, 3), np.uint8)
+    alerts = [AlertBanner("info", f"note {k} " + "x" * 200) for k in range(11)] + [AlertBanner("critical", "hook near duct")]
+    draw_alert_banners(img, alerts)
+    fit = alert_rows_fit(480)
+    banded = [y for y in range(480) if (img[y, 850] != 0).any()]  # the banners' right edge, row by row
+    assert banded and min(banded) >= 480 * (1 - 0.4) - 1, "the banners take at most 40 % of the height"
+    assert tuple(int(v) for v in img[470, 850]) == SEVERITY_COLOURS["critical"], "the critical alert is the bottom row"
+    assert fit < len(alerts)  # so the rest were summed up, not drawn off the top

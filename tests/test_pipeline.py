@@ -14,10 +14,11 @@ from or_agent.pipelines.errors import ModelError
 from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.messages import STAGE_MARKS
 from or_agent.pipelines.runtime import Pipeline, PipelineConfig
-from or_agent.pipelines.sources import VideoFileSource
+from or_agent.pipelines.sources import Backoff, StreamSource, VideoFileSource
 from or_agent.pipelines.stages import PhaseStage, SegmentationStage, VisibilityStage
 from or_agent.synth.dataset import read_phase_file
 from tests.conftest import ROOT
+from tests.test_sources import MjpegServer
 
 MODELS = ROOT / "models" / "synthetic"
 
@@ -202,3 +203,36 @@ def test_the_composed_pipeline_gives_exactly_what_the_plain_loop_gives(held_out_
         if a is not None:
             assert np.array_equal(r.segmentation.class_map, a.class_map) and r.segmentation.area_fraction == a.area_fraction
             assert r.segmentation.confidence == a.confidence
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_stalled_stream_is_reported_lost_while_it_stalls_not_once_it_is_back():
+    """No frame flows while a stream stalls, so nothing is published: the source's events must still reach
+    the subscribers then (the agent raises "source lost" from them), not with the first frame after."""
+    server = MjpegServer()
+    source = StreamSource(server.url, open_timeout_s=2.0, read_timeout_s=1.0, backoff=Backoff(0.1, 0.5))
+    p = Pipeline(source, stages())
+    results, events = [], []
+    p.subscribe(results.append)
+    p.subscribe_events(events.append)
+    try:
+        p.start()
+        _wait_for(lambda: len(results) >= 5, 30, "results from the stream")
+        server.stall()
+        _wait_for(lambda: any(e.kind == "disconnected" for e in events), 20, "the loss while the stream stalls")
+        assert server.stalled
+        seen = len(results)
+        server.resume()
+        _wait_for(lambda: any(e.kind == "reconnected" for e in events) and len(results) > seen, 30,
+                  "the stream and its results to come back")
+    finally:
+        p.stop()
+        server.close()
+    assert p.error is None
+    assert [e.kind for e in events] == ["opened", "disconnected", "reconnected"]

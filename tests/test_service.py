@@ -111,12 +111,23 @@ def load_models() -> LoadedModels:
     raise AssertionError("unreachable")
 
 
+# where the tests' videos are (pytest's temporary directory): the agents' [case] allowed_sources
+CASE_AREA: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def case_area(tmp_path_factory):
+    CASE_AREA[:] = [str(tmp_path_factory.getbasetemp())]
+
+
 class Agent:
-    """An ``AgentServer`` on 127.0.0.1:0 for one scenario; ``stop`` runs once, whoever calls it."""
+    """An ``AgentServer`` on 127.0.0.1:0 for one scenario; ``stop`` runs once, whoever calls it. StartCase
+    may open what lies in pytest's temporary directory (the tests' videos), unless overridden."""
 
     def __init__(self, **overrides):
         audit = tempfile.mkdtemp(prefix="or-agent-audit-")  # never the working directory's audit/
-        cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "audit.directory": audit, **overrides})
+        cfg = load_config(None).with_overrides(**{"server.listen": "127.0.0.1:0", "audit.directory": audit,
+                                                  "case.allowed_sources": list(CASE_AREA), **overrides})
         self.audit_dir = Path(audit)
         self.server = AgentServer(cfg, load_models())
         self._stopped = False
@@ -206,7 +217,8 @@ def test_health_follows_fresh_results(video):
             await eventually(lambda: _all(states(), SERVING), 15, "health SERVING once results flow")
             st = await stub.GetStatus(pb.StatusRequest())
             assert st.state == pb.Status.RUNNING and st.frames_processed > 0 and st.case_id == "OR1-test-01"
-            assert st.source == video and len(st.models) == 3 and st.capture_to_publish.count > 0
+            # the source by its name only: a full path can carry a patient's name (issue 13 item 8)
+            assert st.source == info.source == "video01.mp4" and len(st.models) == 3 and st.capture_to_publish.count > 0
             assert st.preprocessing == "cpu: the models run on ONNX Runtime (CPU), so their inputs are made there"
 
             info = await stub.StopCase(pb.StopCaseRequest(reason="end of test"))
@@ -730,7 +742,8 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(video):
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "case_id" in e.details()
             missing = str(Path(video).parent / "no-such-video.mp4")
             e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source=missing, case_id="c1")))
-            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and missing in e.details()
+            # inside the allowed area the problem is named, by the file's name, not its path
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("no-such-video.mp4: no such file")
             e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source="x" * 100_000, case_id="c1")))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             e = await rpc_error(stub.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id="no-such-alert", client_id="disp1")))
@@ -1200,3 +1213,362 @@ def test_case_and_display_names_are_plain_with_nothing_after(name, tmp_path):
     cfg.write_text(f"[case]\ncase_id = {json.dumps(name)}\n")  # a JSON string is a TOML basic string
     with pytest.raises(InputError, match="case.case_id: use 1-64 letters"):
         load_config(str(cfg))
+
+
+def test_a_display_is_judged_by_the_age_of_what_it_is_sent_and_a_stale_one_gives_up_its_slot():
+    """Issue 13 items 3 and 4, the agent's side: age, not drops, says a display is behind; when every slot
+    is taken a stale display gives its slot to a newcomer, a configured (reserved) display always gets
+    one, and a reserved display is never displaced."""
+    import asyncio
+
+    from or_agent.agent.fanout import Fanout
+
+    async def scenario():
+        fan = Fanout(asyncio.get_running_loop(), AlertLog(10), [], "synthetic", None, queue_size=4)
+        now = time.monotonic()
+        fresh = fan.subscribe("fresh", "p1", False, None)
+        stale = fan.subscribe("stale", "p2", False, None)
+        keeper = fan.subscribe("or1-main", "p3", False, None, reserved=True)
+        for _ in range(10):  # a display that drops, but is sent what was just captured, is not behind
+            fresh.offer(b"x", now - 0.1)
+        assert fresh.dropped == 6 and fresh.age_s(now) < 0.2 and not fresh.over_limit(5.0)
+        stale.offer(b"x", now - 3.0)  # its next overlay was captured 3 s ago
+        stale.writing = now - 3.0
+        keeper.offer(b"x", now - 9.0)
+        assert stale.age_s(now) >= 3.0 and keeper.over_limit(5.0)
+        # full: a newcomer takes the slot of the stalest unreserved display past the threshold
+        assert fan.make_room(3, reserved=False, stale_s=2.0) is stale and stale.ended.is_set()
+        assert stale not in fan.subscribers and keeper in fan.subscribers
+        fan.subscribe("other", "p4", False, None)
+        # nobody unreserved is stale: an unconfigured newcomer is refused, a configured one displaces
+        assert fan.make_room(3, reserved=False, stale_s=2.0) is None
+        displaced = fan.make_room(3, reserved=True, stale_s=2.0)
+        assert displaced is not None and not displaced.reserved and keeper in fan.subscribers
+
+    asyncio.run(scenario())
+
+
+# ----- issue 13 items 8-10: what a display may open, who it is, revocation ------------------------
+
+
+def test_start_case_opens_only_allowed_sources_and_says_nothing_of_the_rest(video, tmp_path, caplog):
+    """Item 8: StartCase opened any path on the box (an image folder outside the case area came back as
+    JPEG) and its errors told whether a file existed and what it was. Now a source must lie in
+    [case] allowed_sources after resolving '..' and links; anything else gets one and the same answer;
+    status and case info name the source only by its file name, and no full path reaches the log."""
+    from or_agent.agent.source_policy import NOT_ALLOWED
+
+    cases, outside = tmp_path / "cases", tmp_path / "outside-the-case-area"
+    cases.mkdir()
+    (outside / "images").mkdir(parents=True)
+    frame = cv2.VideoCapture(video).read()[1]
+    for i in range(3):
+        cv2.imwrite(str(outside / "images" / f"img{i:03d}.png"), frame)
+    (outside / "notes.txt").write_text("not a video")
+    shutil.copy(video, outside / "video.mp4")
+    shutil.copy(video, cases / "case-video.mp4")
+    (cases / "escape").symlink_to(outside)
+
+    refused_sources = [
+        str(outside / "images"),                      # the tester's image folder: exists, readable, outside
+        str(outside / "video.mp4"),                   # a real video, outside
+        str(outside / "notes.txt"),                   # a file that is not a video
+        str(outside / "no-such-file.mp4"),            # nothing there at all
+        str(outside),                                 # a directory without images
+        str(cases / ".." / outside.name / "images"),  # '..' out of the allowed directory
+        str(cases / "escape" / "images"),             # a link out of it
+        str(cases / "escape"),
+        "/etc/passwd", "/etc", "/etc/no-such-file", "/dev/null", "/dev/v4l/../../etc/passwd",
+        "file:///etc/passwd", "http://127.0.0.1:9/anything", "rtsp://camera.invalid/live",
+        "case-video.mp4",                             # relative: the agent's working directory, not the case area
+    ]
+
+    async def scenario():
+        async with Agent(**{"case.allowed_sources": [str(cases)]}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            for source in refused_sources:
+                e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source=source, case_id="OR1-probe"), timeout=30))
+                assert (e.code(), e.details()) == (grpc.StatusCode.PERMISSION_DENIED, NOT_ALLOWED), source
+            assert (await stub.GetStatus(pb.StatusRequest())).state == pb.Status.IDLE  # nothing was opened
+
+            info = await start_case(stub, str(cases / "case-video.mp4"), "OR1-allowed")
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert info.source == st.source == "case-video.mp4"
+            await stub.StopCase(pb.StopCaseRequest(reason="done"), timeout=30)
+            # the same file through the link into the case area and back: resolved, inside, allowed
+            info = await start_case(stub, str(cases / "escape" / ".." / "cases" / "case-video.mp4"), "OR1-resolved")
+            assert info.source == "case-video.mp4"
+            await stub.StopCase(pb.StopCaseRequest(), timeout=30)
+        return agent.audit_dir
+
+    with caplog.at_level(logging.INFO):
+        audit_dir = asyncio.run(scenario())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "case OR1-allowed started on case-video.mp4" in logged
+    assert str(tmp_path) not in logged and "/etc" not in logged
+    assert str(tmp_path) not in "".join(f.read_text() for f in audit_dir.glob("audit-*.jsonl"))
+
+
+def test_the_launch_source_and_capture_devices_need_no_allow_list(video, tmp_path):
+    """Item 8's default: with allowed_sources empty, StartCase may open the source set at launch (the
+    operator chose it on the box) and nothing else of the file system."""
+    from or_agent.agent.source_policy import NOT_ALLOWED
+
+    neighbour = Path(video).parent / "video01-phase.txt"
+
+    async def scenario():
+        agent = Agent(**{"case.allowed_sources": [], "case.source": video, "case.case_id": "OR1-launch"})
+        async with agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert st.case_id == "OR1-launch" and st.source == "video01.mp4"
+            await stub.StopCase(pb.StopCaseRequest(), timeout=30)
+            assert (await start_case(stub, video, "OR1-again")).source == "video01.mp4"
+            await stub.StopCase(pb.StopCaseRequest(), timeout=30)
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source=str(neighbour), case_id="OR1-x")))
+            assert (e.code(), e.details()) == (grpc.StatusCode.PERMISSION_DENIED, NOT_ALLOWED)
+            # a capture device is not refused by the allow-list: it fails only because this machine has none
+            e = await rpc_error(stub.StartCase(pb.StartCaseRequest(source="/dev/video63", case_id="OR1-cam"), timeout=30))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("/dev/video63: ")
+
+    asyncio.run(scenario())
+
+
+def _tls(made) -> dict:
+    return {"server.tls_cert": str(made.server_cert), "server.tls_key": str(made.server_key),
+            "server.tls_ca": str(made.ca_cert)}
+
+
+def _as(agent: Agent, made, name: str) -> grpc.aio.Channel:
+    """A channel to the agent presenting display ``name``'s certificate."""
+    crt, key = made.clients[name]
+    return channel(agent.target, channel_credentials(made.ca_cert, crt, key))
+
+
+def test_under_mutual_tls_a_display_is_its_certificate_and_roles_decide(video, tmp_path):
+    """Item 9: one display acknowledged an alert as another, and the audit trail recorded the
+    impostor's claim. Under mutual TLS the identity is the certificate's name; a client_id that differs
+    is refused, and the roles in [server] decide who may start and stop cases or acknowledge."""
+    made = make_certificates(tmp_path / "pki", box="or-box", displays=["or3-main", "or3-nurse", "or3-wall"])
+
+    async def scenario():
+        agent = Agent(**_tls(made), **{"server.may_start_stop": ["or3-nurse"],
+                                       "server.may_acknowledge": ["or3-main", "or3-nurse"]})
+        async with agent, _as(agent, made, "or3-main") as main_ch, _as(agent, made, "or3-nurse") as nurse_ch, \
+                _as(agent, made, "or3-wall") as wall_ch:
+            main, nurse, wall = pbg.OrAgentStub(main_ch), pbg.OrAgentStub(nurse_ch), pbg.OrAgentStub(wall_ch)
+            rec = agent.alerts.raise_alert("bleeding", "critical", "bleeding in the field", {"area": "0.04"})
+
+            # the wall display acknowledging in the main display's name: refused, and nothing recorded
+            e = await rpc_error(wall.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=rec.alert_id, client_id="or3-main")))
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert e.details() == ("client_id 'or3-main' is not this display's certificate name 'or3-wall': under mutual "
+                                   "TLS a display is the name in its certificate (send that, or leave client_id empty)")
+            # in its own name it is not one of the displays that may acknowledge
+            e = await rpc_error(wall.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=rec.alert_id, client_id="or3-wall")))
+            assert (e.code(), e.details()) == (grpc.StatusCode.PERMISSION_DENIED, "display 'or3-wall' may not acknowledge "
+                                               "alerts (not in server.may_acknowledge on the agent)")
+            assert not agent.alerts.active()[0].acknowledged
+            # the main display may; its name comes from its certificate (client_id may be left empty)
+            ack = await main.AcknowledgeAlert(pb.AcknowledgeRequest(alert_id=rec.alert_id))
+            assert ack.event.acknowledged_by == "or3-main"
+
+            # viewing needs only a certificate; a stream is the certificate's display whatever it calls itself
+            e = await rpc_error(wall.StreamOverlays(pb.SubscribeRequest(client_id="or3-nurse")).read())
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'or3-wall'" in e.details()
+            overlays = wall.StreamOverlays(pb.SubscribeRequest())
+            await eventually(lambda: [s.client_id for s in agent.server.service.fanout.subscribers] == ["or3-wall"], 5,
+                             "the wall display subscribed under its certificate's name")
+            overlays.cancel()
+            assert (await wall.GetStatus(pb.StatusRequest())).state == pb.Status.IDLE
+
+            # starting and stopping cases: the nurse station only
+            e = await rpc_error(main.StartCase(pb.StartCaseRequest(source=video, case_id="OR1-roles")))
+            assert (e.code(), e.details()) == (grpc.StatusCode.PERMISSION_DENIED, "display 'or3-main' may not start or "
+                                               "stop cases (not in server.may_start_stop on the agent)")
+            await start_case(nurse, video, "OR1-roles")
+            e = await rpc_error(wall.StopCase(pb.StopCaseRequest()))
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (await nurse.StopCase(pb.StopCaseRequest(), timeout=30)).case_id == "OR1-roles"
+        return agent.audit_dir
+
+    records = _audit_records(asyncio.run(scenario()))
+    acks = [r["data"] for r in records if r["kind"] == "alert_acknowledged"]
+    assert [a["acknowledged_by"] for a in acks] == ["or3-main"]
+    (start,) = [r["data"] for r in records if r["kind"] == "session_start"]
+    (stop,) = [r["data"] for r in records if r["kind"] == "session_stop"]
+    assert start["by"] == stop["by"] == "or3-nurse"
+
+
+def test_roles_need_mutual_tls_and_default_to_every_display(tmp_path):
+    cfg = load_config(None)
+    assert cfg.server.may_start_stop == cfg.server.may_acknowledge == ("*",)
+    with pytest.raises(InputError, match=r"^server.may_acknowledge: roles need mutual TLS"):
+        cfg.with_overrides(**{"server.may_acknowledge": ["or3-main"]})
+    with pytest.raises(InputError, match=r"^server.may_start_stop: display names"):
+        cfg.with_overrides(**{"server.may_start_stop": ["or3 main"]})
+    with pytest.raises(InputError, match=r"^server.tls_revoked: a revocation list needs mutual TLS"):
+        cfg.with_overrides(**{"server.tls_revoked": str(tmp_path / "revoked.txt")})
+
+
+def test_a_revoked_display_is_refused_from_then_on(tmp_path):
+    """Item 10: `or-agent certs revoke NAME` writes the revocation list; the running agent reads it
+    again within a second and refuses the display's calls, ends its open streams, and refuses an older
+    copy of its certificate too; a certificate made for it afterwards is accepted; an agent started
+    later reads the list at start, and one with a damaged list does not start."""
+    from or_agent.agent.cli import main as or_agent
+
+    pki = tmp_path / "pki"
+    made = make_certificates(pki, box="or-box", displays=["or3-main", "or3-aux"])
+    old_copy = (tmp_path / "old-aux.crt", tmp_path / "old-aux.key")  # a copy the display kept
+    shutil.copy(made.clients["or3-aux"][0], old_copy[0])
+    shutil.copy(made.clients["or3-aux"][1], old_copy[1])
+    make_certificates(pki, box="or-box", displays=["or3-aux"])  # its certificate made again: a new serial
+
+    def creds(pair):
+        return channel_credentials(made.ca_cert, *pair)
+
+    async def status_code(agent, pair) -> grpc.StatusCode:
+        async with channel(agent.target, creds(pair)) as ch:
+            try:
+                await pbg.OrAgentStub(ch).GetStatus(pb.StatusRequest(), timeout=10)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+
+    async def scenario():
+        async with Agent(**_tls(made)) as agent:
+            aux = made.clients["or3-aux"]
+            assert await status_code(agent, aux) == await status_code(agent, old_copy) == grpc.StatusCode.OK
+            async with channel(agent.target, creds(aux)) as ch:
+                alerts = pbg.OrAgentStub(ch).StreamAlerts(pb.AlertSubscribeRequest())
+                agent.alerts.raise_alert("test", "info", "before revocation")
+                await read_n(alerts, 1)
+
+                assert await asyncio.to_thread(or_agent, ["certs", "revoke", "or3-aux", "--out", str(pki)]) == 0
+                # its open stream ends, with the reason
+                e = await rpc_error(read_n(alerts, 5), 10)
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "was revoked on" in e.details()
+            async with channel(agent.target, creds(aux)) as ch:
+                e = await rpc_error(pbg.OrAgentStub(ch).GetStatus(pb.StatusRequest(), timeout=10))
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert e.details().startswith("the certificate of 'or3-aux' (serial ") and "was revoked on" in e.details()
+            assert await status_code(agent, old_copy) == grpc.StatusCode.UNAUTHENTICATED  # the older copy too
+            assert await status_code(agent, made.clients["or3-main"]) == grpc.StatusCode.OK  # the others are served
+
+            await asyncio.sleep(1.1)  # certificate times are whole seconds: made a second later is after
+            renewed = make_certificates(pki, box="or-box", displays=["or3-aux"])
+            assert await status_code(agent, renewed.clients["or3-aux"]) == grpc.StatusCode.OK
+
+        async with Agent(**_tls(made)) as later:  # a new agent reads the list at start
+            assert await status_code(later, old_copy) == grpc.StatusCode.UNAUTHENTICATED
+            assert await status_code(later, made.clients["or3-main"]) == grpc.StatusCode.OK
+
+    asyncio.run(scenario())
+    revoked = pki / "revoked.txt"
+    (entry,) = [line for line in revoked.read_text().splitlines() if not line.startswith("#")]
+    assert entry.split()[1] == "or3-aux"
+    # a damaged list: the agent does not start (one line, naming the file and line)
+    revoked.write_text(revoked.read_text() + "not a revocation\n")
+    proc = subprocess.run([sys.executable, "-m", "or_agent.agent.cli", "serve", "--listen", "127.0.0.1:0",
+                           "--tls-cert", str(made.server_cert), "--tls-key", str(made.server_key), "--tls-ca", str(made.ca_cert)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"or-agent: error: {revoked}:5: expected 'SERIAL NAME YYYY-MM-DDTHH:MM:SSZ'"), proc.stderr
+
+
+# ----- issue 13: a stalled stream, a damaged audit trail -----------------------------------------
+
+
+async def next_alert(call, rule: str, kind, timeout_s: float) -> pb.AlertEvent:
+    """The next event of ``rule`` of ``kind`` on an alert stream, skipping the others."""
+    what = f"timed out after {timeout_s} s waiting for {rule} {pb.AlertEvent.Kind.Name(kind)}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, what
+        try:
+            (ev,) = await read_n(call, 1, remaining)
+        except asyncio.TimeoutError:
+            raise AssertionError(what) from None
+        if ev.rule == rule and ev.kind == kind:
+            return ev
+
+
+async def _state_is(stub, wanted) -> bool:
+    return (await stub.GetStatus(pb.StatusRequest())).state == wanted
+
+
+def test_a_stalled_stream_is_source_lost_while_it_stalls_and_status_says_why():
+    from tests.test_sources import MjpegServer
+
+    server = MjpegServer()
+    prefix = server.url.rsplit("/", 1)[0] + "/"
+
+    async def scenario():
+        async with Agent(**{"case.allowed_sources": [*CASE_AREA, prefix]}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            await stub.StartCase(pb.StartCaseRequest(source=server.url, case_id="OR1-stream-01"), timeout=30)
+            await eventually(lambda: _state_is(stub, pb.Status.RUNNING), 30, "RUNNING on the stream")
+            assert (await stub.GetStatus(pb.StatusRequest())).last_error == ""
+            server.stall()
+            lost = await next_alert(alerts, "source_lost", pb.AlertEvent.RAISED, 30)
+            assert server.stalled  # raised while the stream stalls, not once it is back (issue 13 item 6)
+            st = await stub.GetStatus(pb.StatusRequest())
+            assert st.state == pb.Status.SOURCE_LOST
+            detail = lost.evidence["detail"]
+            assert detail.startswith(f"{server.url}: feed ") and lost.message == f"video source lost: {detail}"
+            assert st.last_error.startswith(detail + " (at ") and st.last_error.endswith(" s ago)")
+            server.resume()
+            await next_alert(alerts, "source_lost", pb.AlertEvent.CLEARED, 60)
+            await eventually(lambda: _state_is(stub, pb.Status.RUNNING), 30, "RUNNING once the stream is back")
+            # what last went wrong stays said after the recovery
+            assert (await stub.GetStatus(pb.StatusRequest())).last_error.startswith(detail + " (at ")
+            await stub.StopCase(pb.StopCaseRequest(reason="done"), timeout=30)
+            alerts.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.close()
+
+
+def test_a_damaged_audit_trail_is_recorded_at_start_and_alerted_at_every_case(video, tmp_path):
+    from or_agent.agent.audit.verify import verify
+    from or_agent.agent.audit.writer import AuditLog
+
+    audit = tmp_path / "audit"
+    with AuditLog(audit) as log:  # an earlier run's trail
+        log.append("session_start", {"case_id": "OR1-earlier"})
+        for i in range(10):
+            log.append("alert_raised", {"rule": "bleeding", "i": i})
+        log.append("session_stop", {"case_id": "OR1-earlier"})
+    f = audit / "audit-000001.jsonl"
+    lines = f.read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b"bleeding", b"bleedinf")  # one flipped bit in a middle record
+    f.write_bytes(b"".join(lines))
+    problem = "audit-000001.jsonl:7: hash mismatch (record edited)"
+    warning = f"{problem}; chain restarted in audit-000002.jsonl"
+
+    async def scenario():
+        async with Agent(**{"audit.directory": str(audit)}) as agent, channel(agent.target) as ch:
+            stub = pbg.OrAgentStub(ch)
+            assert (await stub.GetStatus(pb.StatusRequest())).audit_warning == warning
+            alerts = stub.StreamAlerts(pb.AlertSubscribeRequest(client_id="disp1"))
+            for case_id in ("OR1-case-A", "OR1-case-B"):  # every case shows it, not only the first
+                await start_case(stub, video, case_id)
+                ev = await next_alert(alerts, "audit_damaged", pb.AlertEvent.RAISED, 15)
+                assert ev.severity == pb.WARNING and ev.message == f"audit trail damaged: {warning}"
+                await stub.StopCase(pb.StopCaseRequest(reason="done"), timeout=30)
+            alerts.cancel()
+
+    asyncio.run(scenario())
+    records = _audit_records(audit)
+    (damaged,) = [r for r in records if r["kind"] == "chain_damaged"]
+    assert damaged["data"]["problem"] == problem and damaged["data"]["checked_from"] == "audit-000001.jsonl"
+    assert sum(r["kind"] == "alert_raised" and r["data"]["rule"] == "audit_damaged" for r in records) == 2
+    result = verify([audit])
+    assert result.ok and len(result.warnings) == 1
+    assert result.warnings[0].startswith(f"{problem}; the agent found this damage and recorded it at audit-000002.jsonl:1")

@@ -3,6 +3,7 @@ line, lost and frozen feeds are reported, and no thread outlives its source."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -459,6 +460,157 @@ def test_stop_is_idempotent_and_wakes_a_blocked_reader():
     src.stop()
     with pytest.raises(RuntimeError):
         src.start()
+
+
+class HangingCapture(FakeCapture):
+    """Plays ``script``, then hangs in ``read()`` until ``resume`` is set (a stream whose read does not
+    give up at its timeout), then plays ``then``."""
+
+    def __init__(self, script, then, resume: threading.Event):
+        super().__init__(script)
+        self._then, self._resume = list(then), resume
+        self.hanging = threading.Event()
+
+    def read(self):
+        if self._script:
+            return super().read()
+        if self._then and not self._resume.is_set():
+            self.hanging.set()
+            self._resume.wait(30)  # a hang bound, so that a failing test still ends
+            self.hanging.clear()
+            self._script, self._then = self._then, []
+        return super().read()
+
+
+def _until(src, done, timeout_s: float, what: str):
+    """Read frames and collect events until ``done(events)``; fail naming ``what`` after the timeout."""
+    events = []
+    deadline = time.monotonic() + timeout_s
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}; events: {_kinds(events)}"
+        src.read(0.1)
+        events += src.drain_events()
+    return events
+
+
+def _frames_within(src, n: int, timeout_s: float) -> int:
+    got, deadline = 0, time.monotonic() + timeout_s
+    while got < n and time.monotonic() < deadline:
+        got += src.read(0.5) is not None
+    return got
+
+
+def test_a_read_that_hangs_past_the_read_timeout_is_reported_lost_while_it_hangs():
+    resume = threading.Event()
+    cap = HangingCapture(_changing(5), then=_changing(300, start=5), resume=resume)
+    src = StreamSource("http://127.0.0.1:8080/tower.mjpg", read_timeout_s=0.3, backoff=Backoff(0.05, 0.1),
+                       capture_factory=FakeFactory(cap))
+    try:
+        with src:
+            events = _until(src, lambda ev: "disconnected" in _kinds(ev), 10, "the hung read to be reported")
+            assert cap.hanging.is_set(), "reported while the read is still blocked, not after it returned"
+            resume.set()
+            events += _until(src, lambda ev: "reconnected" in _kinds(ev), 10, "frames to come back")
+            assert _frames_within(src, 5, 10) == 5
+    finally:
+        resume.set()
+    assert _kinds(events) == ["opened", "disconnected", "reconnected"]
+    assert events[1].message.startswith("http://127.0.0.1:8080/tower.mjpg: feed stalled, no frame for ")
+    assert events[1].message.endswith(" s (read timeout 0.3 s)")
+    assert events[2].gap_s is not None and events[2].gap_s > 0
+
+
+# -- a real HTTP stream --------------------------------------------------------------------------
+
+
+class MjpegServer:
+    """A real HTTP server on 127.0.0.1 serving an MJPEG stream (multipart/x-mixed-replace, as IP cameras
+    and video encoders do), changing frames at ``FPS`` on every connection. ``stall()`` makes it go
+    silent without closing anything (a hung encoder: open connections get nothing more, new ones get
+    the response headers and then nothing); ``resume()`` lets every connection carry on."""
+
+    def __init__(self):
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self._flowing, self._done = threading.Event(), threading.Event()
+        self._flowing.set()
+        self._conns: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, name="mjpeg server", daemon=True)]
+        self._threads[0].start()
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/live.mjpg"
+
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._done.set()
+        self._flowing.set()
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for t in list(self._threads):
+            t.join(10)
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._done.is_set():
+            try:
+                conn = self._server.accept()[0]
+            except OSError:  # the accept timeout, or the server closed
+                continue
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name="mjpeg connection", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5.0)
+            conn.recv(4096)  # the request; the answer is the same whatever was asked
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\n"
+                         b"Cache-Control: no-cache\r\n\r\n")
+            i = 0
+            while not self._done.is_set():
+                if not self._flowing.wait(0.05):
+                    continue
+                jpeg = cv2.imencode(".jpg", _frame_image(i))[1].tobytes()
+                conn.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+                             + jpeg + b"\r\n")
+                i += 1
+                self._done.wait(1 / FPS)
+        except OSError:
+            pass  # the client went away (it reconnects on a new connection)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def mjpeg_server():
+    server = MjpegServer()
+    yield server
+    server.close()
+
+
+def test_a_stalled_http_stream_is_lost_while_it_stalls_and_back_when_it_flows(mjpeg_server):
+    src = StreamSource(mjpeg_server.url, open_timeout_s=2.0, read_timeout_s=1.0, backoff=Backoff(0.1, 0.5))
+    with src:
+        assert _frames_within(src, 5, 20) == 5
+        mjpeg_server.stall()
+        events = _until(src, lambda ev: "disconnected" in _kinds(ev), 20, "the stalled stream to be reported lost")
+        assert mjpeg_server.stalled  # said while the stream stalls, not once it is back
+        mjpeg_server.resume()
+        events += _until(src, lambda ev: "reconnected" in _kinds(ev), 30, "the stream to come back")
+        assert _frames_within(src, 5, 20) == 5
+        events += src.drain_events()
+    assert _kinds(events) == ["opened", "disconnected", "reconnected"]
+    assert events[0].message.startswith(f"{mjpeg_server.url}: opened, 160x120")
 
 
 # -- image folders -----------------------------------------------------------------------------------

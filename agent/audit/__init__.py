@@ -4,8 +4,10 @@ Three modules, because the agent, the verifier and the chain's rules change for 
 and a fix to one must not be able to slip into another:
 
 - ``agent.audit.chain``   the record format, hashing and chaining that writer and verifier share
-- ``agent.audit.writer``  ``AuditLog``: appending records, fsync, rotation, resuming after a crash
-- ``agent.audit.verify``  ``verify``: reading a trail back and reporting the first broken record
+- ``agent.audit.writer``  ``AuditLog``: appending records, fsync, rotation, resuming after a crash,
+                          and a new segment when the stretch it continues does not verify
+- ``agent.audit.verify``  ``verify``: reading a trail back and reporting the first broken record (the
+                          writer runs its ``verify_from`` as it opens; the verifier imports no writer)
 
 Callers import from those modules; this package re-exports nothing, so each import says which of
 the three it depends on. ``or-agent audit verify`` (``agent.cli``) prints ``verify``'s result.

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 KINDS = ("session_start", "session_stop", "config", "models", "alert_raised", "alert_updated", "alert_cleared",
-         "alert_acknowledged", "alert_reannounced", "failsafe", "note", "rotated")
+         "alert_acknowledged", "alert_reannounced", "failsafe", "note", "rotated", "chain_damaged")
 FIELDS = frozenset({"seq", "ts", "mono_ns", "kind", "data", "prev", "hash"})
 ZERO_HASH = "0" * 64
 MAX_STRING = 2000
@@ -78,6 +78,24 @@ def record_line(record: dict) -> bytes:
 def continuation_note(damaged_file: str) -> dict:
     """The data of the ``note`` that opens the file continuing a chain whose last file ends in a partial line."""
     return {"previous_tail": "truncated", "file": damaged_file}
+
+
+# Damage found when a writer starts. The writer cannot continue a chain it found broken (its next
+# record would vouch for records that no longer verify), so it starts a new segment: a new file whose
+# first record is a ``chain_damaged`` record with ``prev`` 64 zeros, numbered on from the last record
+# it read. Its data says what was found and from which file the writer had checked the chain; the
+# verifier accepts the break in that stretch as recorded (a warning naming where), not as tampering.
+def damage_record(problem: str, checked_from: str, after_seq: int, after_hash: str) -> dict:
+    """The data of the ``chain_damaged`` record that opens a new segment after damage found at start."""
+    return {"problem": problem[:MAX_STRING], "checked_from": checked_from, "after_seq": after_seq,
+            "after_hash": after_hash}
+
+
+def is_restart(rec: dict) -> bool:
+    """Whether a well-formed record opens a new segment after recorded damage (``damage_record``)."""
+    data = rec.get("data")
+    return (rec.get("kind") == "chain_damaged" and rec.get("prev") == ZERO_HASH and isinstance(data, dict)
+            and isinstance(data.get("problem"), str) and isinstance(data.get("checked_from"), str))
 
 
 def file_name(index: int) -> str:

@@ -1,8 +1,9 @@
 """Verifying an audit trail: read it back and report the first broken record, or that it is intact.
 
-Verification runs wherever a trail is checked (``or-agent audit verify``, an auditor's machine), never
-inside the writer, and must not trust anything the writer believed: it re-derives every hash and
-link from the bytes on disk, with only ``agent.audit.chain``'s rules in common with the writer.
+Verification runs wherever a trail is checked (``or-agent audit verify``, an auditor's machine, and the
+writer itself as it opens, over the stretch it continues), and must not trust anything the writer
+believed: it re-derives every hash and link from the bytes on disk, with only ``agent.audit.chain``'s
+rules in common with the writer.
 
 What ``verify`` detects: a damaged line (not JSON, missing or unexpected fields), an edited record
 (hash mismatch), an edited record whose hash was recomputed (the next record's ``prev``), deleted,
@@ -13,6 +14,14 @@ removed from the end, by comparing the chain's end with ``audit.head``. Without 
 records from the end of a hash chain cannot be detected; with it, only records written since the
 last fsync (never an alert, failsafe or session record) can go unnoticed. What the chain cannot show
 at all is in ``agent.audit.chain`` (Limits).
+
+Recorded breaks. The writer runs ``verify_from`` over the stretch of the chain it continues when it
+opens (the file it appends to, from its start). If that is damaged it does not chain onto it: it starts
+a new segment with a ``chain_damaged`` record (``agent.audit.chain.damage_record``). ``verify`` accepts
+such a break, as a warning naming where the chain broke and where the new segment starts, when the
+first damage it finds lies in the stretch the writer had checked (from its ``checked_from`` file on);
+damage before that stretch was never recorded and stays an error, and so does any damage after the
+new segment starts. The records between the damage and the new segment are not verified.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from or_agent.agent.audit.chain import (
     audit_files,
     canonical,
     continuation_note,
+    file_index,
+    is_restart,
     record_hash,
     record_problem,
 )
@@ -63,9 +74,11 @@ class _Broken(Exception):
 
 
 class _Verifier:
-    def __init__(self, files: list[Path], head: tuple[int, str] | None):
+    def __init__(self, files: list[Path], head: tuple[int, str] | None, from_middle: bool = False):
         self.files = files
         self.head = head
+        self.from_middle = from_middle  # the first record is taken as given: the stretch starts mid-chain
+        self.pending_break: str | None = None  # damage found, to be matched with the new segment that records it
         self.records = 0
         self.expected_seq = 1
         self.prev = ZERO_HASH
@@ -76,9 +89,76 @@ class _Verifier:
         self.truncated: tuple[str, int] | None = None  # (file, line) of a partial last line
 
     def run(self) -> None:
-        for path in self.files:
-            self._file(path)
+        i = 0
+        while i < len(self.files):
+            try:
+                self._file(self.files[i])
+                i += 1
+            except _Broken as exc:
+                j = self._recorded_restart(i)
+                if j is None:
+                    raise
+                self.pending_break = str(exc)
+                i = j
         self._end()
+
+    def _recorded_restart(self, broken: int) -> int | None:
+        """The index of the file that opens the new segment recording damage found in ``files[broken]``,
+        or None: the first new segment after it must have been started by a writer that had checked
+        the chain from that file or an earlier one."""
+        for j in range(broken + 1, len(self.files)):
+            rec = self._restart_record(self._first_line(self.files[j]))
+            if rec is None:
+                continue
+            checked_from, damaged = file_index(Path(rec["data"]["checked_from"])), file_index(self.files[broken])
+            covered = checked_from is not None and damaged is not None and checked_from <= damaged
+            return j if covered else None
+        return None
+
+    @staticmethod
+    def _first_line(path: Path) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.readline(MAX_TAIL_BYTES + 1)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+    @staticmethod
+    def _restart_record(raw: bytes) -> dict | None:
+        """The record on this line if it is an intact ``chain_damaged`` record opening a new segment."""
+        if not raw.endswith(b"\n"):
+            return None
+        try:
+            rec = json.loads(raw[:-1].decode("utf-8"))
+        except ValueError:
+            return None
+        if (record_problem(rec) is not None or record_hash(rec) != rec["hash"]
+                or canonical(rec).encode("utf-8") != raw[:-1] or not is_restart(rec)):
+            return None
+        return rec
+
+    def _restart(self, name: str, rec: dict) -> None:
+        """A new segment starts at line 1 of ``name``: the chain before it ends here, by record."""
+        where = f"{name}:1"
+        if self.pending_break is not None:
+            self.warnings.append(f"{self.pending_break}; the agent found this damage and recorded it at {where} "
+                                 f"(chain_damaged, seq {rec['seq']}), where a new segment starts; records from the "
+                                 "damage to there are not verified")
+            self.pending_break = None
+        else:
+            self.warnings.append(f"{where}: the agent found the chain damaged ({rec['data']['problem']}) and "
+                                 f"started a new segment here (seq {rec['seq']})")
+        if self.truncated is not None:
+            self._truncated_warning(name)
+        self.rotation = None
+        self._check_head(where, rec)
+        self.records += 1
+        self.expected_seq = rec["seq"] + 1
+        self.prev = rec["hash"]
+
+    def _check_head(self, where: str, rec: dict) -> None:
+        if self.head is not None and rec["seq"] == self.head[0] and rec["hash"] != self.head[1]:
+            raise _Broken(f"{where}: hash differs from the one audit.head holds for seq {rec['seq']} (records rewritten)")
 
     def _file(self, path: Path) -> None:
         name, lineno = path.name, 0
@@ -87,6 +167,10 @@ class _Verifier:
                 for raw in f:
                     lineno += 1
                     if lineno == 1:
+                        restart = self._restart_record(raw)
+                        if restart is not None:
+                            self._restart(name, restart)
+                            continue
                         self._enter(name)
                     if self.rotation is not None and self.rotation[2] == name:
                         raise _Broken(f"{name}:{lineno}: data after the rotated record (files spliced?)")
@@ -168,7 +252,9 @@ class _Verifier:
                 raise _Broken(f"{where}: {tname} ends with a truncated record, but {name} does not start with "
                               "the continuation note (records removed?)")
             self._truncated_warning(name)
-        if self.records == 0:
+        if self.records == 0 and self.from_middle:
+            pass  # the stretch's first record: what comes before it is not being checked
+        elif self.records == 0:
             if rec["seq"] != 1:
                 raise _Broken(f"{where}: chain starts at seq {rec['seq']}, not 1 (earlier records or files removed)")
             if rec["prev"] != ZERO_HASH:
@@ -180,8 +266,7 @@ class _Verifier:
             if rec["prev"] != self.prev:
                 raise _Broken(f"{where}: prev does not match the hash of the record before it "
                               "(records edited, removed or reordered)")
-        if self.head is not None and rec["seq"] == self.head[0] and rec["hash"] != self.head[1]:
-            raise _Broken(f"{where}: hash differs from the one audit.head holds for seq {rec['seq']} (records rewritten)")
+        self._check_head(where, rec)
         if rec["kind"] == "rotated":
             if set(rec["data"]) != {"next"} or not isinstance(rec["data"]["next"], str):
                 raise _Broken(f"{where}: rotated record does not name the next file (record damaged)")
@@ -254,13 +339,23 @@ def _head_for(files: list[Path], warnings: list[str]) -> tuple[int, str] | None:
 
 def verify(paths: Sequence[Path]) -> VerifyResult:
     """Verify the chain through ``paths``: files in the given order, a directory meaning all its audit files."""
-    files = _expand(paths)
+    return _verify(_expand(paths), from_middle=False)
+
+
+def verify_from(paths: Sequence[Path]) -> VerifyResult:
+    """Verify a stretch of a chain that starts mid-chain, as the writer does with the files it continues:
+    the first record of the first file is taken as given (its seq and ``prev`` are not checked against
+    the files before it); everything after it is checked as ``verify`` does, against ``audit.head`` too."""
+    return _verify(_expand(paths), from_middle=True)
+
+
+def _verify(files: list[Path], from_middle: bool) -> VerifyResult:
     warnings: list[str] = []
     try:
         head = _head_for(files, warnings)
     except _Broken as exc:
         return VerifyResult(False, 0, tuple(map(str, files)), str(exc), tuple(warnings))
-    v = _Verifier(files, head)
+    v = _Verifier(files, head, from_middle)
     v.warnings = warnings
     try:
         v.run()

@@ -18,6 +18,15 @@ write) the writer continues the chain in a new file whose first record is a ``no
 Rotation. Once the current file reaches ``max_bytes`` the writer appends a ``rotated`` record
 (``{"next": "audit-NNNNNN.jsonl"}``), fsyncs, and continues in that file: its first record's ``prev``
 is the ``rotated`` record's hash. Opening a directory that already holds a chain continues it.
+
+Damage found at open. Before continuing a chain the writer verifies the stretch it continues (the
+file holding the last record, from its start, and any after it; ``agent.audit.verify.verify_from``,
+against ``audit.head`` too). If that stretch is damaged (an edited, removed or reordered record, a
+rolled-back anchor...) it does not chain onto it: it starts a new segment in a new file with a
+``chain_damaged`` record (``agent.audit.chain.damage_record``: what was found, from which file it had
+checked, the last record it read) whose ``prev`` is 64 zeros, and says so in ``damage``. The verifier
+shows that break as a warning naming where, and verifies the new segment. A damaged *last* record is
+still refused at open (there is no record to number on from that can be trusted).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from or_agent.agent.audit.chain import (
     canonical,
     check_data,
     continuation_note,
+    damage_record,
     file_index,
     file_name,
     new_record,
@@ -44,12 +54,13 @@ from or_agent.agent.audit.chain import (
     record_line,
     record_problem,
 )
+from or_agent.agent.audit.verify import verify_from
 from or_agent.pipelines.errors import InputError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FSYNC_KINDS = frozenset({"alert_raised", "alert_updated", "alert_cleared", "alert_acknowledged",
-                                 "alert_reannounced", "failsafe", "session_start", "session_stop"})
+                                 "alert_reannounced", "failsafe", "session_start", "session_stop", "chain_damaged"})
 LOCK_NAME = "audit.lock"
 
 
@@ -115,6 +126,7 @@ class AuditLog:
         self._seq = 0
         self._hash = ZERO_HASH
         self._unsynced = 0
+        self._damage: str | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -132,6 +144,11 @@ class AuditLog:
     def last_hash(self) -> str:
         return self._hash
 
+    @property
+    def damage(self) -> str | None:
+        """What ``open`` found wrong with the chain it continues, and where it restarted it; None if intact."""
+        return self._damage
+
     def open(self) -> AuditLog:
         with self._lock:
             if self._opened:
@@ -139,7 +156,7 @@ class AuditLog:
             try:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 self._take_directory()
-                self._resume()
+                self._resume(check=True)
             except OSError as exc:
                 self._release()
                 raise InputError(f"{self._dir}: cannot open the audit log ({exc.strerror or exc})") from None
@@ -174,8 +191,8 @@ class AuditLog:
         """
         if kind not in KINDS:
             raise ValueError(f"audit kind {kind!r}: unknown (one of {', '.join(KINDS)})")
-        if kind == "rotated":
-            raise ValueError("audit kind 'rotated': written by the log itself when it rotates")
+        if kind in ("rotated", "chain_damaged"):
+            raise ValueError(f"audit kind {kind!r}: written by the log itself when it {'rotates' if kind == 'rotated' else 'opens'}")
         check_data(data)
         with self._lock:
             if not self._opened:
@@ -223,8 +240,10 @@ class AuditLog:
                 pass
             self._fd = None
 
-    def _resume(self) -> None:
-        """Continue the chain found in the directory (or start one), never modifying what is there."""
+    def _resume(self, check: bool = False) -> None:
+        """Continue the chain found in the directory (or start one), never modifying what is there.
+        With ``check`` (at open) the stretch continued is verified first, and a new segment started if
+        it is damaged."""
         self._drop_fd()
         self._unsynced = 0
         files = audit_files(self._dir)
@@ -243,7 +262,16 @@ class AuditLog:
                 tail_file, tail = p, self._parse_tail(p, line)
                 break
         self._seq, self._hash = (tail["seq"], tail["hash"]) if tail else (0, ZERO_HASH)
-        if partial:
+        problem = self._check_stretch(files, tail_file) if check and tail_file is not None else None
+        if problem is not None:
+            self._open_file(next_new)
+            self._hash = ZERO_HASH  # a new segment: nothing before it is vouched for
+            self._write("chain_damaged", damage_record(problem, tail_file.name, tail["seq"], tail["hash"]))
+            self._sync()
+            self._damage = f"{problem}; chain restarted in {next_new.name}"
+            log.error("audit log %s: the chain is damaged (%s); restarted it in %s. Run `or-agent audit verify %s`",
+                      self._dir, problem, next_new.name, self._dir)
+        elif partial:
             self._open_file(next_new)
             self._write("note", continuation_note(newest.name))
             self._sync()
@@ -254,6 +282,13 @@ class AuditLog:
             self._open_file(self._dir / tail["data"]["next"])
         else:
             self._open_file(tail_file)
+
+    def _check_stretch(self, files: list[Path], tail_file: Path) -> str | None:
+        """The first problem in the stretch of the chain about to be continued (the file holding the
+        last record, from its start, and any after it), or None if it verifies."""
+        start = file_index(tail_file)
+        result = verify_from([p for p in files if file_index(p) >= start])
+        return result.first_error
 
     def _parse_tail(self, path: Path, line: bytes) -> dict:
         try:

@@ -228,7 +228,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("state", "source", "case_id", "frames_per_second", "capture_to_publish", "frames_processed", "frames_dropped", "models", "uptime_s", "subscribers", "agent_version", "last_error", "preprocessing")
+    __slots__ = ("state", "source", "case_id", "frames_per_second", "capture_to_publish", "frames_processed", "frames_dropped", "models", "uptime_s", "subscribers", "agent_version", "last_error", "preprocessing", "audit_warning")
     class PipelineState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PIPELINE_STATE_UNSPECIFIED: _ClassVar[Status.PipelineState]
@@ -260,6 +260,7 @@ class Status(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_WARNING_FIELD_NUMBER: _ClassVar[int]
     state: Status.PipelineState
     source: str
     case_id: str
@@ -273,7 +274,8 @@ class Status(_message.Message):
     agent_version: str
     last_error: str
     preprocessing: str
-    def __init__(self, state: _Optional[_Union[Status.PipelineState, str]] = ..., source: _Optional[str] = ..., case_id: _Optional[str] = ..., frames_per_second: _Optional[float] = ..., capture_to_publish: _Optional[_Union[LatencyPercentiles, _Mapping]] = ..., frames_processed: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., subscribers: _Optional[int] = ..., agent_version: _Optional[str] = ..., last_error: _Optional[str] = ..., preprocessing: _Optional[str] = ...) -> None: ...
+    audit_warning: str
+    def __init__(self, state: _Optional[_Union[Status.PipelineState, str]] = ..., source: _Optional[str] = ..., case_id: _Optional[str] = ..., frames_per_second: _Optional[float] = ..., capture_to_publish: _Optional[_Union[LatencyPercentiles, _Mapping]] = ..., frames_processed: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., subscribers: _Optional[int] = ..., agent_version: _Optional[str] = ..., last_error: _Optional[str] = ..., preprocessing: _Optional[str] = ..., audit_warning: _Optional[str] = ...) -> None: ...
 
 class LatencyPercentiles(_message.Message):
     __slots__ = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "count")
