@@ -44,7 +44,7 @@ class Subscriber:
     dropped: int = 0
     sent: int = 0
     writing: float | None = None  # capture time of the overlay whose write is under way
-    ended: asyncio.Event | None = None  # set to end the stream (its slot went to a live display)
+    displaced: bool = False  # its slot went to a live display: its stream ends
 
     def age_s(self, now: float | None = None) -> float:
         """How old the overlay this display is to receive next is: the one being written, else the
@@ -89,8 +89,7 @@ class Fanout:
     # ----- displays (on the event loop) ---------------------------------------------------------
     def subscribe(self, client_id: str, peer: str, include_anatomy: bool, jpeg_key: tuple[int, int] | None,
                   reserved: bool = False) -> Subscriber:
-        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size), reserved,
-                         ended=asyncio.Event())
+        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size), reserved)
         self.subscribers.add(sub)
         return sub
 
@@ -107,8 +106,7 @@ class Fanout:
             return None
         victim = candidates[0]
         self.subscribers.discard(victim)
-        if victim.ended is not None:
-            victim.ended.set()
+        victim.displaced = True
         if victim.queue.empty():  # wake a stream waiting for its next overlay
             victim.queue.put_nowait((None, time.monotonic()))
         return victim

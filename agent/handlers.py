@@ -131,13 +131,13 @@ class OrAgentHandlers:
                 payload, made_at = await sub.queue.get()
                 if payload is SHUTDOWN:
                     return
-                if sub.ended is not None and sub.ended.is_set():
+                if sub.displaced:
                     await self._end_behind(sub, context, cfg.behind_limit_s, displaced=True)
                     return
                 generation = await self._still_allowed(caller, context, generation)
                 sub.writing = made_at
                 if sub.over_limit(cfg.behind_limit_s) or not await self._write(sub, context, payload, cfg.behind_limit_s):
-                    await self._end_behind(sub, context, cfg.behind_limit_s, displaced=bool(sub.ended and sub.ended.is_set()))
+                    await self._end_behind(sub, context, cfg.behind_limit_s, displaced=sub.displaced)
                     return
                 sub.writing = None
                 sub.sent += 1
@@ -156,7 +156,7 @@ class OrAgentHandlers:
         try:
             while not write.done():
                 await asyncio.wait((write,), timeout=0.25)
-                if not write.done() and (sub.over_limit(limit_s) or (sub.ended is not None and sub.ended.is_set())):
+                if not write.done() and (sub.over_limit(limit_s) or sub.displaced):
                     return False
             write.result()
             return True

@@ -295,7 +295,7 @@ class Pipeline:
                 self.frame_path.release(w.inputs.pop(s.name, None))
 
     def _infer_light(self, w: _Work) -> None:
-        gate = self.stages.light[0] if self.stages.light and self.stages.light[0].gate else None
+        gate = self.stages.gate
         if gate is not None:
             self._infer(w, (gate,))
             w.gate_estimate = self._gate_estimate

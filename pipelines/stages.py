@@ -260,6 +260,11 @@ class StageGraph:
     light: tuple[ModelStage, ...]  # the gate (if any) first
     heavy: tuple[ModelStage, ...]
 
+    @property
+    def gate(self) -> ModelStage | None:
+        """The stage whose verdict decides whether the others run (compose puts it first)."""
+        return self.light[0] if self.light and self.light[0].gate else None
+
     def by_task(self, task: Task) -> list[ModelStage]:
         return [s for s in self.stages if s.task == task]
 

@@ -1237,7 +1237,7 @@ def test_a_display_is_judged_by_the_age_of_what_it_is_sent_and_a_stale_one_gives
         keeper.offer(b"x", now - 9.0)
         assert stale.age_s(now) >= 3.0 and keeper.over_limit(5.0)
         # full: a newcomer takes the slot of the stalest unreserved display past the threshold
-        assert fan.make_room(3, reserved=False, stale_s=2.0) is stale and stale.ended.is_set()
+        assert fan.make_room(3, reserved=False, stale_s=2.0) is stale and stale.displaced
         assert stale not in fan.subscribers and keeper in fan.subscribers
         fan.subscribe("other", "p4", False, None)
         # nobody unreserved is stale: an unconfigured newcomer is refused, a configured one displaces
