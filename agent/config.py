@@ -91,7 +91,7 @@ class ServerConfig(_Section):
     keepalive_time_s: float = 20.0
     keepalive_timeout_s: float = 10.0
     subscriber_queue: int = 8  # overlays buffered per display before the oldest is dropped
-    behind_limit_s: float = 5.0  # a display dropping overlays this long is told RESOURCE_EXHAUSTED
+    behind_limit_s: float = 5.0  # a display whose next (or oldest unshown) overlay is this old is told RESOURCE_EXHAUSTED
     alert_history: int = 1000  # alert events kept for reconnecting displays
     shutdown_grace_s: float = 2.0
     # revocation list written by `or-agent certs revoke`; default: revoked.txt beside tls_ca, if it is there

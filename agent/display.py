@@ -56,6 +56,7 @@ YELLOW = (0, 210, 255)  # BGR, the agent's "AI PAUSED" colour
 WHITE = (255, 255, 255)
 OPACITY_STEP, OPACITY_MIN, OPACITY_MAX = 0.1, 0.1, 1.0
 ACK_HINT = "  [a = acknowledge]"
+REPORT_PROGRESS_EVERY_S = 1.0
 
 
 @dataclass
@@ -66,6 +67,8 @@ class DisplayState:
     newest_at: float = 0.0  # monotonic time the newest overlay arrived
     newest_jpeg: np.ndarray | None = None
     jpeg_of_newest: bool = False  # newest_jpeg is the newest overlay's own composited picture
+    newest_position: int = 0  # the newest overlay's position in the current stream (0: none yet)
+    shown_position: int = 0  # the stream position of the newest overlay drawn on screen
     by_media_ms: dict[int, pb.Overlay] = field(default_factory=dict)  # recent overlays for --video matching
     classes_seen: dict[str, dict[int, str]] = field(default_factory=dict)  # model -> class id -> name, from regions
     alerts: dict[str, pb.AlertEvent] = field(default_factory=dict)  # active alerts by id
@@ -527,6 +530,14 @@ def compose(state: DisplayState, view: ViewState, target: str, now: float, stale
     return Composed(canvas.img, canvas, mode, matched)
 
 
+def must_resubscribe(ack: pb.ProgressAck | None, code: grpc.StatusCode | None) -> bool:
+    """Whether a progress report's answer means what the overlay stream still holds is too old to show:
+    the agent says the display is behind its limit, or it no longer has the display's stream."""
+    if ack is not None:
+        return ack.limit_s > 0 and ack.behind_s > ack.limit_s
+    return code == grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Display:
     def __init__(self, target: str, client_id: str = "display", video: str | None = None, headless: str | None = None,
                  stale_ms: float = 250.0, fps: float = 25.0, credentials: grpc.ChannelCredentials | None = None,
@@ -546,6 +557,7 @@ class Display:
         self._writer_tmp: Path | None = None
         self.frames_shown = 0
         self.overlays_matched = 0  # --video: local frames drawn with the overlay of their media timestamp
+        self.resubscribed = 0  # times the agent said this display was behind and it subscribed again
         self._labels: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._catalogue: dict[str, list[tuple[int, str, tuple[int, int, int]]]] = {}
         self.view = ViewState()
@@ -562,14 +574,19 @@ class Display:
         while not self._stop.is_set():
             self._channel = self._channel_for()
             stub = pbg.OrAgentStub(self._channel)
+            self.state.newest_position = self.state.shown_position = 0  # positions are per stream
+            req = pb.SubscribeRequest(client_id=self.client_id, include_jpeg=self.video_path is None,
+                                      include_anatomy=self.video_path is not None, jpeg_quality=80,
+                                      reports_progress=True)
+            call = stub.StreamOverlays(req)
+            behind = asyncio.Event()
+            reporter = asyncio.create_task(self._report_progress(stub, call, behind))
             try:
-                req = pb.SubscribeRequest(client_id=self.client_id, include_jpeg=self.video_path is None,
-                                          include_anatomy=self.video_path is not None, jpeg_quality=80)
-                async for ov in stub.StreamOverlays(req):
+                async for ov in call:
                     s = self.state
                     s.connected, s.status_text = True, "connected"
                     delay = 0.2
-                    s.newest, s.newest_at = ov, time.monotonic()
+                    s.newest, s.newest_at, s.newest_position = ov, time.monotonic(), ov.stream_position
                     s.jpeg_of_newest = False
                     if ov.composited_jpeg:
                         img = cv2.imdecode(np.frombuffer(ov.composited_jpeg, np.uint8), cv2.IMREAD_COLOR)
@@ -587,17 +604,50 @@ class Display:
                 self.state.status_text = "stream ended by the agent"
             except grpc.aio.AioRpcError as exc:
                 self.state.status_text = f"{exc.code().name}: {exc.details()}"[:120]
+            except asyncio.CancelledError:
+                if not behind.is_set() or self._stop.is_set():
+                    raise
             finally:
                 self.state.connected = False
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
                 await self._channel.close()
             if self._stop.is_set():
                 return
+            if behind.is_set():  # what the transport still held was too old to show: dropped with the call
+                self.state.status_text = "behind the agent: subscribing again"
+                self.resubscribed += 1
             log.info("overlay stream down (%s); reconnecting in %.1f s", self.state.status_text, delay)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
             delay = min(self.backoff_max_s, delay * 2)
+
+    async def _report_progress(self, stub: pbg.OrAgentStub, call, behind: asyncio.Event) -> None:
+        """Tell the agent, about once a second, which overlay is on screen: what gRPC's transport holds
+        for a display that draws slowly is invisible to the agent otherwise (see ``ReportProgress``).
+        When the answer says this display is behind, or the stream is gone, what the transport still
+        holds is old: ``call`` is cancelled (``behind`` set) and the display subscribes again."""
+        reported = 0
+        while True:
+            await asyncio.sleep(REPORT_PROGRESS_EVERY_S)
+            shown = self.state.shown_position
+            if shown <= reported:
+                continue
+            ack, code = None, None
+            try:
+                ack = await stub.ReportProgress(pb.ProgressReport(client_id=self.client_id, stream_position=shown), timeout=2.0)
+                reported = shown
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                log.debug("progress report not taken: %s", exc.details())
+            if must_resubscribe(ack, code):
+                log.warning("behind the agent (%s): dropping what the stream holds and subscribing again",
+                            f"{ack.behind_s:.1f} s" if ack is not None else "its stream is gone")
+                behind.set()
+                call.cancel()
+                return
 
     async def _alerts(self) -> None:
         delay = 0.2
@@ -662,6 +712,7 @@ class Display:
             self.view = self.view.with_models(model_classes(s.newest, self._catalogue, s.classes_seen))
         frame = compose(s, self.view, self.target, time.monotonic(), self.stale_s, self._labels,
                         self.video_path is not None, local_frame, local_ms)
+        s.shown_position = s.newest_position
         self.overlays_matched += frame.matched
         return frame.img
 

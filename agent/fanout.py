@@ -6,7 +6,10 @@ result into wire bytes once (with and without anatomy, as subscribers asked) and
 subscriber's queue on the event loop; a full queue drops its oldest overlay. A display is judged by the
 age of what it is being sent (since its frame was captured), whatever kind of stream it asked for: once
 the overlay it is to receive next is older than the limit, its stream is ended
-(``OrAgentHandlers.StreamOverlays``), and a stale display loses its slot to a live one. Composited JPEGs
+(``OrAgentHandlers.StreamOverlays``), and a stale display loses its slot to a live one. What gRPC's
+transport has taken is not what the display has shown: a slow reader's flow-control window grows
+until it holds tens of seconds, so a display that reports progress (``ReportProgress``) is judged by
+the oldest overlay it was sent and has not reported shown. Composited JPEGs
 are made once per frame and quality, on their own thread, only when someone asked. Alert streams are
 woken here too, whenever the alert log records an event.
 """
@@ -16,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import cv2
 
@@ -45,15 +49,37 @@ class Subscriber:
     sent: int = 0
     writing: float | None = None  # capture time of the overlay whose write is under way
     displaced: bool = False  # its slot went to a live display: its stream ends
+    reports_progress: bool = False  # it calls ReportProgress with what it has shown
+    shown: int = 0  # the newest stream position it reported shown
+    # (stream position, capture time) of what was sent and not yet reported shown, oldest first
+    unshown: deque = field(default_factory=deque)
 
     def age_s(self, now: float | None = None) -> float:
-        """How old the overlay this display is to receive next is: the one being written, else the
-        oldest queued one; 0 when it holds nothing (it is up to date)."""
+        """How old the oldest overlay this display has yet to show is: one sent but not reported shown
+        (when it reports progress), else the one being written, else the oldest queued one; 0 when it
+        holds nothing (it is up to date)."""
         now = time.monotonic() if now is None else now
         oldest = self.writing
         if oldest is None and not self.queue.empty():
             oldest = self.queue._queue[0][1]  # type: ignore[attr-defined]  # asyncio.Queue's deque, read only
+        if self.unshown:
+            oldest = self.unshown[0][1]  # sent before anything still queued or being written
         return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def written(self, made_at: float) -> int:
+        """One more message written to its transport; its stream position (1 for the first)."""
+        self.sent += 1
+        if self.reports_progress:
+            self.unshown.append((self.sent, made_at))
+        return self.sent
+
+    def report_shown(self, position: int) -> None:
+        """The display has shown everything up to ``position`` (reports may arrive out of order)."""
+        if position > self.sent:
+            raise ValueError(f"stream_position {position} is beyond what was sent to display {self.client_id} ({self.sent})")
+        self.shown = max(self.shown, position)
+        while self.unshown and self.unshown[0][0] <= self.shown:
+            self.unshown.popleft()
 
     def over_limit(self, limit_s: float) -> bool:
         return self.age_s() > limit_s
@@ -88,10 +114,20 @@ class Fanout:
 
     # ----- displays (on the event loop) ---------------------------------------------------------
     def subscribe(self, client_id: str, peer: str, include_anatomy: bool, jpeg_key: tuple[int, int] | None,
-                  reserved: bool = False) -> Subscriber:
-        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size), reserved)
+                  reserved: bool = False, reports_progress: bool = False) -> Subscriber:
+        sub = Subscriber(client_id, peer, include_anatomy, jpeg_key, asyncio.Queue(self.queue_size), reserved,
+                         reports_progress=reports_progress)
         self.subscribers.add(sub)
         return sub
+
+    def stream_of(self, client_id: str, peer: str) -> Subscriber | None:
+        """The overlay stream a progress report is about: the display's on the same connection, else
+        its only one; None when it has none (or several elsewhere, which one is meant is unknown)."""
+        mine = [s for s in self.subscribers if s.client_id == client_id]
+        same_peer = [s for s in mine if s.peer == peer]
+        if len(same_peer) == 1:
+            return same_peer[0]
+        return mine[0] if len(mine) == 1 else None
 
     def make_room(self, limit: int, reserved: bool, stale_s: float) -> Subscriber | None:
         """With ``limit`` displays subscribed, the one whose slot goes to a newcomer (its stream is ended),

@@ -21,7 +21,7 @@ from or_agent.agent.fanout import SHUTDOWN, Subscriber
 from or_agent.agent.service import AgentService
 from or_agent.agent.session import CaseSpec
 from or_agent.agent.source_policy import NOT_ALLOWED, SourceNotAllowed, SourcePolicy, public_name
-from or_agent.agent.wire import alert_to_pb, case_info_to_pb
+from or_agent.agent.wire import alert_to_pb, case_info_to_pb, position_field
 from or_agent.pipelines.errors import OrAgentError
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 
@@ -124,8 +124,10 @@ class OrAgentHandlers:
                 log.warning("display %s (%s) gave its slot to %s: %.1f s behind", displaced.client_id, displaced.peer,
                             loggable(caller.name), displaced.age_s())
         jpeg = (request.jpeg_quality or 80, request.jpeg_max_side) if request.include_jpeg else None
-        sub = self.s.fanout.subscribe(caller.name, context.peer(), request.include_anatomy, jpeg, reserved)
-        log.info("display %s (%s) subscribed to overlays", sub.client_id, sub.peer)
+        sub = self.s.fanout.subscribe(caller.name, context.peer(), request.include_anatomy, jpeg, reserved,
+                                      request.reports_progress)
+        log.info("display %s (%s) subscribed to overlays%s", sub.client_id, sub.peer,
+                 ", reporting what it shows" if sub.reports_progress else "")
         try:
             while True:
                 payload, made_at = await sub.queue.get()
@@ -136,11 +138,12 @@ class OrAgentHandlers:
                     return
                 generation = await self._still_allowed(caller, context, generation)
                 sub.writing = made_at
+                payload += position_field(sub.sent + 1)
                 if sub.over_limit(cfg.behind_limit_s) or not await self._write(sub, context, payload, cfg.behind_limit_s):
                     await self._end_behind(sub, context, cfg.behind_limit_s, displaced=sub.displaced)
                     return
                 sub.writing = None
-                sub.sent += 1
+                sub.written(made_at)
         finally:
             self.s.fanout.unsubscribe(sub)
             log.info("display %s unsubscribed (%d sent, %d dropped)", sub.client_id, sub.sent, sub.dropped)
@@ -180,6 +183,19 @@ class OrAgentHandlers:
             await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message), timeout=1.0)
         except asyncio.TimeoutError:
             pass
+
+    async def ReportProgress(self, request, context):
+        await _reject_malformed(request, context)
+        caller = await self._caller(context, request.client_id)
+        sub = self.s.fanout.stream_of(caller.name, context.peer())
+        if sub is None or not sub.reports_progress:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"display {caller.name} has no overlay stream subscribed with reports_progress here")
+        try:
+            sub.report_shown(request.stream_position)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ProgressAck(behind_s=round(sub.age_s(), 3), limit_s=self.s.config.server.behind_limit_s)
 
     async def StreamAlerts(self, request, context):
         await _reject_malformed(request, context)
@@ -285,6 +301,8 @@ def generic_handler(handlers: OrAgentHandlers) -> grpc.GenericRpcHandler:
         "StopCase": grpc.unary_unary_rpc_method_handler(handlers.StopCase, _tolerant(pb.StopCaseRequest.FromString), out),
         "AcknowledgeAlert": grpc.unary_unary_rpc_method_handler(handlers.AcknowledgeAlert,
                                                                 _tolerant(pb.AcknowledgeRequest.FromString), out),
+        "ReportProgress": grpc.unary_unary_rpc_method_handler(handlers.ReportProgress,
+                                                              _tolerant(pb.ProgressReport.FromString), out),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 

@@ -80,6 +80,12 @@ def jpeg_field(jpeg: bytes) -> bytes:
     return pb.Overlay(composited_jpeg=jpeg).SerializeToString()
 
 
+def position_field(position: int) -> bytes:
+    """A stream's position as serialised bytes to append to an overlay (field 18), as ``jpeg_field``:
+    the overlay is serialised once for every display, its position is each display's own."""
+    return pb.Overlay(stream_position=position).SerializeToString()
+
+
 def case_info_to_pb(session: CaseSession) -> pb.CaseInfo:
     return pb.CaseInfo(case_id=session.spec.case_id, source=session.source_label, started_unix_ms=session.started_unix_ms,
                        stopped_unix_ms=session.stopped_unix_ms,

@@ -262,7 +262,8 @@ def test_reflection_lists_the_services_and_describes_the_contract():
                     for svc in fd.service:
                         if f"{fd.package}.{svc.name}" == SERVICE:
                             methods |= {m.name for m in svc.method}
-            assert methods == {"StreamOverlays", "StreamAlerts", "GetStatus", "StartCase", "StopCase", "AcknowledgeAlert"}
+            assert methods == {"StreamOverlays", "StreamAlerts", "GetStatus", "StartCase", "StopCase", "AcknowledgeAlert",
+                           "ReportProgress"}
 
     asyncio.run(scenario())
 
@@ -722,7 +723,7 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(video):
             async def code(awaitable) -> grpc.StatusCode:
                 return (await rpc_error(awaitable)).code()
 
-            for method in ("GetStatus", "StartCase", "AcknowledgeAlert"):
+            for method in ("GetStatus", "StartCase", "AcknowledgeAlert", "ReportProgress"):
                 raw = ch.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
                 e = await rpc_error(raw(b"\xff\xff\xff"))
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.details(), method
@@ -1244,6 +1245,115 @@ def test_a_display_is_judged_by_the_age_of_what_it_is_sent_and_a_stale_one_gives
         assert fan.make_room(3, reserved=False, stale_s=2.0) is None
         displaced = fan.make_room(3, reserved=True, stale_s=2.0)
         assert displaced is not None and not displaced.reserved and keeper in fan.subscribers
+
+    asyncio.run(scenario())
+
+
+def test_a_display_that_reports_progress_is_judged_by_what_it_has_shown():
+    """Issue 13 item 3: what gRPC's transport has taken is not what the display has shown. A display that
+    reports progress is as far behind as the oldest overlay it was sent and has not reported shown."""
+    from or_agent.agent.fanout import Fanout
+
+    async def scenario():
+        fan = Fanout(asyncio.get_running_loop(), AlertLog(10), [], "synthetic", None, queue_size=4)
+        now = time.monotonic()
+        sub = fan.subscribe("or1-main", "p1", False, None, reports_progress=True)
+        plain = fan.subscribe("legacy", "p2", False, None)
+        for k in range(10):  # sent one every 0.5 s, the first captured 5 s ago; none queued any more
+            assert sub.written(now - 5.0 + 0.5 * k) == k + 1
+            plain.written(now - 5.0 + 0.5 * k)
+        assert sub.queue.empty() and sub.age_s(now) == pytest.approx(5.0) and sub.over_limit(4.0)
+        assert plain.age_s(now) == 0.0  # without reports the server can only count them as delivered
+        sub.report_shown(6)  # shown up to the 6th: the 7th, captured 2 s ago, is the oldest unshown
+        assert sub.age_s(now) == pytest.approx(2.0) and not sub.over_limit(4.0)
+        sub.report_shown(3)  # a late, older report changes nothing
+        assert sub.shown == 6 and sub.age_s(now) == pytest.approx(2.0)
+        sub.report_shown(10)
+        assert sub.age_s(now) == 0.0 and not sub.unshown
+        with pytest.raises(ValueError, match=r"stream_position 11 is beyond what was sent to display or1-main \(10\)"):
+            sub.report_shown(11)
+        # the report finds the display's stream on its own connection, else its only one
+        assert fan.stream_of("or1-main", "elsewhere") is sub and fan.stream_of("nobody", "p1") is None
+        twin = fan.subscribe("or1-main", "p3", False, None, reports_progress=True)
+        assert fan.stream_of("or1-main", "p3") is twin and fan.stream_of("or1-main", "elsewhere") is None
+
+    asyncio.run(scenario())
+
+
+def test_a_display_that_stops_showing_what_it_reads_is_ended_and_one_that_shows_it_is_not(slow_video):
+    """End to end: both displays read every overlay at once (their transports never fill); the one whose
+    reports stop is ended with RESOURCE_EXHAUSTED once what it has not shown is older than the limit,
+    the one that reports what it shows keeps its stream. Bad reports get one-line errors."""
+    async def scenario():
+        async with Agent(**{"server.behind_limit_s": 1.5}) as agent, \
+                channel(agent.target) as ch_a, channel(agent.target) as ch_b:
+            a, b = pbg.OrAgentStub(ch_a), pbg.OrAgentStub(ch_b)
+            err = await rpc_error(a.ReportProgress(pb.ProgressReport(client_id="frozen-ui", stream_position=1)))
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.details() == "display frozen-ui has no overlay stream subscribed with reports_progress here"
+            err = await rpc_error(a.ReportProgress(pb.ProgressReport(client_id="bad id\n", stream_position=1)))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await start_case(a, slow_video)
+            frozen = a.StreamOverlays(pb.SubscribeRequest(client_id="frozen-ui", reports_progress=True))
+            live = b.StreamOverlays(pb.SubscribeRequest(client_id="live-ui", reports_progress=True))
+            first = await read_n(frozen, 2, 15)
+            assert [m.stream_position for m in first] == [1, 2]
+            ack = await a.ReportProgress(pb.ProgressReport(client_id="frozen-ui", stream_position=2))
+            assert ack.limit_s == 1.5 and ack.behind_s >= 0.0
+            err = await rpc_error(a.ReportProgress(pb.ProgressReport(client_id="frozen-ui", stream_position=10 ** 6)))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "is beyond what was sent to display frozen-ui" in err.details()
+
+            async def read_all(call, report_to):
+                got = []
+                try:
+                    while (msg := await call.read()) is not grpc.aio.EOF:
+                        got.append(msg.stream_position)
+                        if report_to is not None:
+                            await report_to.ReportProgress(pb.ProgressReport(client_id="live-ui", stream_position=msg.stream_position))
+                except grpc.aio.AioRpcError as exc:
+                    return got, exc
+                return got, None
+
+            frozen_task = asyncio.create_task(read_all(frozen, None))  # reads on, reports nothing more
+            live_task = asyncio.create_task(read_all(live, b))
+            got, err = await asyncio.wait_for(frozen_task, 30)
+            assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert err.details().startswith("display frozen-ui fell behind: what it was to receive was more than 1.5 s old")
+            assert got == list(range(3, 3 + len(got)))  # it was sent (and read) every position, in order
+            assert not live_task.done()
+            assert [s.client_id for s in agent.server.service.fanout.subscribers] == ["live-ui"]
+            live.cancel()
+            await asyncio.gather(live_task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_display_told_it_is_behind_drops_its_stream():
+    """What a slow display's transport holds is already old when the agent ends its stream (the status
+    comes after it): the answer to its report says so first, and the reference display subscribes again."""
+    from or_agent.agent.display import must_resubscribe
+
+    assert must_resubscribe(pb.ProgressAck(behind_s=6.2, limit_s=5.0), None)
+    assert not must_resubscribe(pb.ProgressAck(behind_s=0.4, limit_s=5.0), None)
+    assert must_resubscribe(None, grpc.StatusCode.FAILED_PRECONDITION)  # its stream is gone
+    assert not must_resubscribe(None, grpc.StatusCode.DEADLINE_EXCEEDED)  # a slow answer says nothing
+
+
+def test_the_reference_display_reports_what_it_has_shown(video, tmp_path):
+    async def scenario():
+        async with Agent() as agent, channel(agent.target) as ch:
+            await start_case(pbg.OrAgentStub(ch), video)
+            display = Display(agent.target, client_id="disp1", headless=str(tmp_path / "d.mp4"))
+            run = asyncio.create_task(display.run())
+            try:
+                def reported():
+                    subs = [s for s in agent.server.service.fanout.subscribers if s.client_id == "disp1"]
+                    return subs and subs[0].reports_progress and subs[0].shown > 0 and subs[0]
+                sub = await eventually(reported, 15, "the display's first progress report")
+                assert sub.shown <= display.state.shown_position <= display.state.newest_position <= sub.sent
+            finally:
+                display.stop()
+                await asyncio.wait_for(run, 10)
 
     asyncio.run(scenario())
 

@@ -19,21 +19,23 @@ WARNING: Severity
 CRITICAL: Severity
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("client_id", "include_jpeg", "jpeg_quality", "jpeg_max_side", "include_anatomy")
+    __slots__ = ("client_id", "include_jpeg", "jpeg_quality", "jpeg_max_side", "include_anatomy", "reports_progress")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_JPEG_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     JPEG_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ANATOMY_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     include_jpeg: bool
     jpeg_quality: int
     jpeg_max_side: int
     include_anatomy: bool
-    def __init__(self, client_id: _Optional[str] = ..., include_jpeg: _Optional[bool] = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: _Optional[bool] = ...) -> None: ...
+    reports_progress: bool
+    def __init__(self, client_id: _Optional[str] = ..., include_jpeg: _Optional[bool] = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: _Optional[bool] = ..., reports_progress: _Optional[bool] = ...) -> None: ...
 
 class Overlay(_message.Message):
-    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set", "withheld")
+    __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set", "withheld", "stream_position")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_MS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class Overlay(_message.Message):
     CLASSIFICATIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    STREAM_POSITION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     media_ms: float
     capture_unix_ms: int
@@ -68,7 +71,8 @@ class Overlay(_message.Message):
     classifications: _containers.RepeatedCompositeFieldContainer[Classification]
     model_set: str
     withheld: _containers.RepeatedCompositeFieldContainer[Withheld]
-    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ..., withheld: _Optional[_Iterable[_Union[Withheld, _Mapping]]] = ...) -> None: ...
+    stream_position: int
+    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ..., withheld: _Optional[_Iterable[_Union[Withheld, _Mapping]]] = ..., stream_position: _Optional[int] = ...) -> None: ...
 
 class Withheld(_message.Message):
     __slots__ = ("output", "reason")
@@ -348,3 +352,19 @@ class AcknowledgeResponse(_message.Message):
     EVENT_FIELD_NUMBER: _ClassVar[int]
     event: AlertEvent
     def __init__(self, event: _Optional[_Union[AlertEvent, _Mapping]] = ...) -> None: ...
+
+class ProgressReport(_message.Message):
+    __slots__ = ("client_id", "stream_position")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    stream_position: int
+    def __init__(self, client_id: _Optional[str] = ..., stream_position: _Optional[int] = ...) -> None: ...
+
+class ProgressAck(_message.Message):
+    __slots__ = ("behind_s", "limit_s")
+    BEHIND_S_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_S_FIELD_NUMBER: _ClassVar[int]
+    behind_s: float
+    limit_s: float
+    def __init__(self, behind_s: _Optional[float] = ..., limit_s: _Optional[float] = ...) -> None: ...

@@ -65,6 +65,11 @@ class OrAgentStub:
                 request_serializer=proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeRequest.SerializeToString,
                 response_deserializer=proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeResponse.FromString,
                 _registered_method=True)
+        self.ReportProgress = channel.unary_unary(
+                '/oragent.v1.OrAgent/ReportProgress',
+                request_serializer=proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressReport.SerializeToString,
+                response_deserializer=proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressAck.FromString,
+                _registered_method=True)
 
 
 class OrAgentServicer:
@@ -117,6 +122,17 @@ class OrAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportProgress(self, request, context):
+        """A display that subscribed with reports_progress says, about once a second, which overlay it has
+        shown (its stream_position). gRPC's flow control lets a slow reader's transport hold many
+        seconds of overlays the server counts as sent; with these reports the server judges the display
+        by the age of the oldest overlay it has sent but the display has not shown, and ends the stream
+        (RESOURCE_EXHAUSTED) once that is older than its limit - also when the reports stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +165,11 @@ def add_OrAgentServicer_to_server(servicer, server):
                     servicer.AcknowledgeAlert,
                     request_deserializer=proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeRequest.FromString,
                     response_serializer=proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeResponse.SerializeToString,
+            ),
+            'ReportProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportProgress,
+                    request_deserializer=proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressReport.FromString,
+                    response_serializer=proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +335,33 @@ class OrAgent:
             '/oragent.v1.OrAgent/AcknowledgeAlert',
             proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeRequest.SerializeToString,
             proto_dot_oragent_dot_v1_dot_agent__pb2.AcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oragent.v1.OrAgent/ReportProgress',
+            proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressReport.SerializeToString,
+            proto_dot_oragent_dot_v1_dot_agent__pb2.ProgressAck.FromString,
             options,
             channel_credentials,
             insecure,
