@@ -57,7 +57,7 @@ def cmd_synth(args) -> int:
 def cmd_evaluate_segmentation(args) -> int:
     from or_agent.agent.offline.evaluate import evaluate_segmentation
 
-    scores = evaluate_segmentation(args.folder, args.models_dir, args.out)
+    scores = evaluate_segmentation(args.folder, args.models_dir, args.out, variant=args.variant)
     for line in scores.table():
         print(line)
     return 0
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("folder", metavar="DIR", help="folder with images/ and masks/ (e.g. endoscapes-seg50/val)")
     add_models_option(e)
     e.add_argument("--out", help="write the class maps (PNG) and predictions.csv here")
+    e.add_argument("--variant", metavar="MODEL_DIR",
+                   help="score this model folder (e.g. an FP16 or INT8 one from `or-agent calibrate`) in place of the "
+                        "set's segmentation model, with the set's rules")
     e.set_defaults(func=cmd_evaluate_segmentation)
 
     p = sub.add_parser("replay", help="run the pipeline over recorded videos; write annotated video, timeline and report")

@@ -19,7 +19,8 @@ def segmentation_polygons(est: SegmentationEstimate, epsilon_px: float = 1.0, mi
 
     ``epsilon_px`` is the Douglas-Peucker tolerance and ``min_area_px`` the smallest region kept,
     both in model pixels; holes are not kept (overlays fill regions, and the class drawn inside a
-    hole is its own region).
+    hole is its own region). Classes the estimate does not draw (background, and those below its
+    ``draw_min_confidence``) get no polygons.
     """
     cmap = est.class_map
     h, w = cmap.shape
@@ -28,7 +29,7 @@ def segmentation_polygons(est: SegmentationEstimate, epsilon_px: float = 1.0, mi
     offset = np.array([est.area.x0, est.area.y0], np.float32)
     out: dict[int, list[np.ndarray]] = {}
     for c in np.flatnonzero(np.bincount(cmap.ravel(), minlength=1)):
-        if c in skip:
+        if c in skip or not est.drawn(c):  # a region not confident enough is not outlined at all
             continue
         mask = (cmap == c).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

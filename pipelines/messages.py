@@ -42,6 +42,9 @@ class SegmentationEstimate:
     cvs: tuple[tuple[str, float], ...] = ()
     model: str = ""  # the model that produced it
     names: tuple[str, ...] = ()  # its class names, by class id
+    # a class whose mean probability is below this is not drawn (its region is more often wrong than
+    # right); the rules and the CVS read the whole class map with their own gates
+    draw_min_confidence: float = 0.0
 
     def __post_init__(self):
         if self.class_map.ndim != 2 or self.class_map.dtype != np.uint8:
@@ -50,6 +53,12 @@ class SegmentationEstimate:
             raise ValueError("area_fraction and confidence must have one value per class")
         if self.names and len(self.names) != len(self.area_fraction):
             raise ValueError(f"{len(self.names)} class names for {len(self.area_fraction)} classes")
+        if not 0.0 <= self.draw_min_confidence < 1.0:
+            raise ValueError(f"draw_min_confidence must be in [0, 1), got {self.draw_min_confidence}")
+
+    def drawn(self, class_id: int) -> bool:
+        """Whether this class's region is confident enough to be drawn (background never is)."""
+        return class_id != 0 and self.confidence[class_id] >= self.draw_min_confidence
 
     def classification(self) -> ClassificationEstimate | None:
         """The Critical View of Safety this model's class map was assessed for, as image-level labels."""

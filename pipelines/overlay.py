@@ -192,7 +192,9 @@ class OverlayRenderer:
         cmap = est.class_map
         # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
         colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), pal.lut.reshape(256, 1, 3))
-        shown_small = pal.shown_lut[cmap]
+        shown_lut = pal.shown_lut.copy()
+        shown_lut[[c for c in range(len(est.confidence)) if not est.drawn(c)]] = 0  # not confident enough
+        shown_small = shown_lut[cmap]
         edges_small = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, self._kernel)
         edges_small = cv2.bitwise_and(np.where(edges_small > 0, 255, 0).astype(np.uint8), shown_small)
         colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -211,7 +213,7 @@ class OverlayRenderer:
         cy = np.bincount(flat, ys, minlength=len(pal.names))
         fs = max(0.35, out.shape[0] / 1400)
         for c in np.flatnonzero(counts > self.min_label_fraction * flat.size):
-            if c >= len(pal.names) or pal.hidden[c]:
+            if c >= len(pal.names) or pal.hidden[c] or not est.drawn(c):
                 continue
             x = area.x0 + cx[c] / counts[c] * scale_x
             y = area.y0 + cy[c] / counts[c] * scale_y

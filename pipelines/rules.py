@@ -21,6 +21,11 @@ Critical View of Safety a segmentation model carries is ``critical_view_of_safet
   (area at least ``min_area``) for ``min_seen_s`` during ``during_phase``; with two or more required
   classes they must also have been seen at the same time at least ``min_separation_px`` apart (seen
   *separately*). The critical-view-of-safety proxy; advisory.
+- ``criteria_not_held_before``: on entering ``phase``, the image-level ``labels`` (e.g. the three
+  criteria of the critical view of safety) were not all achieved together for ``min_held_s`` during
+  ``during_phase``. A label counts as achieved from when its probability reaches ``above`` (0.5) until
+  it falls below ``above - hysteresis`` (0.1), so a probability wavering about 0.5 neither makes nor
+  breaks the view. Evidence: seconds each label and all of them were held, their last probabilities.
 - ``area_growth``: a class's area (fraction of the frame) grew by at least ``growth`` within
   ``window_s`` and is at least ``min_area``, optionally only in some ``phases``. Bleeding.
 - ``phase_duration_over``: the current phase has lasted longer than its limit: ``limits_s`` per
@@ -59,8 +64,10 @@ else:  # Python 3.10
     import tomli as tomllib
 
 SEVERITIES = ("info", "warning", "critical")
-KINDS = ("distance_below", "structures_not_seen_before", "area_growth", "phase_duration_over", "label_probability",
-         "state")
+KINDS = ("distance_below", "structures_not_seen_before", "criteria_not_held_before", "area_growth", "phase_duration_over",
+         "label_probability", "state")
+# the kinds that accumulate time seen or held, and so must know about time they were suppressed
+_ACCUMULATING = ("structures_not_seen_before", "criteria_not_held_before")
 SYSTEM_STATES = ("stale", "source_lost", "frozen", "source_error", "model_error", "audit_damaged")
 STATES = ("low_visibility", "out_of_body", "frame_drop_rate") + SYSTEM_STATES
 SUPPRESSORS = ("out_of_body", "low_visibility")
@@ -278,6 +285,26 @@ class _Condition:
             self.last_t: float | None = None
             self.prev_phase: int | None = None
             self.fired_for_entry = False
+        elif k == "criteria_not_held_before":
+            self.at = _phase_id(need("phase", str), f"{where}.phase")
+            self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
+            refs = [rule.vocabulary.resolve(lab, f"{where}.labels", rule.owner, outputs="classifications")
+                    for lab in need("labels", list)]
+            if not refs:
+                raise InputError(f"{where}.labels: name at least one label")
+            self.labels = [(output, label) for output, _, label in refs]
+            self.level = need("above", float, 0.5)
+            self.hysteresis = need("hysteresis", float, 0.1)
+            if not 0.0 < self.level <= 1.0 or not 0.0 <= self.hysteresis < self.level:
+                raise InputError(f"{where}: 'above' must be in (0, 1] and 'hysteresis' in [0, above)")
+            self.min_held_s = need("min_held_s", float, 2.0)
+            self.achieved = [False] * len(self.labels)
+            self.held_s = [0.0] * len(self.labels)
+            self.all_held_s = 0.0
+            self.last_prob: list[float | None] = [None] * len(self.labels)
+            self.last_t = None
+            self.prev_phase = None
+            self.fired_for_entry = False
         elif k == "area_growth":
             self.model, self.cls, _ = _class_ref(need("class", str), f"{where}.class", rule)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
@@ -312,7 +339,7 @@ class _Condition:
     def suppressed(self, x: RuleInputs) -> None:
         """The rule is suppressed on this input (out of body, low visibility): no evaluation, but a
         condition that accumulates seen time must not count this time as seen."""
-        if self.rule.kind == "structures_not_seen_before":
+        if self.rule.kind in _ACCUMULATING:
             self.last_t = x.t_s
 
     def __call__(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
@@ -330,6 +357,8 @@ class _Condition:
             return d < self.threshold, evidence
         if k == "structures_not_seen_before":
             return self._cvs(x)
+        if k == "criteria_not_held_before":
+            return self._criteria(x)
         if k == "area_growth":
             area = x.area(self.model, self.cls)
             self.history.append((x.t_s, area))
@@ -385,6 +414,34 @@ class _Condition:
         if entered:
             ok = all(s >= self.min_seen_s for s in self.seen_s) and (len(self.required) == 1 or self.together_s >= self.min_seen_s)
             self.fired_for_entry = not ok
+        elif x.phase != self.at:
+            self.fired_for_entry = False
+        return self.fired_for_entry, evidence
+
+
+    def _criteria(self, x: RuleInputs) -> tuple[bool, dict[str, Any]]:
+        dt = 0.0 if self.last_t is None else max(0.0, x.t_s - self.last_t)
+        self.last_t = x.t_s
+        for i, (output, label) in enumerate(self.labels):
+            prob = x.probability(output, label)
+            if prob is None:
+                continue  # not assessed on this frame: the last verdict holds
+            self.last_prob[i] = prob
+            self.achieved[i] = prob >= self.level or (self.achieved[i] and prob >= self.level - self.hysteresis)
+        if x.phase == self.during and not x.out_of_body:
+            for i, a in enumerate(self.achieved):
+                self.held_s[i] += dt if a else 0.0
+            self.all_held_s += dt if all(self.achieved) else 0.0
+        entered = x.phase == self.at and self.prev_phase is not None and self.prev_phase != self.at
+        if x.phase is not None:
+            self.prev_phase = x.phase
+        evidence: dict[str, Any] = {label + "_held_s": round(s, 1) for (_, label), s in zip(self.labels, self.held_s)}
+        evidence.update({label: round(p, 2) if p is not None else "not assessed"
+                         for (_, label), p in zip(self.labels, self.last_prob)})
+        evidence["all_held_s"] = round(self.all_held_s, 1)
+        evidence["min_held_s"] = self.min_held_s
+        if entered:
+            self.fired_for_entry = self.all_held_s < self.min_held_s
         elif x.phase != self.at:
             self.fired_for_entry = False
         return self.fired_for_entry, evidence

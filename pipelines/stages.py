@@ -158,6 +158,15 @@ class PhaseStage(ModelStage):
         return replace(estimate, time_in_phase_s=estimate.time_in_phase_s + (t_s - self._stepped_s))
 
 
+def draw_min_confidence(manifest) -> float:
+    """A segmentation manifest's ``draw_min_confidence`` (0: every class drawn): the mean probability
+    below which a class's region is not drawn, chosen where its regions are measured more often wrong."""
+    value = manifest.extra.get("draw_min_confidence", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ModelError(f"{manifest.path}: draw_min_confidence must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 class SegmentationStage(ModelStage):
     """Per-pixel classes; with a ``cvs`` block in its manifest, the Critical View of Safety assessed on them."""
 
@@ -173,6 +182,7 @@ class SegmentationStage(ModelStage):
                 check_structures(self.names)
         except ValueError as exc:
             raise ModelError(f"{self.manifest.path}: {exc}") from None
+        self.draw_min_confidence = draw_min_confidence(self.manifest)
 
     def predict(self, x, on_device: bool = False):
         """Logits on the host; with ``on_device`` and a backend that can, a ``DeviceTensor`` in the
@@ -196,7 +206,7 @@ class SegmentationStage(ModelStage):
         if self.cvs is not None:
             cvs = tuple(self.cvs.probabilities(cvs_measurements(r.class_map, self.names)).items())
         return SegmentationEstimate(r.class_map, area, tuple((r.counts / r.class_map.size).tolist()),
-                                    tuple(r.confidence.tolist()), cvs, self.name, self.names)
+                                    tuple(r.confidence.tolist()), cvs, self.name, self.names, self.draw_min_confidence)
 
 
 class VisibilityStage(ModelStage):

@@ -57,6 +57,10 @@ def test_scores_the_synthetic_model_on_its_own_kind_of_frames(labelled, tmp_path
     assert (near.rule, near.classes, near.threshold_px) == ("energy_near_cystic_duct", ("L-hook Electrocautery", "Cystic Duct"), 20.0)
     assert near.on_model - near.false_alarms == near.on_truth - near.missed >= 0  # both held on the same frames
     assert 0 <= near.false_alarms <= near.on_model <= scores.frames
+    # the synthetic model draws every class: every region counted is drawn, right or wrong
+    d = scores.drawn
+    assert d is not None and d.min_confidence == 0.0 and d.right + d.wrong > 0
+    assert (d.right_drawn, d.wrong_drawn) == (d.right, d.wrong)
 
 
 def test_the_command_prints_the_table(labelled):
@@ -111,3 +115,13 @@ def test_a_folder_without_images_and_masks_is_named(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"or-agent: error: {tmp_path}: not a labelled segmentation folder "
                                    "(needs images/ and masks/, Endoscapes' format)")
+
+
+def test_a_variant_is_scored_in_place_of_the_sets_model_and_must_have_its_classes(labelled, tmp_path):
+    from tests.conftest import ROOT
+
+    own = evaluate_segmentation(labelled, "synthetic", log=lambda s: None)
+    same = evaluate_segmentation(labelled, "synthetic", log=lambda s: None, variant=ROOT / "models" / "synthetic" / "anatomy")
+    assert np.allclose(same.iou, own.iou, equal_nan=True) and same.conditions == own.conditions
+    with pytest.raises(InputError, match=r"not a variant of anatomy: a segmentation model with classes Background, Cystic Plate"):
+        evaluate_segmentation(labelled, "synthetic", log=lambda s: None, variant=ROOT / "models" / "endoscapes" / "anatomy")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from or_agent.pipelines.manifest import find_model
 from or_agent.pipelines.messages import FrameResult, PhaseEstimate, SegmentationEstimate, VisibilityEstimate
@@ -83,3 +84,44 @@ def test_the_agents_own_alert_banners_stay_on_the_picture_most_severe_at_the_bot
     assert banded and min(banded) >= 480 * (1 - 0.4) - 1, "the banners take at most 40 % of the height"
     assert tuple(int(v) for v in img[470, 850]) == SEVERITY_COLOURS["critical"], "the critical alert is the bottom row"
     assert fit < len(alerts)  # so the rest were summed up, not drawn off the top
+
+
+def test_a_region_below_the_models_draw_confidence_is_neither_drawn_nor_outlined_nor_sent():
+    """The endoscapes set draws a class only where its mean probability is at least 0.75: on val that
+    keeps 88 % of the regions that are mostly right and drops 73 % of those mostly wrong."""
+    import json
+
+    from or_agent.agent.wire import overlay_to_pb
+    from or_agent.pipelines.masks import segmentation_polygons
+
+    labels = find_model("segmentation", ROOT / "models" / "synthetic").labels
+    img = np.full((240, 320, 3), 100, np.uint8)
+    cmap = np.zeros((60, 80), np.uint8)
+    cmap[:, 40:] = 2  # liver on the right half, sure
+    cmap[:, :20] = 3  # another class on the left quarter, unsure
+    conf = (1, 0, 0.9, 0.6) + (0,) * 9
+    est = SegmentationEstimate(cmap, ContentArea.whole_frame(320, 240), (0.25, 0, 0.5, 0.25) + (0,) * 9, conf,
+                               model="anatomy", names=tuple(lab.name for lab in labels), draw_min_confidence=0.75)
+    assert [c for c in range(4) if est.drawn(c)] == [2]
+    out = OverlayRenderer(labels, alpha=0.5).draw(img, _result(anatomy=est))
+    assert np.allclose(out[120:200, 10:60].reshape(-1, 3).mean(0), 100, atol=1), "the unsure class is not painted"
+    assert not np.allclose(out[120:200, 200:300].reshape(-1, 3).mean(0), 100, atol=1), "the sure one is"
+    polys = segmentation_polygons(est)
+    assert set(polys) == {2}
+    r = _result(anatomy=est)
+    r = FrameResult(**{**r.__dict__, "polygons": {"anatomy": polys}})
+    msg = overlay_to_pb(r, [], [], True)
+    assert [a.class_id for a in msg.anatomy] == [2]
+    # the gate is the model's own, from its manifest, and checked there
+    manifest = json.loads((ROOT / "models" / "endoscapes" / "anatomy" / "manifest.json").read_text())
+    assert manifest["draw_min_confidence"] == 0.75
+    from types import SimpleNamespace
+
+    from or_agent.pipelines.errors import ModelError
+    from or_agent.pipelines.stages import draw_min_confidence
+
+    for bad in (1.5, "high", True):
+        with pytest.raises(ModelError, match=rf"m.json: draw_min_confidence must be a number in \[0, 1\), got {bad!r}"):
+            draw_min_confidence(SimpleNamespace(extra={"draw_min_confidence": bad}, path="m.json"))
+    with pytest.raises(ValueError, match=r"draw_min_confidence must be in \[0, 1\), got 1.5"):
+        SegmentationEstimate(cmap, est.area, est.area_fraction, conf, draw_min_confidence=1.5)

@@ -204,3 +204,75 @@ message = "hook {distance_px} px from the duct (confidence {confidence})"
     sure = RulesEngine([rule])
     (raised,) = [t for x in inputs(0.8) for t in sure.evaluate(x)]
     assert raised.evidence["confidence"] == "0.8" and "confidence 0.8" in raised.message
+
+
+# ----- the critical view of safety held before clipping (the endoscapes set's rule) ---------------
+
+
+def _cvs_engine() -> RulesEngine:
+    from or_agent.pipelines.model_set import load_model_set
+
+    s = load_model_set("endoscapes")
+    rules = [r for r in load_rules(s.rules_file, vocabulary=s.outputs, owner="model set 'endoscapes'")
+             if r.id == "clipping_without_cvs"]
+    assert rules and rules[0].kind == "criteria_not_held_before"
+    return RulesEngine(rules)
+
+
+def _cvs_inputs(t: float, phase: str, two: float, triangle: float, plate: float) -> RuleInputs:
+    return RuleInputs(seq=int(t * 10), t_s=t, phase=PHASE_ID[phase], phase_confidence=0.9, time_in_phase_s=0.0,
+                      out_of_body=False, low_visibility=False,
+                      labels={"critical_view_of_safety": {"cvs_two_structures": two, "cvs_hepatocystic_triangle": triangle,
+                                                          "cvs_cystic_plate": plate}})
+
+
+def _clip_after(dissection: list[tuple[float, float, float]]) -> list:
+    """Calot triangle dissection at 10 frames a second with these criteria probabilities, then clipping."""
+    engine = _cvs_engine()
+    out, t = [], 0.0
+    for probs in dissection:
+        out += engine.evaluate(_cvs_inputs(t, "CalotTriangleDissection", *probs))
+        t += 0.1
+    for _ in range(5):
+        out += engine.evaluate(_cvs_inputs(t, "ClippingCutting", 0.2, 0.2, 0.2))
+        t += 0.1
+    return out
+
+
+def test_clipping_after_the_three_criteria_were_held_together_is_not_flagged():
+    assert _clip_after([(0.1, 0.1, 0.1)] * 50 + [(0.7, 0.8, 0.6)] * 25) == []
+
+
+def test_a_criterion_wavering_about_one_half_neither_makes_nor_breaks_the_view():
+    # two structures once at 0.6, then 0.45 / 0.55 alternately: within the hysteresis it stays achieved
+    wavering = [(0.6, 0.8, 0.7)] + [(0.45 if i % 2 else 0.55, 0.8, 0.7) for i in range(29)]
+    assert _clip_after(wavering) == []
+    # never above 0.5: 0.45 alone is not achieved, however long
+    assert [t.kind for t in _clip_after([(0.45, 0.8, 0.7)] * 40)] == ["raised"]
+
+
+def test_clipping_before_the_view_was_held_is_flagged_with_the_criteria_as_evidence():
+    # each criterion achieved for long, but never all three at once; the plate drops below 0.4 at the end
+    dissection = [(0.8, 0.2, 0.8)] * 30 + [(0.2, 0.8, 0.8)] * 30 + [(0.8, 0.8, 0.8)] * 10 + [(0.8, 0.8, 0.35)] * 10
+    raised = [t for t in _clip_after(dissection) if t.kind == "raised"]
+    assert len(raised) == 1
+    e = raised[0].evidence
+    assert e["all_held_s"] == "1.0" and e["min_held_s"] == "2.0"  # 10 frames of 0.1 s together: under 2 s
+    assert e["cvs_two_structures_held_s"] == "4.9" and e["cvs_cystic_plate_held_s"] == "6.9"  # time since the previous frame
+    assert e["cvs_cystic_plate"] == "0.2"  # the probabilities as clipping began
+    assert raised[0].message.startswith("Advisory: clipping began before the critical view of safety was held for 2.0 s "
+                                        "(all three criteria together 1.0 s;")
+
+
+def test_a_criteria_rule_names_only_labels_the_set_has(tmp_path):
+    from or_agent.pipelines.model_set import load_model_set
+
+    s = load_model_set("endoscapes")
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rules]]\nid = "r"\nseverity = "warning"\nkind = "criteria_not_held_before"\nphase = "ClippingCutting"\n'
+                    'during_phase = "CalotTriangleDissection"\nlabels = ["cvs_two_structures", "cvs_fourth"]\nmessage = "m"\n')
+    with pytest.raises(InputError, match=r"rules\.r\.labels: unknown label 'cvs_fourth'"):
+        load_rules(path, vocabulary=s.outputs, owner="model set 'endoscapes'")
+    path.write_text(path.read_text().replace('"cvs_fourth"', '"cvs_cystic_plate"') + "above = 0.5\nhysteresis = 0.6\n")
+    with pytest.raises(InputError, match=r"'hysteresis' in \[0, above\)"):
+        load_rules(path, vocabulary=s.outputs, owner="model set 'endoscapes'")

@@ -28,7 +28,7 @@ from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.cvs import CRITERIA
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
-from or_agent.pipelines.manifest import Task
+from or_agent.pipelines.manifest import Task, load_manifest
 from or_agent.pipelines.metrics import average_precision, balanced_accuracy, confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
 from or_agent.pipelines.preprocess import ContentArea, detect_content_area, paste_back
@@ -93,6 +93,28 @@ class CriterionScore:
 
 
 @dataclass(frozen=True)
+class DrawnRegions:
+    """What the confidence gate does to the regions a display would draw: a class region of a frame
+    (at least ``MIN_REGION_CELLS`` cells of the model's map) is mostly wrong when less than half of its
+    pixels are that structure in the truth."""
+
+    min_confidence: float
+    right: int  # regions mostly right
+    right_drawn: int  # ... of them, confident enough to be drawn
+    wrong: int
+    wrong_drawn: int
+
+    def line(self) -> str:
+        return (f"  regions drawn at confidence >= {self.min_confidence:g}: {self.right_drawn} of {self.right} mostly right "
+                f"(>= half their pixels on the structure) and {self.wrong_drawn} of {self.wrong} mostly wrong; "
+                f"without the gate all {self.right + self.wrong}")
+
+
+# the smallest region (model-map cells) counted: as small as the polygons a display is sent
+MIN_REGION_CELLS = 12
+
+
+@dataclass(frozen=True)
 class SegmentationScores:
     model: str
     frames: int
@@ -102,6 +124,7 @@ class SegmentationScores:
     ms_per_frame: float  # the model call, ONNX Runtime on the CPU, one thread (median)
     conditions: tuple[ConditionCount, ...] = ()  # the set's distance rules, measured frame by frame
     cvs: tuple[CriterionScore, ...] = ()  # where the model assesses the CVS and the folder has ratings
+    drawn: DrawnRegions | None = None
 
     @property
     def cvs_mean_balanced_accuracy(self) -> float:
@@ -123,6 +146,8 @@ class SegmentationScores:
             rows.append(f"  {name:<26} {_fmt(iou):>6} {_fmt(dice):>6}")
         rows.append(f"  {'mean (without background)':<26} {_fmt(self.mean_iou):>6} {_fmt(self.mean_dice):>6}")
         rows += [c.line(self.frames) for c in self.conditions]
+        if self.drawn is not None:
+            rows.append(self.drawn.line())
         if self.cvs:
             rows.append(f"  critical view of safety (mean balanced accuracy {self.cvs_mean_balanced_accuracy:.3f}):")
             rows += [c.line() for c in self.cvs]
@@ -168,11 +193,18 @@ def _read(image: Path, mask: Path, classes: int, model: str) -> tuple[np.ndarray
 
 
 def evaluate_segmentation(folder: str | Path, models: str | None = None, out: str | Path | None = None,
-                          log: Callable[[str], None] = print) -> SegmentationScores:
+                          log: Callable[[str], None] = print, variant: str | Path | None = None) -> SegmentationScores:
+    """Scores the set's segmentation model, or ``variant`` (a model folder with the same classes, e.g.
+    its FP16 or INT8 version) in its place, with the set's rules."""
     folder = Path(folder)
     pairs = _pairs(folder)
     model_set = load_model_set(models)
     manifest = model_set.model(Task.SEGMENTATION)
+    if variant is not None:
+        own, manifest = manifest, load_manifest(variant)
+        if manifest.task != Task.SEGMENTATION or [lab.name for lab in manifest.labels] != [lab.name for lab in own.labels]:
+            raise InputError(f"{variant}: not a variant of {own.name}: a {manifest.task} model with classes "
+                             f"{', '.join(lab.name for lab in manifest.labels)}")
     names = tuple(lab.name for lab in manifest.labels)
     n = len(names)
     labelled = folder_classes(folder)
@@ -193,6 +225,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     cvs_prob: list[list[float]] = []
     cvs_truth: list[list[bool]] = []
     conf = np.zeros((n, n), np.int64)
+    regions = [0, 0, 0, 0]  # right, right drawn, wrong, wrong drawn
     times, rows = [], []
     with OnnxRuntimeBackend(manifest, threads=1) as backend:
         stage = SegmentationStage(backend)
@@ -222,6 +255,12 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
                 cvs_truth.append([ratings[image.stem][c] >= 0.5 for c in CRITERIA])
             keep = truth != IGNORE
             conf += confusion(truth[keep], pred[keep], n)
+            cells = np.bincount(estimate.class_map.ravel(), minlength=n)
+            for c in np.flatnonzero(cells[1:] >= MIN_REGION_CELLS) + 1:
+                on_it = truth[(pred == c) & keep]
+                slot = 2 * (on_it.size == 0 or float(np.mean(on_it == c)) < 0.5)  # right or wrong
+                regions[slot] += 1
+                regions[slot + 1] += estimate.drawn(int(c))
             if out_dir is not None:
                 if not cv2.imwrite(str(out_dir / "class_maps" / f"{image.stem}.png"), pred.astype(np.uint8)):
                     raise InputError(f"{out_dir / 'class_maps'}: cannot write the class map of {image.name}")
@@ -238,7 +277,8 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     conditions = tuple(ConditionCount(r.id, tuple(r.params["classes"]), float(r.params["threshold_px"]), *held[r.id])
                        for r in distance_rules)
     scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
-                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions, cvs)
+                                tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions, cvs,
+                                DrawnRegions(stage.draw_min_confidence, *regions))
     if out_dir is not None:
         lines = [",".join(["image", *(CRITERIA if assesses_cvs else ()),
                            *(f"area_{name.lower().replace(' ', '_')}" for name in names)])]
