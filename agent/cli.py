@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from or_agent.agent.logs import FORMATS as LOG_FORMATS
+from or_agent.agent.logs import LEVELS as LOG_LEVELS
 from or_agent.agent.options import add_models_option
 from or_agent.pipelines.errors import InputError, OrAgentError
 from or_agent.pipelines.options import BACKENDS, FRAME_PATHS
@@ -105,6 +107,87 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _model_store(args):
+    """The store and trusted keys: ``--store`` / ``--trusted-key``, else the config's ``[models]``, else the defaults."""
+    from or_agent.agent.config import load_config
+    from or_agent.agent.model_store import ModelStore, default_store_dir
+
+    settings = load_config(getattr(args, "config", None)).models
+    store = args.store or settings.store or default_store_dir()
+    trusted = list(getattr(args, "trusted_key", None) or settings.trusted_keys)
+    return ModelStore(store), trusted
+
+
+def cmd_models_install(args) -> int:
+    store, trusted = _model_store(args)
+    done = store.install(Path(args.set_dir), trusted_keys=trusted)
+    how = f"signature verified with {done.signed_by}" if done.signed_by else "sha256 verified (no trusted key: signature not required)"
+    if done.already_installed:
+        print(f"{done.label} is already installed, identical: {done.path}")
+    else:
+        print(f"installed {done.label}: {how}  [{done.path}]")
+    if store.active() is None:
+        print(f"no set is active yet: or-agent models activate {done.label} --store {store.dir}")
+    return 0
+
+
+def cmd_models_activate(args) -> int:
+    store, _ = _model_store(args)
+    now, before = store.activate(args.label)
+    print(f"active: {now}" + (f" (previous: {before})" if before and before != now else ""))
+    print(f"the agent runs it with --models {store.active_path} (a running agent picks it up at its next start)")
+    return 0
+
+
+def cmd_models_rollback(args) -> int:
+    store, _ = _model_store(args)
+    now, before = store.rollback()
+    print(f"rolled back: active {now} (previous: {before})")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    store, _ = _model_store(args)
+    sets = store.installed()
+    if not sets:
+        print(f"no model sets installed in {store.dir}")
+        return 0
+    for s in sets:
+        state = "active" if s.active else "previous" if s.previous else ""
+        print(f"{'*' if s.active else ' '} {s.label:<32} {'signed' if s.signed else 'unsigned':<8} {state}".rstrip())
+    return 0
+
+
+def cmd_models_sign(args) -> int:
+    from or_agent.agent.model_signing import sign
+
+    digests, signature = sign(Path(args.set_dir), Path(args.key))
+    print(f"wrote {digests} and {signature}")
+    return 0
+
+
+def cmd_models_keygen(args) -> int:
+    from or_agent.agent.model_signing import keygen
+
+    pair = keygen(Path(args.out))
+    print(f"{pair.private_key}  private signing key (mode 0600): keep it off the OR box")
+    print(f"{pair.public_key}  public key: the box trusts it with models.trusted_keys or --trusted-key")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from or_agent.agent.bundle import Target, build_bundle
+
+    target = Target(python_version=args.python_version, platform=args.platform)
+    extras = [x.strip() for x in args.extras.split(",") if x.strip()]
+    summary = build_bundle(Path(args.out), target, extras, log=print)
+    for line in summary.not_bundled:
+        print(f"not bundled: {line}")
+    print(f"wrote {summary.out}: {summary.wheels} wheels, {summary.size_bytes / 1e6:.1f} MB, for {target.describe()} "
+          f"(install on the box: {summary.out}/install.sh)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from or_agent.agent.offline.demo import run_demo
 
@@ -117,16 +200,41 @@ def cmd_replay(args) -> int:
 
     if args.anatomy_every is not None and args.anatomy_every < 1:
         raise InputError(f"--anatomy-every must be at least 1, got {args.anatomy_every}")
+    if args.video_height == "source":
+        video_height = None
+    else:
+        try:
+            video_height = int(args.video_height)
+        except ValueError:
+            raise InputError(f"--video-height must be a number of pixels or 'source', got {args.video_height!r}") from None
     return run_replay(args.videos, args.out, labels=args.labels, masks=args.masks, paced=args.paced,
                       anatomy_every=args.anatomy_every, models_dir=args.models_dir, rules_file=args.rules,
-                      time_scale=args.time_scale)
+                      time_scale=args.time_scale, video_out=args.video, video_height=video_height)
 
 
-def _setup_logging(verbose: bool) -> None:
-    import logging
+def cmd_archive_run(args) -> int:
+    from or_agent.agent.archive.run import ArchiveOptions, run_archive
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ArchiveOptions(out=Path(args.out), ray_address=args.ray, models=args.models_dir, workers=args.workers,
+                             retries=args.retries)
+    return 1 if run_archive(args.sources, options).failures else 0
+
+
+def cmd_archive_report(args) -> int:
+    from or_agent.agent.archive.report import write_cohort_report
+
+    report = write_cohort_report(args.dir, args.out)
+    dest = Path(args.out or args.dir)
+    print(f"cohort report of {report['cases']} cases ({len(report['failed'])} failed): {dest / 'cohort.html'}, "
+          f"{dest / 'cohort.json'}, {dest / 'cases.csv'}")
+    return 0
+
+
+def _setup_logging(args, level: str = "warning", fmt: str = "text") -> None:
+    """Log lines to standard error: ``--log-level`` / ``--log-format`` where given, else ``level`` and ``fmt``."""
+    from or_agent.agent.logs import configure_logging
+
+    configure_logging(getattr(args, "log_level", None) or level, getattr(args, "log_format", None) or fmt)
 
 
 def cmd_serve(args) -> int:
@@ -135,14 +243,32 @@ def cmd_serve(args) -> int:
     from or_agent.agent.config import load_config
     from or_agent.agent.server import serve_forever
 
-    _setup_logging(True)
-    cfg = load_config(args.config).with_overrides(**{
+    overrides = {
         "server.listen": args.listen, "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key,
         "server.tls_ca": args.tls_ca, "server.insecure": True if args.insecure else None,
         "case.source": args.source, "case.case_id": args.case_id, "case.paced": args.paced,
         "pipeline.models": args.models_dir, "pipeline.backend": args.backend,
-        "pipeline.preprocessing": args.preprocessing})
-    return asyncio.run(serve_forever(cfg))
+        "pipeline.preprocessing": args.preprocessing, "server.metrics_listen": args.metrics_listen,
+        # so that a reload (SIGHUP) compares and applies the level in effect: the command line's wins
+        "logging.level": getattr(args, "log_level", None), "logging.format": getattr(args, "log_format", None)}
+    cfg = load_config(args.config).with_overrides(**overrides)
+    _setup_logging(args, cfg.logging.level, cfg.logging.format)
+
+    def reload_config():  # SIGHUP: the same file, the same command-line overrides
+        return load_config(args.config).with_overrides(**overrides)
+
+    return asyncio.run(serve_forever(cfg, reload_config if args.config else None))
+
+
+def cmd_config_check(args) -> int:
+    """``or-agent config check FILE``: ``FILE: OK`` and what it would run with, or one error line."""
+    from or_agent.agent.config_check import check_config
+
+    report = check_config(args.file)
+    print(f"{args.file}: OK")
+    for line in report.lines:
+        print(f"  {line}")
+    return 0
 
 
 def _client_credentials(args):
@@ -170,7 +296,7 @@ def cmd_display(args) -> int:
 
     from or_agent.agent.display import Display, has_screen
 
-    _setup_logging(args.verbose)
+    _setup_logging(args, "info" if args.verbose else "warning")
     headless = args.headless
     if headless is None and not has_screen():
         headless = str(Path("out") / f"display-{args.client_id}.mp4")
@@ -190,8 +316,16 @@ def cmd_display(args) -> int:
 def cmd_doctor(args) -> int:
     from or_agent.agent.offline.doctor import run_doctor
 
+    certificates = list(args.certs or [])
+    if args.config:  # the agent's own TLS files, and the displays' certificates made beside its CA
+        from or_agent.agent.config import load_config
+
+        server = load_config(args.config).server
+        certificates += [p for p in (server.tls_cert, server.tls_ca) if p]
+        if server.tls_ca and (Path(server.tls_ca).parent / "clients").is_dir():
+            certificates += sorted((Path(server.tls_ca).parent / "clients").glob("*.crt"))
     return run_doctor(models_dir=args.models_dir, cache_dir=args.cache_dir, audit_dir=args.audit_dir,
-                      probe_capture=not args.no_capture_probe)
+                      probe_capture=not args.no_capture_probe, certificates=certificates)
 
 
 def cmd_qualify(args) -> int:
@@ -218,7 +352,11 @@ def cmd_build_engines(args) -> int:
             continue
         timing = Path(args.timing_cache) if args.timing_cache else cache.timing_cache_path
         print(f"built {m.name}: {engines.build_engine(m, cache, key, timing).name}", flush=True)
-    for p in cache.prune([m.sha256 for m in manifests], remove=args.prune):
+    from or_agent.agent.model_store import ModelStore, default_store_dir
+
+    # every set installed in the store keeps its engines, so `models rollback` needs no rebuild
+    installed = ModelStore(args.store or default_store_dir()).model_sha256s()
+    for p in cache.prune({m.sha256 for m in manifests} | installed, remove=args.prune):
         print(("removed " if args.prune else "stale   ") + p.name)
     return 0
 
@@ -231,9 +369,40 @@ def cmd_audit_verify(args) -> int:
     if not result.ok:
         print(f"BROKEN: {result.first_error}")
         return 1
-    print(f"ok: {result.records} records in {len(result.files)} files, chain intact")
+    notes = "".join(f"; {n}" for n in result.notes)
+    print(f"ok: {result.records} records in {len(result.files)} files, chain intact{notes}")
     for w in result.warnings:
         print(f"warning: {w}")
+    return 0
+
+
+def cmd_audit_prune(args) -> int:
+    """``or-agent audit prune DIR``: apply the retention settings now (while no agent writes DIR)."""
+    from or_agent.agent.audit.chain import audit_files
+    from or_agent.agent.audit.retention import RetentionPolicy, prune
+    from or_agent.agent.audit.writer import AuditLog
+    from or_agent.agent.config import load_config
+
+    settings = load_config(args.config).audit
+    days = settings.retention_days if args.days is None else args.days
+    mb = settings.retention_mb if args.mb is None else args.mb
+    if days < 0 or mb < 0:
+        raise InputError(f"audit prune: --days and --mb must not be negative, got {days} and {mb}")
+    directory = Path(args.directory or settings.directory)
+    if not directory.is_dir() or not audit_files(directory):
+        raise InputError(f"{directory}: no audit-*.jsonl files in this directory")
+    policy = RetentionPolicy(days, mb)
+    if not policy.enabled:
+        print("nothing to do: no retention set (audit.retention_days and audit.retention_mb are 0; or --days / --mb)")
+        return 0
+    with AuditLog(directory, max_bytes=settings.max_bytes) as audit_log:
+        done = prune(audit_log, policy)
+    if not done.removed:
+        print(f"nothing to prune in {directory} (retention {days} days, {mb} MB)")
+        return 0
+    print(f"removed {len(done.removed)} file(s), {done.freed_bytes / 1e6:.1f} MB: "
+          f"{', '.join(p.name for p in done.removed)}; the chain now starts at record {done.first_seq} "
+          "(recorded in the trail)")
     return 0
 
 
@@ -330,8 +499,33 @@ def cmd_calibrate_temperature(args) -> int:
     return 0 if result.get("check_passed", True) else 1
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: its line is made only when asked for (it reads the default model set's name)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from or_agent.agent.build_info import version_line
+
+        print(version_line())
+        parser.exit()
+
+
+def add_log_options(parser: argparse.ArgumentParser, on_command: bool = False) -> None:
+    """``--log-level`` and ``--log-format``: before the command (every command), or after it (where given,
+    they win over the ones before)."""
+    keep = {"default": argparse.SUPPRESS} if on_command else {}
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log this and above to standard error "
+                        "(serve: config logging.level, default info; other commands: warning)", **keep)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="text, or json: one object a line with the case id, "
+                        "for journald and ELK (serve: config logging.format)", **keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="or-agent", description="Surgical video decision-support edge agent.")
+    ap.add_argument("--version", action=_PrintVersion, help="print the version and the default model set, and exit")
+    add_log_options(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -347,9 +541,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-index", type=int, default=1, help="number of the first video (videoNN; default 1)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("models", help="list the installed models and verify their manifests and sha256")
+    p = sub.add_parser("models", help="list the installed models and verify their manifests and sha256; "
+                                      "install, activate and roll back versioned sets in the model store")
     add_models_option(p)
     p.set_defaults(func=cmd_models)
+    models_sub = p.add_subparsers(dest="models_action", metavar="[ACTION]")  # none: list and verify, as before
+
+    def store_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--store", help="the model store (default: config models.store, $OR_AGENT_MODEL_STORE, "
+                                       "/var/lib/or-agent/models if it exists, else ~/.local/state/or-agent/models)")
+        q.add_argument("--config", help="agent configuration (TOML) whose [models] table names the store and trusted keys")
+
+    q = models_sub.add_parser("install", help="verify a model set (sha256, signature if keys are trusted) and copy it "
+                                              "into the store as NAME@VERSION")
+    q.add_argument("set_dir", metavar="SET_DIR", help="the set's folder (with model-set.json)")
+    store_options(q)
+    q.add_argument("--trusted-key", action="append", metavar="FILE",
+                   help="ed25519 public key (PEM) the set must be signed with (repeatable; default: models.trusted_keys)")
+    q.set_defaults(func=cmd_models_install)
+    q = models_sub.add_parser("activate", help="make an installed set the active one; the old one is kept for rollback")
+    q.add_argument("label", metavar="NAME@VERSION")
+    store_options(q)
+    q.set_defaults(func=cmd_models_activate)
+    q = models_sub.add_parser("rollback", help="switch back to the set that was active before")
+    store_options(q)
+    q.set_defaults(func=cmd_models_rollback)
+    q = models_sub.add_parser("list", help="the sets installed in the store, and which is active and previous")
+    store_options(q)
+    q.set_defaults(func=cmd_models_list)
+    q = models_sub.add_parser("sign", help="write model-set.sha256 and its ed25519 signature model-set.sig into a set")
+    q.add_argument("set_dir", metavar="SET_DIR")
+    q.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="the signing key (from `or-agent models keygen`)")
+    q.set_defaults(func=cmd_models_sign)
+    q = models_sub.add_parser("keygen", help="make an ed25519 signing key pair for model sets")
+    q.add_argument("--out", required=True, metavar="DIR", help="where model-signing.key and model-signing.pub go")
+    q.set_defaults(func=cmd_models_keygen)
 
     p = sub.add_parser("evaluate", help="score a model set on labelled real frames (per-class IoU and Dice)")
     evaluate_sub = p.add_subparsers(dest="evaluate_what", metavar="TASK")
@@ -376,7 +602,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", help="decision-support rules file (TOML; default: the built-in cholecystectomy set)")
     p.add_argument("--time-scale", type=float, help="the video's time compression, for phase-duration limits "
                    "(default: from <name>.json next to a synthetic video, else 1)")
+    p.add_argument("--video", choices=("annotated", "none"), default="annotated",
+                   help="annotated: write annotated.mp4 (H.264, plays in a browser; default); none: no video, faster")
+    p.add_argument("--video-height", default="720", metavar="N|source",
+                   help="record the annotated video at most N pixels tall, scaled down from taller sources "
+                        "(default 720); 'source': the source's own size")
+    add_log_options(p, on_command=True)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("archive", help="replay an archive of recorded surgeries on a Ray cluster, resumably; "
+                                       "compare the cases in a cohort report")
+    archive_sub = p.add_subparsers(dest="archive_command", metavar="ACTION")
+    archive_sub.required = True
+    q = archive_sub.add_parser("run", help="replay every case (one Ray task per video), skipping those already done")
+    q.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="video files, folders (per-case subfolders included) or CSV manifests path,case_id[,labels]")
+    q.add_argument("--out", required=True, metavar="DIR", help="archive folder: one DIR/<case id>/ per case")
+    q.add_argument("--ray", default="local", metavar="ADDRESS|local",
+                   help="a Ray cluster's address (host:6379, auto, ray://host:10001), or local: start Ray on this "
+                        "machine (default)")
+    add_models_option(q)
+    q.add_argument("--workers", type=int, help="replay workers, each holding the models once (default: one per CPU "
+                                               "of the cluster, one per GPU where it has GPUs)")
+    q.add_argument("--retries", type=int, default=2, help="tries again a failed video this many times (default 2)")
+    q.set_defaults(func=cmd_archive_run)
+    q = archive_sub.add_parser("report", help="the cohort report (cohort.html, cohort.json, cases.csv) of an archive folder")
+    q.add_argument("dir", metavar="DIR", help="the folder `archive run` wrote")
+    q.add_argument("--out", metavar="DIR", help="where the report goes (default: DIR)")
+    q.set_defaults(func=cmd_archive_report)
 
     p = sub.add_parser("serve", help="run the agent: source, pipeline and gRPC server")
     p.add_argument("--config", help="configuration file (TOML; see agent/agent.example.toml)")
@@ -395,7 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference backend (config pipeline.backend; default auto: TensorRT where an engine exists)")
     p.add_argument("--preprocessing", choices=FRAME_PATHS,
                    help="where model inputs are made (config pipeline.preprocessing; default auto: GPU kernels with TensorRT)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP there (config server.metrics_listen; default off; loopback "
+                        "unless --insecure)")
+    add_log_options(p, on_command=True)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="the agent's configuration file: check it without starting anything")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    config_sub.required = True
+    c = config_sub.add_parser("check", help="validate FILE as serve would (keys, TLS files, revocation list, "
+                                            "model set, rules, audit directory); exit 0 if serve would start with it")
+    c.add_argument("file", metavar="FILE", help="configuration file (TOML; see agent/agent.example.toml)")
+    c.set_defaults(func=cmd_config_check)
 
     p = sub.add_parser("display", help="the reference OR display: overlays from a running agent, full screen")
     p.add_argument("--target", required=True, help="the agent's HOST:PORT")
@@ -440,6 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="TensorRT engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
     p.add_argument("--audit-dir", default="audit", help="audit trail directory, for its free disk space (default audit)")
     p.add_argument("--no-capture-probe", action="store_true", help="do not try to open the capture devices")
+    p.add_argument("--config", help="agent configuration (TOML): its server.tls_cert and tls_ca (and clients/ beside "
+                                    "the CA) are checked for expiry")
+    p.add_argument("--certs", action="append", metavar="PATH",
+                   help="a certificate file, or a directory made by `or-agent certs`, to check for expiry (repeatable)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("qualify", help="on-site acceptance test: deployed backend vs ONNX Runtime, latency budget, report")
@@ -454,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, default=50.0, help="capture->publish p99 budget in ms (default 50)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of the clip played live for the latency check (default 20)")
     p.add_argument("--frames", type=int, default=200, help="frames compared between backends (default 200)")
+    add_log_options(p, on_command=True)
     p.set_defaults(func=cmd_qualify)
 
     p = sub.add_parser("build-engines", help="build a TensorRT engine per model for this GPU (before a case, never during)")
@@ -461,15 +731,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="engine cache (default: $OR_AGENT_ENGINE_CACHE or ~/.cache/or-agent/engines)")
     p.add_argument("--timing-cache", help="persisted TensorRT timing cache (default: <cache>/timing.cache)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are already in the cache")
-    p.add_argument("--prune", action="store_true", help="remove engines of models that are no longer installed")
+    p.add_argument("--prune", action="store_true", help="remove engines of models that are no longer installed "
+                                                        "(engines of every set in the model store are kept)")
+    p.add_argument("--store", help="the model store whose sets' engines --prune keeps (default: as `or-agent models list`)")
     p.set_defaults(func=cmd_build_engines)
 
-    p = sub.add_parser("audit", help="the audit trail: verify its hash chain")
+    p = sub.add_parser("audit", help="the audit trail: verify its hash chain, prune old files")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="ACTION")
     audit_sub.required = True
     v = audit_sub.add_parser("verify", help="check the hash chain; report the first broken record (exit 0 intact, 1 broken)")
     v.add_argument("paths", nargs="+", metavar="PATH", help="audit directory, or audit-*.jsonl files in order")
     v.set_defaults(func=cmd_audit_verify)
+    v = audit_sub.add_parser("prune", help="remove whole old audit files by the retention settings, on the record "
+                                           "(never the newest; the agent also prunes at start and daily)")
+    v.add_argument("directory", nargs="?", metavar="DIR", help="audit directory (default: the config's audit.directory)")
+    v.add_argument("--config", help="agent configuration (TOML) with [audit] retention_days and retention_mb")
+    v.add_argument("--days", type=int, help="remove files whose last record is older than this (default: audit.retention_days)")
+    v.add_argument("--mb", type=int, help="remove the oldest files while the trail is bigger than this (default: audit.retention_mb)")
+    v.set_defaults(func=cmd_audit_prune)
 
     from or_agent.calibration.fp16 import DEFAULT_OUT as FP16_OUT
     from or_agent.calibration.int8 import DEFAULT_FRAMES
@@ -524,12 +803,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_option(p)
     p.add_argument("--headless", metavar="OUT.mp4", help="record the display to a file instead of a window (automatic without a screen)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bundle", help="build an offline install bundle for an OR box: wheelhouse, install.sh, SBOM, "
+                                      "SHA256SUMS (run from the repository, online)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the bundle's folder (must not exist yet)")
+    p.add_argument("--python-version", metavar="3.X", help="the box's CPython version (default: this interpreter's)")
+    p.add_argument("--platform", metavar="TAG", help="the box's wheel platform tag, e.g. manylinux_2_28_x86_64 "
+                                                    "(default: this machine's)")
+    p.add_argument("--extras", default="", metavar="NAMES", help="comma-separated extras locked apart to add: gpu "
+                                                                "(TensorRT for CUDA 12, pycuda)")
+    p.set_defaults(func=cmd_bundle)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.log_level or args.log_format:  # serve and display set theirs up themselves, with their defaults
+            _setup_logging(args)
         return args.func(args)
     except OrAgentError as exc:
         print(f"or-agent: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from or_agent.agent.logs import FORMATS, LEVELS
 from or_agent.agent.source_policy import check_entry
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.options import BACKENDS, FRAME_PATHS
@@ -103,6 +104,9 @@ class ServerConfig(_Section):
     # displays (certificate CNs under mutual TLS, else client ids) that always get an overlay slot: when
     # every slot is taken, the stalest other display gives its own up
     reserved_displays: tuple = ()
+    # HOST:PORT of the Prometheus metrics endpoint (plain HTTP, agent.metrics); "" turns it off.
+    # Loopback only unless insecure: it says what the box runs and how it is doing, to anyone who asks
+    metrics_listen: str = ""
 
     @property
     def mutual_tls(self) -> bool:
@@ -135,6 +139,12 @@ class ServerConfig(_Section):
         if self.tls_revoked and not self.mutual_tls:
             raise InputError("server.tls_revoked: a revocation list needs mutual TLS (server.tls_cert, tls_key, tls_ca "
                              "and require_client_auth)")
+        if self.metrics_listen:
+            metrics_host = listen_host(self.metrics_listen, "server.metrics_listen", "127.0.0.1:9464")
+            if not is_loopback(metrics_host) and not self.insecure:
+                raise InputError(f"server.metrics_listen: {self.metrics_listen} is beyond loopback and the metrics endpoint is "
+                                 "plain HTTP: keep it on loopback (a Prometheus on the box, or an SSH tunnel), "
+                                 "or set server.insecure = true")
 
 
 @dataclass(frozen=True)
@@ -211,10 +221,34 @@ class AuditSettings(_Section):
 
     directory: str = "audit"  # the hash-chained audit trail; "" turns it off (not for clinical use)
     max_bytes: int = 10 * 1024 * 1024  # rotate files at this size
+    retention_days: int = 0  # remove whole files whose last record is older than this; 0: keep forever
+    retention_mb: int = 0  # remove the oldest whole files while the trail is bigger than this; 0: no limit
 
     def check(self) -> None:
         if self.max_bytes < 4096:
             raise InputError(f"audit.max_bytes: must be at least 4096, got {self.max_bytes}")
+
+
+@dataclass(frozen=True)
+class ModelStoreSettings(_Section):
+    SECTION = "models"
+
+    store: str = ""  # installed model sets (or-agent models install); default: agent.model_store.default_store_dir()
+    trusted_keys: tuple = ()  # ed25519 public keys (PEM); when set, only sets signed by one of them install
+
+
+@dataclass(frozen=True)
+class LoggingSettings(_Section):
+    SECTION = "logging"
+
+    level: str = "info"  # debug, info, warning, error (or-agent --log-level)
+    format: str = "text"  # text, or json: one object a line with the case id (or-agent --log-format)
+
+    def check(self) -> None:
+        if self.level not in LEVELS:
+            raise InputError(f"logging.level: must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        if self.format not in FORMATS:
+            raise InputError(f"logging.format: must be text or json, got {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -224,6 +258,8 @@ class AgentConfig:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    models: ModelStoreSettings = field(default_factory=ModelStoreSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     def with_overrides(self, **dotted: Any) -> AgentConfig:
         """Command-line overrides as {"server.listen": "0.0.0.0:50051", ...}; None means not given. Each
@@ -243,10 +279,10 @@ class AgentConfig:
         return cfg
 
 
-def listen_host(listen: str) -> str:
+def listen_host(listen: str, key: str = "server.listen", example: str = "127.0.0.1:50051") -> str:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
-        raise InputError(f"server.listen: expected HOST:PORT such as 127.0.0.1:50051, got {listen!r}")
+        raise InputError(f"{key}: expected HOST:PORT such as {example}, got {listen!r}")
     return host.strip("[]")
 
 
@@ -260,7 +296,7 @@ def is_loopback(host: str) -> bool:
 
 
 SECTIONS = {"server": ServerConfig, "case": CaseConfig, "pipeline": PipelineSettings, "alerts": AlertSettings,
-            "audit": AuditSettings}
+            "audit": AuditSettings, "models": ModelStoreSettings, "logging": LoggingSettings}
 
 
 def load_config(path: str | Path | None) -> AgentConfig:

@@ -36,7 +36,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import cv2
 import grpc
@@ -44,8 +43,8 @@ import numpy as np
 
 from or_agent.pipelines.cvs import cvs_text
 from or_agent.pipelines.errors import InputError, OrAgentError
-from or_agent.pipelines.files import part_path
 from or_agent.pipelines.overlay import FONT, SEVERITY_COLOURS, alert_metrics, alert_rows_fit, fit_text, format_duration
+from or_agent.pipelines.video_out import H264Writer
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
 
@@ -553,8 +552,7 @@ class Display:
         self.backoff_max_s = backoff_max_s
         self.state = DisplayState()
         self._stop = asyncio.Event()
-        self._writer: cv2.VideoWriter | None = None
-        self._writer_tmp: Path | None = None
+        self._writer: H264Writer | None = None
         self.frames_shown = 0
         self.overlays_matched = 0  # --video: local frames drawn with the overlay of their media timestamp
         self.resubscribed = 0  # times the agent said this display was behind and it subscribed again
@@ -719,20 +717,18 @@ class Display:
     def _show(self, img: np.ndarray) -> int:
         if self.headless:
             if self._writer is None:
-                h, w = img.shape[:2]
-                self._writer_tmp = part_path(Path(self.headless))
-                self._writer = cv2.VideoWriter(str(self._writer_tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
-                if not self._writer.isOpened():
-                    raise InputError(f"{self.headless}: cannot write a video there")
-                self._size = (w, h)
-            if (img.shape[1], img.shape[0]) != self._size:  # the stream's size changed: keep the file's
-                img = cv2.resize(img, self._size)
+                # H.264 MP4 that a browser plays, encoded on its own thread; a later frame of another
+                # size (the stream's size changed) is scaled to the first one's
+                self._writer = H264Writer(self.headless, self.fps).start()
             self._writer.write(img)
             return -1
         cv2.imshow(WINDOW, img)
         return cv2.waitKey(1) & 0xFF
 
     async def run(self) -> int:
+        if not self.headless and not opencv_has_gui():
+            raise InputError("the display window needs OpenCV's GUI build, and this one is headless: "
+                             "pip install 'or-agent[display]' (see README), or record with --headless OUT.mp4")
         self._catalogue = segmentation_labels()
         self._labels = {(model, c): colour for model, labs in self._catalogue.items() for c, _, colour in labs}
         cap = None
@@ -779,17 +775,21 @@ class Display:
             if cap is not None:
                 cap.release()
             if self._writer is not None:
-                self._writer.release()
-                if ok:
-                    os.replace(self._writer_tmp, self.headless)
-                elif self._writer_tmp.exists():
-                    self._writer_tmp.unlink()
+                self._writer.close(commit=ok)
             if not self.headless:
                 cv2.destroyAllWindows()
         return 0
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def opencv_has_gui() -> bool:
+    """Whether cv2 can open a window: opencv-python-headless (the agent's) is built without a GUI."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            return line.split(":", 1)[1].strip().upper() not in ("", "NONE")
+    return False
 
 
 def has_screen() -> bool:

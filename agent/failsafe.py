@@ -33,6 +33,11 @@ class Failsafe:
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch())
 
+    @property
+    def alive(self) -> bool:
+        """Started and still watching (a bug that ended the loop must not go unnoticed: see agent.systemd)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is None:
             return

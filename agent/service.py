@@ -21,18 +21,23 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from or_agent.agent import VERSION
 from or_agent.agent.alert_log import AlertLog, AlertRecord
 from or_agent.agent.config import AgentConfig, is_loopback, listen_host
 from or_agent.agent.decision import DecisionSupport
 from or_agent.agent.fanout import Fanout
+from or_agent.agent.logs import set_case
 from or_agent.agent.session import CaseSession, CaseSpec, LoadedModels
 from or_agent.agent.wire import status_to_pb
 from or_agent.pipelines.messages import FrameResult, SourceEvent
 from or_agent.pipelines.overlay import OverlayRenderer
 from or_agent.pipelines.sinks import QueuedSubscriber
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
+
+if TYPE_CHECKING:
+    from or_agent.agent.metrics import AgentMetrics
 
 log = logging.getLogger("or-agent.service")
 # source events -> (system state, whether it now holds)
@@ -83,11 +88,13 @@ class AgentService:
         self.health_hook: Callable[[bool], Awaitable[None]] | None = None
         self._audit_writer: QueuedSubscriber | None = None
         self._audit_log = None
+        self._audit_retention = None
         self._case_started = 0.0
         # Agent-level system states that outlive a case (the audit trail found damaged at start): every
         # case's decision support starts with them, so each case shows their alerts.
         self.system_states: dict[str, str] = {}
         self._source_trouble: tuple[str, float, float] | None = None  # this case's last: (message, unix s, monotonic s)
+        self.metrics: AgentMetrics | None = None  # set by the server when it serves metrics; sees every case's pipeline
 
     # ----- from the pipeline's publish thread -------------------------------------------------
     def on_result(self, r: FrameResult) -> None:
@@ -123,9 +130,16 @@ class AgentService:
             if self.session is not None and not self.session.stopped_unix_ms:
                 raise RuntimeError(f"case {self.session.spec.case_id!r} is running; stop it first")
             session = CaseSession(spec, self.models, self.config.pipeline, self.on_result, self.on_source_event)
+            if self.metrics is not None:
+                self.metrics.attach(session.pipeline)
             self._case_started, self._source_trouble = time.monotonic(), None
             self.decision = DecisionSupport(self.alerts, self.rules, self.config.alerts.reannounce_s)
-            await asyncio.get_running_loop().run_in_executor(None, session.start)
+            set_case(spec.case_id)  # every log line from now on carries it, the source's opening included
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, session.start)
+            except BaseException:
+                set_case("")
+                raise
             self.session = session
             if self.system_states:  # the agent's own lasting trouble shows in every case
                 self.decision.set_system(**self.system_states)
@@ -151,6 +165,7 @@ class AgentService:
             self.audit("session_stop", {"case_id": session.spec.case_id, "frames_processed": stats["frames_out"],
                                         "frames_dropped": stats["frames_dropped_source"],
                                         "error": session.public(str(session.pipeline.error or "")), "by": by})
+            set_case("")
             return session
 
     # ----- the audit trail ------------------------------------------------------------------
@@ -183,6 +198,11 @@ class AgentService:
             if self._audit_log.damage:  # recorded in the trail by the writer; shown at every case from now on
                 self.system_states["audit_damaged"] = self._audit_log.damage
             self._audit_writer = QueuedSubscriber(self._write_audit, maxsize=1024, name="audit").start()
+            from or_agent.agent.audit.retention import AuditRetention, RetentionPolicy
+
+            # prunes now and daily on its own thread, through the same writer (it holds the directory)
+            self._audit_retention = AuditRetention(self._audit_log, RetentionPolicy(
+                self.config.audit.retention_days, self.config.audit.retention_mb)).start()
             self.alerts.listen(self._audit_alert)
             self.audit("config", {"config_sha256": config_digest(self.config), "agent_version": VERSION,
                                   "listen_loopback": is_loopback(listen_host(self.config.server.listen)),
@@ -191,6 +211,9 @@ class AgentService:
 
     def stop_workers(self) -> None:
         self.fanout.stop_worker()
+        if self._audit_retention is not None:
+            self._audit_retention.stop()
+            self._audit_retention = None
         if self._audit_writer is not None:
             self._audit_writer.stop(timeout_s=30.0)  # every queued record reaches the disk
             self._audit_log.close()

@@ -127,6 +127,16 @@ def classification_text(c: ClassificationEstimate) -> str:
     return f"{c.name}: " + "  ".join(f"{label} {p:.2f}" for label, p in c.items())
 
 
+def _scaled_crop(area, frame_size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The content crop in an image of ``width`` x ``height``: the frame's own size, or a scaled copy of
+    it (a recording at reduced resolution is drawn after scaling, which is cheaper per pixel)."""
+    if (width, height) == tuple(frame_size):
+        return area.x0, area.y0, area.x1, area.y1
+    fx, fy = width / frame_size[0], height / frame_size[1]
+    x0, y0 = min(width - 1, int(round(area.x0 * fx))), min(height - 1, int(round(area.y0 * fy)))
+    return x0, y0, max(x0 + 1, min(width, int(round(area.x1 * fx)))), max(y0 + 1, min(height, int(round(area.y1 * fy))))
+
+
 class OverlayRenderer:
     """Draws results; ``labels`` are the segmentation classes, per model name (or one list for any model)."""
 
@@ -166,7 +176,7 @@ class OverlayRenderer:
             self._paused(out, paused_reason)
         elif result is not None:
             for seg in result.segmentations:
-                self._segmentation(out, seg)
+                self._segmentation(out, seg, result.frame_size)
             if result.phase is not None:
                 self._phase_banner(out, result)
             for output, why in result.withheld:  # where the output would be: that it is not shown, and why
@@ -183,12 +193,12 @@ class OverlayRenderer:
         self._alerts(out, alerts)
         return out
 
-    def _segmentation(self, out: np.ndarray, est: SegmentationEstimate) -> None:
+    def _segmentation(self, out: np.ndarray, est: SegmentationEstimate, frame_size: tuple[int, int]) -> None:
         pal = self._palette(est.model)
         if pal is None:
             return  # a model this renderer was not given colours for
-        area = est.area
-        w, h = area.crop_size
+        x0, y0, x1, y1 = _scaled_crop(est.area, frame_size, out.shape[1], out.shape[0])
+        w, h = x1 - x0, y1 - y0
         cmap = est.class_map
         # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
         colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), pal.lut.reshape(256, 1, 3))
@@ -200,7 +210,7 @@ class OverlayRenderer:
         colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
         shown = cv2.resize(shown_small, (w, h), interpolation=cv2.INTER_NEAREST)
         edges = cv2.resize(edges_small, (w, h), interpolation=cv2.INTER_NEAREST)
-        roi = out[area.y0:area.y1, area.x0:area.x1]
+        roi = out[y0:y1, x0:x1]
         blended = cv2.addWeighted(roi, 1.0 - self.alpha, colour, self.alpha, 0.0)
         cv2.copyTo(blended, shown, roi)
         # Outline each region so boundaries stay readable where colours are close.
@@ -215,8 +225,8 @@ class OverlayRenderer:
         for c in np.flatnonzero(counts > self.min_label_fraction * flat.size):
             if c >= len(pal.names) or pal.hidden[c] or not est.drawn(c):
                 continue
-            x = area.x0 + cx[c] / counts[c] * scale_x
-            y = area.y0 + cy[c] / counts[c] * scale_y
+            x = x0 + cx[c] / counts[c] * scale_x
+            y = y0 + cy[c] / counts[c] * scale_y
             _text(out, pal.names[c], (x - 30, y), fs, (255, 255, 255), 1, (40, 40, 40), pad=2)
 
     def _grid(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

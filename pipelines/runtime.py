@@ -96,6 +96,7 @@ class Pipeline:
         self.clock = StageClock(STAGE_MARKS)
         self._subscribers: list[Callable[[FrameResult], None]] = []
         self._event_subscribers: list[Callable[[SourceEvent], None]] = []
+        self._inference_observers: list[Callable[[str, float], None]] = []
         self._threads: list[threading.Thread] = []
         self._queues: list[queue.Queue] = []
         self._stop = threading.Event()
@@ -126,6 +127,21 @@ class Pipeline:
 
     def subscribe_events(self, callback: Callable[[SourceEvent], None]) -> None:
         self._event_subscribers.append(callback)
+
+    def observe_inference(self, callback: Callable[[str, float], None]) -> None:
+        """Called on an inference thread with (model, seconds) after each model's run on a frame: the
+        time its backend's ``infer`` took, input already made, output not yet post-processed. Keep it quick."""
+        self._inference_observers.append(callback)
+
+    def _run_model(self, s: ModelStage, x):
+        if not self._inference_observers:
+            return s.infer(x, self.frame_path)
+        t0 = time.perf_counter()
+        out = s.infer(x, self.frame_path)
+        took = time.perf_counter() - t0
+        for cb in self._inference_observers:
+            cb(s.name, took)
+        return out
 
     # ----- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,6 +208,12 @@ class Pipeline:
     @property
     def error(self) -> BaseException | None:
         return self._error
+
+    @property
+    def threads_alive(self) -> bool:
+        """Whether any of its threads still runs (started, and not yet all ended by the stream's end, a
+        failure or ``stop``): what the systemd watchdog asks of a running case."""
+        return any(t.is_alive() for t in self._threads)
 
     # ----- metrics --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -284,10 +306,10 @@ class Pipeline:
                     continue
                 try:
                     if s.gate:  # decided at once: whether the others run on this frame
-                        self._gate_estimate = s.post_process(s.infer(x, self.frame_path), w.area, w.frame.media_ms / 1000.0)
+                        self._gate_estimate = s.post_process(self._run_model(s, x), w.area, w.frame.media_ms / 1000.0)
                         w.fresh.add(s.name)
                     elif not w.blocked:
-                        w.raw[s.name] = s.infer(x, self.frame_path)
+                        w.raw[s.name] = self._run_model(s, x)
                 finally:
                     self.frame_path.release(x)
         finally:

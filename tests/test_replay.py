@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from or_agent.pipelines.video_out import h264_encoder
 from tests.conftest import run_cli
 
 
@@ -105,17 +106,43 @@ def test_truncated_video_is_replayed_up_to_the_damage_and_flagged(small_dataset,
         assert f"FAILED {cut}: {cut}:" in out
 
 
-@pytest.mark.parametrize("w, h, grey", [(1, 1, False), (721, 479, False), (320, 240, True), (3840, 2160, False)])
-def test_odd_sizes_are_handled(tmp_path, w, h, grey):
+@pytest.mark.parametrize("w, h, grey, stored", [(1, 1, False, (2, 2)), (721, 479, False, (722, 480)),
+                                                (320, 240, True, (320, 240)), (3840, 2160, False, (1280, 720))])
+def test_odd_sizes_are_handled(tmp_path, w, h, grey, stored):
+    """H.264 (4:2:0) has even sizes: an odd one is padded by a pixel, every source pixel kept; a source
+    taller than --video-height (720 by default) is recorded scaled down."""
     v = _write_video(tmp_path / f"v{w}x{h}.avi", w, h, n=4 if w > 2000 else 12, grey=grey)
     proc = run_cli("replay", str(v), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads((tmp_path / "out" / v.stem / "summary.json").read_text())
     assert s["frames"] == (4 if w > 2000 else 12)
-    annotated = next((tmp_path / "out" / v.stem).glob("annotated.*"))
-    cap = cv2.VideoCapture(str(annotated))
-    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (w, h)
+    assert s["annotated_video"] == {"file": "annotated.mp4", "codec": "h264", "encoder": h264_encoder(),
+                                    "size": list(stored) if w > 2000 else [w, h], "frames": s["frames"]}
+    assert [p.name for p in (tmp_path / "out" / v.stem).glob("annotated.*")] == ["annotated.mp4"]
+    cap = cv2.VideoCapture(str(tmp_path / "out" / v.stem / "annotated.mp4"))
+    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == stored
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == s["frames"]
+
+
+def test_video_none_writes_no_video_and_every_other_output(small_dataset, tmp_path):
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), "--out", str(tmp_path / "out"), "--video", "none",
+                   check=True)
+    d = tmp_path / "out" / "video01"
+    assert sorted(p.name for p in d.iterdir()) == ["alerts.csv", "phase_ribbon.png", "report.html", "summary.json",
+                                                   "timeline.csv", "timeline.json"]
+    s = json.loads((d / "summary.json").read_text())
+    assert s["annotated_video"] is None and s["replay_options"]["video"] == "none" and s["complete"]
+    assert "<video" not in (d / "report.html").read_text() and "1 of 1 videos replayed" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--video-height", "8"], "or-agent: error: --video-height must be at least 16, got 8"),
+    (["--video-height", "tall"], "or-agent: error: --video-height must be a number of pixels or 'source', got 'tall'"),
+])
+def test_bad_video_options_are_one_line_errors(small_dataset, tmp_path, args, message):
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), "--out", str(tmp_path / "out"), *args)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
+    assert not (tmp_path / "out").exists()
 
 
 def test_labels_for_many_videos_is_refused(small_dataset, tmp_path):
@@ -134,25 +161,3 @@ def test_replay_runs_on_the_real_clips(real_data, tmp_path):
     s = json.loads((tmp_path / clip.stem / "summary.json").read_text())
     assert s["frames"] == 250 and s["complete"] and "phase_metrics" in s
     assert "ok     " in proc.stdout
-
-
-def test_the_recording_keeps_media_time_when_frames_were_dropped(tmp_path):
-    """A paced replay that falls behind drops frames: the annotated video repeats the last frame for
-    each one, so it lasts as long as the media."""
-    import cv2
-    import numpy as np
-
-    from or_agent.agent.offline.replay import AnnotatedVideo
-
-    rec = AnnotatedVideo(tmp_path / "annotated", 25.0)
-    frames = {seq: np.full((48, 64, 3), 10 * seq, np.uint8) for seq in (0, 1, 5, 6, 9)}
-    for seq, img in frames.items():
-        rec.write(img, seq)
-    rec.close(commit=True)
-    assert rec.frames == 10
-    cap = cv2.VideoCapture(str(rec.path))
-    means = []
-    while (got := cap.read())[0]:
-        means.append(round(float(got[1].mean()) / 10))
-    cap.release()
-    assert means == [0, 1, 1, 1, 1, 5, 6, 6, 6, 9]

@@ -927,7 +927,7 @@ def test_stop_ends_open_streams_with_a_status(video):
     ("[pipeline]\nstale_after_s = true\n", "pipeline.stale_after_s: must be float, got True"),
     ('[server]\nlisten = "0.0.0.0:50051"\n', "server.listen: 0.0.0.0:50051 is beyond loopback, so TLS is required: "
                                               "set server.tls_cert, server.tls_key and server.tls_ca"),
-    ("[servers]\n", "unknown section [servers] (known: server, case, pipeline, alerts, audit)"),
+    ("[servers]\n", "unknown section [servers] (known: server, case, pipeline, alerts, audit, models, logging)"),
     ("[server]\nbehind_limit_s = 0\n", "server.behind_limit_s: must be positive, got 0.0"),
     ("[pipeline]\nanatomy_every = -2\n", "pipeline.anatomy_every: must be a whole number of frames, at least 0, got -2"),
     ("[pipeline]\nanatomy_every = 1.5\n", "pipeline.anatomy_every: must be a whole number of frames, at least 0, got 1.5"),

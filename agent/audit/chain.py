@@ -34,7 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 KINDS = ("session_start", "session_stop", "config", "models", "alert_raised", "alert_updated", "alert_cleared",
-         "alert_acknowledged", "alert_reannounced", "failsafe", "note", "rotated", "chain_damaged")
+         "alert_acknowledged", "alert_reannounced", "failsafe", "note", "rotated", "chain_damaged",
+         "pruned", "config_reload", "config_reload_refused")
 FIELDS = frozenset({"seq", "ts", "mono_ns", "kind", "data", "prev", "hash"})
 ZERO_HASH = "0" * 64
 MAX_STRING = 2000

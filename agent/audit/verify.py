@@ -22,6 +22,12 @@ such a break, as a warning naming where the chain broke and where the new segmen
 first damage it finds lies in the stretch the writer had checked (from its ``checked_from`` file on);
 damage before that stretch was never recorded and stays an error, and so does any damage after the
 new segment starts. The records between the damage and the new segment are not verified.
+
+Pruned chains. Retention (``agent.audit.retention``) removes whole old files after writing a ``pruned``
+record that names where the chain then starts (``first_seq``, ``first_prev``). A chain whose oldest
+file starts after record 1 verifies only when a ``pruned`` record in it names exactly that start; it is
+then intact, with the note "starts at record N after pruning". Without such a record it is still an
+error (earlier files removed), and so is a later file given on its own.
 """
 
 from __future__ import annotations
@@ -59,10 +65,12 @@ class VerifyResult:
     files: tuple[str, ...]
     first_error: str | None  # "audit-000001.jsonl:17: hash mismatch (record edited)"
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what is fine but worth saying ("starts at record 120 after pruning")
 
     def __post_init__(self):
         object.__setattr__(self, "files", tuple(self.files))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "notes", tuple(self.notes))
         if self.ok != (self.first_error is None):
             raise ValueError("VerifyResult: ok must be True exactly when there is no first_error")
         if self.records < 0:
@@ -87,6 +95,9 @@ class _Verifier:
         self.rotation: tuple[str, str, str] | None = None  # (next file, where, in file)
         self.rotation_target_seen = False
         self.truncated: tuple[str, int] | None = None  # (file, line) of a partial last line
+        self.pruned_start: tuple[int, str, str] | None = None  # (seq, prev, the error if no pruning recorded it)
+        self.pruned_start_recorded = False
+        self.notes: list[str] = []
 
     def run(self) -> None:
         i = 0
@@ -256,8 +267,12 @@ class _Verifier:
             pass  # the stretch's first record: what comes before it is not being checked
         elif self.records == 0:
             if rec["seq"] != 1:
-                raise _Broken(f"{where}: chain starts at seq {rec['seq']}, not 1 (earlier records or files removed)")
-            if rec["prev"] != ZERO_HASH:
+                problem = f"{where}: chain starts at seq {rec['seq']}, not 1 (earlier records or files removed)"
+                if not self._starts_its_directory():
+                    raise _Broken(problem)
+                # pruned, if a later ``pruned`` record names exactly this start (checked at the end)
+                self.pruned_start = (rec["seq"], rec["prev"], problem)
+            elif rec["prev"] != ZERO_HASH:
                 raise _Broken(f"{where}: first record's prev is not 64 zeros (earlier records removed)")
         else:
             if rec["seq"] != self.expected_seq:
@@ -267,6 +282,9 @@ class _Verifier:
                 raise _Broken(f"{where}: prev does not match the hash of the record before it "
                               "(records edited, removed or reordered)")
         self._check_head(where, rec)
+        if rec["kind"] == "pruned" and self.pruned_start is not None and not self.pruned_start_recorded:
+            data = rec["data"]
+            self.pruned_start_recorded = (data.get("first_seq"), data.get("first_prev")) == self.pruned_start[:2]
         if rec["kind"] == "rotated":
             if set(rec["data"]) != {"next"} or not isinstance(rec["data"]["next"], str):
                 raise _Broken(f"{where}: rotated record does not name the next file (record damaged)")
@@ -276,7 +294,18 @@ class _Verifier:
         self.expected_seq = rec["seq"] + 1
         self.prev = rec["hash"]
 
+    def _starts_its_directory(self) -> bool:
+        """Whether the first file given is the oldest audit file of its directory (a pruned chain's start);
+        a later file given on its own is a stretch, not a pruned chain."""
+        first = self.files[0]
+        numbered = audit_files(first.parent) if file_index(first) is not None else []
+        return bool(numbered) and numbered[0].resolve() == first.resolve()
+
     def _end(self) -> None:
+        if self.pruned_start is not None:
+            if not self.pruned_start_recorded:
+                raise _Broken(self.pruned_start[2])
+            self.notes.append(f"starts at record {self.pruned_start[0]} after pruning")
         if self.truncated is not None:
             self._truncated_warning(None)
         if self.rotation is not None and not self.rotation_target_seen:
@@ -363,4 +392,4 @@ def _verify(files: list[Path], from_middle: bool) -> VerifyResult:
     except _Broken as exc:
         error = str(exc)
     return VerifyResult(ok=error is None, records=v.records, files=tuple(map(str, files)), first_error=error,
-                        warnings=tuple(v.warnings))
+                        warnings=tuple(v.warnings), notes=tuple(v.notes) if error is None else ())

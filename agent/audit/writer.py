@@ -115,7 +115,8 @@ class AuditLog:
             raise ValueError(f"fsync_kinds: unknown kind {sorted(unknown)[0]!r} (one of {', '.join(KINDS)})")
         self._dir = Path(directory)
         self._max_bytes = max_bytes
-        self._fsync_kinds = frozenset(fsync_kinds)
+        # a ``pruned`` record must be on disk before the files it names are removed (agent.audit.retention)
+        self._fsync_kinds = frozenset(fsync_kinds) | {"pruned"}
         self._fsync_every = fsync_every
         self._lock = threading.Lock()
         self._opened = False

@@ -1,7 +1,8 @@
 """``or-agent doctor``: can this box run a live case, and if not, what to do about it.
 
 Checks the GPU stack (driver, CUDA, pycuda, TensorRT), ONNX Runtime, the installed models, the
-TensorRT engine cache against those models, capture devices, disk space and the clock. Each line
+TensorRT engine cache against those models, capture devices, disk space, the TLS certificates' expiry
+and the clock (and whether it is synchronised). Each line
 is ``ok``, ``WARN`` or ``FAIL`` with what to do. Exit code 0 when a live case can run (the CPU
 fallback counts, with a warning), 1 when it cannot (models missing or corrupt, no disk, no
 ONNX Runtime).
@@ -9,11 +10,12 @@ ONNX Runtime).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from or_agent.pipelines.errors import OrAgentError
 MIN_FREE_BYTES = 2 * 1024**3  # below this a case's recordings and audit trail may not fit
 WARN_FREE_BYTES = 10 * 1024**3
 CAPTURE_OPEN_TIMEOUT_S = 2.0
+CERT_WARN_DAYS = 30  # a certificate expiring sooner is renewed before it stops the displays connecting
+TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # systemd-timesyncd touches it once synchronised
+_TIME_ERROR = 5  # adjtimex(2): the clock is not synchronised
 
 
 @dataclass
@@ -208,19 +213,91 @@ def _check_clock(r: Report) -> None:
     if year < 2024:
         r.fail(f"wall clock says {time.strftime('%Y-%m-%d')}", "set the time (NTP); audit records would be misdated")
         return
-    ntp = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
-    if ntp == "yes":
-        r.ok(f"clock {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, NTP synchronised")
-    elif ntp == "no":
-        r.warn("clock not NTP-synchronised", "enable NTP (timedatectl set-ntp true) so audit times match the hospital's")
+    synced, how = clock_sync()
+    stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    if synced:
+        r.ok(f"clock {stamp}, synchronised ({how})")
+    elif synced is False:
+        r.warn(f"clock not synchronised ({how})",
+               "enable NTP (timedatectl set-ntp true, or chrony) so audit times match the hospital's")
     else:
-        r.info(f"clock {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; NTP state unknown (no timedatectl)")
+        r.info(f"clock {stamp}; clock sync: unknown (no timedatectl, adjtimex or systemd-timesyncd answer)")
+
+
+def _adjtimex_state() -> bool | None:
+    """The kernel's own view (adjtimex(2), read only): False when it says unsynchronised, None when it cannot tell."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        timex = ctypes.create_string_buffer(512)  # struct timex (about 208 bytes), modes 0: only read
+        state = libc.adjtimex(timex)
+    except (OSError, AttributeError):  # not Linux
+        return None
+    if state < 0:
+        return None
+    return state != _TIME_ERROR
+
+
+def clock_sync() -> tuple[bool | None, str]:
+    """Whether the system clock is synchronised (None: unknown) and what said so: ``timedatectl`` where
+    systemd runs, else the kernel's adjtimex state, else systemd-timesyncd's flag file."""
+    ntp = _run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"])
+    if ntp in ("yes", "no"):
+        return ntp == "yes", "timedatectl"
+    state = _adjtimex_state()
+    if state is not None:
+        return state, "adjtimex"
+    if TIMESYNCD_FLAG.exists():
+        return True, "systemd-timesyncd"
+    return None, ""
+
+
+def certificate_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The certificate files the given paths name: a file itself; a directory made by ``or-agent certs``
+    its ``ca.crt``, ``server.crt`` and ``clients/*.crt`` (and any other ``*.crt``/``*.pem`` in it)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.suffix in (".crt", ".pem") and q.is_file())
+            found += sorted((p / "clients").glob("*.crt")) if (p / "clients").is_dir() else []
+        else:
+            found.append(p)
+    return list(dict.fromkeys(found))
+
+
+def _check_certificates(r: Report, paths: Sequence[str | os.PathLike], now: dt.datetime) -> None:
+    from cryptography import x509
+
+    files = certificate_files(paths)
+    if not files:
+        r.info("TLS certificates: none given (doctor --config agent.toml or --certs DIR to check their expiry)")
+        return
+    for path in files:
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            r.warn(f"certificate {path}: cannot read ({getattr(exc, 'strerror', None) or 'not a PEM certificate'})")
+            continue
+        for cert in certs[:1]:  # the file's own certificate; a chain's others are checked in their own files
+            until = cert.not_valid_after_utc
+            days = (until - now).total_seconds() / 86400
+            text = f"certificate {path}: expires {until:%Y-%m-%d %H:%M} UTC"
+            if days < 0:
+                r.fail(f"certificate {path}: expired {until:%Y-%m-%d %H:%M} UTC",
+                       "make a new one (or-agent certs --out DIR --box BOX ...); TLS peers refuse it")
+            elif days < CERT_WARN_DAYS:
+                r.warn(f"{text}, in {int(days)} day(s)", "renew it before then (or-agent certs --out DIR --box BOX ...)")
+            else:
+                r.ok(f"{text} (in {int(days)} days)")
 
 
 def run_doctor(models_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                out: Callable[[str], None] = print, work_dir: str | os.PathLike = ".",
-               audit_dir: str | os.PathLike | None = "audit", probe_capture: bool = True) -> int:
-    """Print the checks; 0 if a live case can run here, 1 if not."""
+               audit_dir: str | os.PathLike | None = "audit", probe_capture: bool = True,
+               certificates: Sequence[str | os.PathLike] = (), now: dt.datetime | None = None) -> int:
+    """Print the checks; 0 if a live case can run here, 1 if not. ``certificates``: TLS certificate files
+    or ``or-agent certs`` directories whose expiry is checked against ``now`` (default: the clock)."""
     from or_agent.pipelines.backends.engines import default_cache_dir
 
     r = Report(out)
@@ -234,6 +311,7 @@ def run_doctor(models_dir: str | os.PathLike | None = None, cache_dir: str | os.
     if audit_dir is not None:
         dirs["audit dir"] = Path(audit_dir).resolve()
     _check_disk(r, dirs)
+    _check_certificates(r, certificates, now or dt.datetime.now(dt.timezone.utc))
     _check_clock(r)
     if r.failures:
         out(f"NOT READY: {len(r.failures)} problem(s) stop a live case; {len(r.warnings)} warning(s)")

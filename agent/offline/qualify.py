@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from or_agent.agent import VERSION
+from or_agent.agent.build_info import build_record
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.files import atomic_write_text
@@ -161,8 +162,11 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     results = [{"check": name, "measured": round(float(v), 4), "limit": limit, "rule": rule,
                 "pass": bool(v >= limit if rule == ">=" else v <= limit)} for name, v, limit, rule in checks]
     verdict = all(r["pass"] for r in results)
+    options = {"clip": clip_path.name, "backend": backend, "preprocessing": preprocessing, "cuda_graphs": cuda_graphs,
+               "budget_ms": budget_ms, "seconds": seconds, "frames": frames}
     report = {"verdict": "PASS" if verdict else "FAIL", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-              "clip": clip_path.name, "box": ident, "checks": results, "agreement": agree, "latency_ms": lat}
+              "clip": clip_path.name, **build_record(deployed.model_set, options), "qualify_options": options,
+              "box": ident, "checks": results, "agreement": agree, "latency_ms": lat}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "qualification.json", json.dumps(report, indent=1) + "\n")
     rows = "".join(f"<tr><td>{html.escape(r['check'])}</td><td>{r['measured']}</td><td>{r['rule']} {r['limit']}</td>"

@@ -2,8 +2,9 @@
 
 Per video, in ``OUT/<video name>/``:
 
-- ``annotated.mp4``   the video with the overlays burned in (out-of-body frames dimmed and paused);
-  ``annotated.avi`` (Motion-JPEG) for sizes MPEG-4 cannot keep exactly, such as 721x479
+- ``annotated.mp4``   the video with the overlays burned in (out-of-body frames redacted and paused):
+  H.264 that a browser plays, at most ``video_height`` tall (odd sizes padded by a pixel); none with
+  ``video="none"``
 - ``timeline.csv`` / ``timeline.json``  one row per phase step: phase, probabilities, visibility,
   anatomy areas (and the true phase when labels are known)
 - ``phase_ribbon.png``  recognised phases over time, above the ground truth when labels are known
@@ -22,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +30,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from or_agent.agent.build_info import build_record
 from or_agent.agent.offline.progress import Progress
 from or_agent.agent.offline.report import phase_ribbon, write_html_report, write_png
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError, OrAgentError
-from or_agent.pipelines.files import atomic_write_text, part_path
+from or_agent.pipelines.files import atomic_write_text
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import FrameResult, SourceEvent
 from or_agent.pipelines.metrics import (
@@ -52,6 +53,7 @@ from or_agent.pipelines.rules import AlertTransition, Rule, RulesEngine
 from or_agent.pipelines.runtime import PipelineConfig
 from or_agent.pipelines.sinks import QueuedSubscriber
 from or_agent.pipelines.sources import VideoFileSource, video_files
+from or_agent.pipelines.video_out import MIN_VIDEO_HEIGHT, H264Writer, video_size
 from or_agent.synth.dataset import read_phase_file
 
 
@@ -118,7 +120,9 @@ class _Collector:
                    "p_out_of_body": round(r.visibility.p_out_of_body, 4) if r.visibility else 0.0,
                    "p_low_visibility": round(r.visibility.p_low_visibility, 4) if r.visibility else 0.0,
                    "probabilities": [round(p, 4) for p in r.phase.probabilities] if r.phase and r.phase_fresh else [],
-                   "anatomy_area": [round(a, 5) for a in fractions]}
+                   "anatomy_area": [round(a, 5) for a in fractions],
+                   # image-level outputs (the CVS criteria): the archive's cohort report reads them
+                   "classifications": {label: round(p, 4) for c in r.classifications for label, p in c.items()}}
             self.rows.append(row)
         if r.seq in self.mask_frames_available:
             truth = cv2.imread(str(self.masks / f"frame{r.seq:06d}.png"), cv2.IMREAD_UNCHANGED)
@@ -140,53 +144,8 @@ def _alerts_csv(events: list[dict]) -> str:
     return buf.getvalue()
 
 
-class AnnotatedVideo:
-    """The overlaid video, written under a temporary name and renamed when complete.
-
-    MPEG-4 where the size allows; FFmpeg's writers round odd sizes down and refuse tiny ones, so
-    those go to Motion-JPEG in AVI through OpenCV's own writer, which keeps every pixel.
-    """
-
-    def __init__(self, stem: Path, fps: float):
-        self.stem, self.fps = stem, fps
-        self.path: Path | None = None
-        self._tmp: Path | None = None
-        self._writer = None
-        self.frames = 0
-        self._last: np.ndarray | None = None
-
-    def write(self, img: np.ndarray, seq: int | None = None) -> None:
-        """Append a frame; with the source frame's sequence number, the frames the pipeline never saw
-        (a paced replay drops them when the machine falls behind) are filled by repeating the last one,
-        so that the recording keeps the media's time."""
-        if seq is not None and self._last is not None:
-            for _ in range(max(0, seq - self.frames)):
-                self._write(self._last)
-        self._write(img)
-        self._last = img
-
-    def _write(self, img: np.ndarray) -> None:
-        if self._writer is None:
-            h, w = img.shape[:2]
-            if w % 2 == 0 and h % 2 == 0 and min(w, h) >= 16:
-                self.path, args = self.stem.with_suffix(".mp4"), (cv2.VideoWriter_fourcc(*"mp4v"),)
-            else:
-                self.path, args = self.stem.with_suffix(".avi"), (cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"))
-            self._tmp = part_path(self.path)
-            self._writer = cv2.VideoWriter(str(self._tmp), *args, self.fps, (w, h))
-            if not self._writer.isOpened():
-                raise InputError(f"{self.path}: cannot write the annotated video there")
-        self._writer.write(img)
-        self.frames += 1
-
-    def close(self, commit: bool) -> None:
-        if self._writer is not None:
-            self._writer.release()
-            if commit:
-                os.replace(self._tmp, self.path)
-            elif self._tmp.exists():
-                self._tmp.unlink()
-            self._writer = None
+VIDEO_CHOICES = ("annotated", "none")
+DEFAULT_VIDEO_HEIGHT = 720  # taller sources are recorded scaled down: 1080p at full size cannot keep up on 2 cores
 
 
 def _timeline_csv(rows: list[dict], phase_names: Sequence[str], class_names: Sequence[str], truth: np.ndarray | None) -> str:
@@ -254,7 +213,8 @@ class _AlertTimeline:
 
 
 def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: bool, anatomy_every: int | None,
-               progress_label: str, rules_file: str | None = None, time_scale: float | None = None) -> ReplayResult:
+               progress_label: str, rules_file: str | None = None, time_scale: float | None = None,
+               video_out: str = "annotated", video_height: int | None = DEFAULT_VIDEO_HEIGHT) -> ReplayResult:
     video = item.video
     truth = read_phase_file(item.labels) if item.labels else None
     source = VideoFileSource(video, paced=paced)
@@ -272,35 +232,49 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
     collector = _Collector(max(1, len(class_names)), item.masks if segmentation is not None else None)
     alerts = _AlertTimeline(_rules_for(video, models, rules_file, time_scale))
     bar = Progress(progress_label, total or 1)
-    recording = AnnotatedVideo(out_dir / "annotated", fps)
+    recording = H264Writer(out_dir / "annotated.mp4", fps, max_height=video_height) if video_out == "annotated" else None
 
     def record(item) -> None:
         r, banners = item
-        recording.write(overlay.draw(r.image, r, banners), r.seq)
+        # drawn after scaling to the recording's size: fewer pixels to blend than at the source's
+        size = video_size(r.frame_size[0], r.frame_size[1], video_height)
+        img = r.image if size == r.frame_size else cv2.resize(r.image, size, interpolation=cv2.INTER_LINEAR)
+        recording.write(overlay.draw(img, r, banners), r.seq)
         bar.update(r.seq + 1)
 
-    recorder = QueuedSubscriber(record, maxsize=4, name="recorder").start()
     pipeline.subscribe(alerts.on_result)  # first: the frame's banners include what it raised
     pipeline.subscribe(collector.on_result)
-    pipeline.subscribe(lambda r: recorder((r, alerts.banners())))
+    if recording is not None:
+        # drawing on its own thread, encoding on the writer's: both overlap with the pipeline
+        recorder = QueuedSubscriber(record, maxsize=4, name="recorder")
+        pipeline.subscribe(lambda r: recorder((r, alerts.banners())))
+    else:
+        pipeline.subscribe(lambda r: bar.update(r.seq + 1))
     pipeline.subscribe_events(collector.events.append)
     ok = False
     try:
+        if recording is not None:
+            recording.start()
+            recorder.start()
         pipeline.run()
-        recorder.stop()
+        if recording is not None:
+            recorder.stop()
         ok = True
     finally:
-        if not ok:
-            try:
-                recorder.stop()
-            except Exception:
-                pass
-        recording.close(commit=ok)
+        if recording is not None:
+            if not ok:
+                try:
+                    recorder.stop()
+                except Exception:
+                    pass
+            recording.close(commit=ok and bool(collector.seq))
         bar.close()
-    if not recording.frames:
+    if not collector.seq:
         raise InputError(f"{video}: no frame could be decoded")
     stats = pipeline.stats()
     errors = [e for e in collector.events if e.kind == "error"]
+    options = {"paced": paced, "anatomy_every": anatomy_every or 0, "rules_file": rules_file or "",
+               "time_scale": time_scale, "video": video_out, "video_height": video_height}
     pred = np.array(collector.phase, np.int64)
     seq = np.array(collector.seq, np.int64)
     summary = {
@@ -313,6 +287,11 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
         "events": [{"kind": e.kind, "message": e.message, "seq": e.seq} for e in collector.events],
         "complete": not errors,
         "alerts": alerts.events,
+        "annotated_video": ({"file": recording.path.name, "codec": "h264", "encoder": recording.encoder,
+                             "size": list(recording.size or ()), "frames": recording.frames}
+                            if recording is not None else None),
+        # what produced these figures: two summaries with the same three are comparable
+        **build_record(models.model_set, options), "replay_options": options,
     }
     if truth is not None and phase_model is not None:
         keep = seq < len(truth)
@@ -338,15 +317,21 @@ def replay_one(item: ReplayInputs, out_root: Path, models: LoadedModels, paced: 
                                                              "alerts": alerts.events}) + "\n")
     atomic_write_text(out_dir / "alerts.csv", _alerts_csv(alerts.events))
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    write_html_report(out_dir / "report.html", summary, "phase_ribbon.png", video.name)
+    write_html_report(out_dir / "report.html", summary, "phase_ribbon.png", video.name,
+                      recording.path.name if recording is not None else None)
     return ReplayResult(summary, pred, np.array(collector.oob), truth_aligned,
                         collector.area_sum / max(1, collector.area_frames))
 
 
 def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks: str | None = None,
                paced: bool = False, anatomy_every: int | None = None, models_dir=None, rules_file: str | None = None,
-               time_scale: float | None = None) -> int:
+               time_scale: float | None = None, video_out: str = "annotated",
+               video_height: int | None = DEFAULT_VIDEO_HEIGHT) -> int:
     out_root = Path(out)
+    if video_out not in VIDEO_CHOICES:
+        raise InputError(f"--video must be one of {', '.join(VIDEO_CHOICES)}, got {video_out!r}")
+    if video_height is not None and video_height < MIN_VIDEO_HEIGHT:
+        raise InputError(f"--video-height must be at least {MIN_VIDEO_HEIGHT}, got {video_height}")
     if out_root.exists() and not out_root.is_dir():
         raise InputError(f"{out_root}: exists and is not a directory")
     items = expand_inputs(paths, labels, masks)
@@ -361,7 +346,8 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
         for i, item in enumerate(items, start=1):
             label = f"[{i}/{len(items)}] {item.video.name}"
             try:
-                s = replay_one(item, out_root, models, paced, anatomy_every, label, rules_file, time_scale).summary
+                s = replay_one(item, out_root, models, paced, anatomy_every, label, rules_file, time_scale,
+                               video_out, video_height).summary
             except OrAgentError as exc:
                 failed += 1
                 print(f"FAILED {item.video}: {exc}")

@@ -32,7 +32,7 @@ class SubscribeRequest(_message.Message):
     jpeg_max_side: int
     include_anatomy: bool
     reports_progress: bool
-    def __init__(self, client_id: _Optional[str] = ..., include_jpeg: _Optional[bool] = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: _Optional[bool] = ..., reports_progress: _Optional[bool] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., include_jpeg: bool = ..., jpeg_quality: _Optional[int] = ..., jpeg_max_side: _Optional[int] = ..., include_anatomy: bool = ..., reports_progress: bool = ...) -> None: ...
 
 class Overlay(_message.Message):
     __slots__ = ("sequence", "media_ms", "capture_unix_ms", "capture_to_publish_ms", "frame_width", "frame_height", "visibility", "phase", "anatomy", "active_alerts", "models", "ai_paused", "paused_reason", "composited_jpeg", "classifications", "model_set", "withheld", "stream_position")
@@ -72,7 +72,7 @@ class Overlay(_message.Message):
     model_set: str
     withheld: _containers.RepeatedCompositeFieldContainer[Withheld]
     stream_position: int
-    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: _Optional[bool] = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ..., withheld: _Optional[_Iterable[_Union[Withheld, _Mapping]]] = ..., stream_position: _Optional[int] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[int] = ..., media_ms: _Optional[float] = ..., capture_unix_ms: _Optional[int] = ..., capture_to_publish_ms: _Optional[float] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., visibility: _Optional[_Union[VisibilityState, _Mapping]] = ..., phase: _Optional[_Union[PhaseState, _Mapping]] = ..., anatomy: _Optional[_Iterable[_Union[AnatomyRegion, _Mapping]]] = ..., active_alerts: _Optional[_Iterable[_Union[ActiveAlert, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_paused: bool = ..., paused_reason: _Optional[str] = ..., composited_jpeg: _Optional[bytes] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_set: _Optional[str] = ..., withheld: _Optional[_Iterable[_Union[Withheld, _Mapping]]] = ..., stream_position: _Optional[int] = ...) -> None: ...
 
 class Withheld(_message.Message):
     __slots__ = ("output", "reason")
@@ -110,7 +110,7 @@ class VisibilityState(_message.Message):
     low_visibility: bool
     p_out_of_body: float
     p_low_visibility: float
-    def __init__(self, out_of_body: _Optional[bool] = ..., low_visibility: _Optional[bool] = ..., p_out_of_body: _Optional[float] = ..., p_low_visibility: _Optional[float] = ...) -> None: ...
+    def __init__(self, out_of_body: bool = ..., low_visibility: bool = ..., p_out_of_body: _Optional[float] = ..., p_low_visibility: _Optional[float] = ...) -> None: ...
 
 class PhaseState(_message.Message):
     __slots__ = ("id", "name", "probabilities", "confidence", "time_in_phase_s")
@@ -160,7 +160,7 @@ class ActiveAlert(_message.Message):
     severity: Severity
     message: str
     acknowledged: bool
-    def __init__(self, alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., message: _Optional[str] = ..., acknowledged: _Optional[bool] = ...) -> None: ...
+    def __init__(self, alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., message: _Optional[str] = ..., acknowledged: bool = ...) -> None: ...
 
 class AlertSubscribeRequest(_message.Message):
     __slots__ = ("client_id", "after_sequence", "agent_instance")
@@ -317,7 +317,7 @@ class StartCaseRequest(_message.Message):
     source: str
     case_id: str
     paced: bool
-    def __init__(self, source: _Optional[str] = ..., case_id: _Optional[str] = ..., paced: _Optional[bool] = ...) -> None: ...
+    def __init__(self, source: _Optional[str] = ..., case_id: _Optional[str] = ..., paced: bool = ...) -> None: ...
 
 class StopCaseRequest(_message.Message):
     __slots__ = ("reason",)

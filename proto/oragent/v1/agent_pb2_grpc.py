@@ -5,7 +5,7 @@ import warnings
 
 from or_agent.proto.oragent.v1 import agent_pb2 as proto_dot_oragent_dot_v1_dot_agent__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/oragent/v1/agent_pb2_grpc.py depends on'
+        + f' but the generated code in proto/oragent/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class OrAgentStub:
+class OrAgentStub(object):
     """The agent on the OR box.
     """
 
@@ -72,7 +72,7 @@ class OrAgentStub:
                 _registered_method=True)
 
 
-class OrAgentServicer:
+class OrAgentServicer(object):
     """The agent on the OR box.
     """
 
@@ -179,7 +179,7 @@ def add_OrAgentServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class OrAgent:
+class OrAgent(object):
     """The agent on the OR box.
     """
 
