@@ -45,6 +45,8 @@ setup(
         "grpcio-reflection>=1.72.1,<2",
         "cryptography>=42,<60",  # local CA and certificates for mutual TLS; model-set signatures
         "prometheus-client>=0.17,<1",  # the metrics endpoint
+        # PyAV: its wheel bundles FFmpeg with libx264, for the H.264 MP4 recordings a browser plays (replay, display)
+        "av>=14,<20",
         "tomli>=2; python_version < '3.11'",
     ],
     extras_require={

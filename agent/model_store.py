@@ -28,6 +28,7 @@ from pathlib import Path
 from or_agent.agent.config import is_plain_name
 from or_agent.agent.model_signing import check_digests, digest_text, read_digests, verify_signature
 from or_agent.pipelines.errors import InputError, OrAgentError
+from or_agent.pipelines.files import fsync_dir
 from or_agent.pipelines.manifest import SET_FILE, load_manifest
 
 STORE_ENV = "OR_AGENT_MODEL_STORE"
@@ -139,7 +140,7 @@ class ModelStore:
                                      "new version in its model-set.json")
                 return InstallResult(label, final, signed_by, already_installed=True)
             os.rename(incoming, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             return InstallResult(label, final, signed_by)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
@@ -219,7 +220,7 @@ class ModelStore:
         tmp.unlink(missing_ok=True)
         os.symlink(label, tmp)
         os.replace(tmp, self.dir / name)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # ----- what the engine cache must keep ----------------------------------------------------------
 
@@ -234,15 +235,3 @@ class ModelStore:
                     continue  # a damaged manifest references no engine we could match anyway
         return keep
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import tempfile
 import time
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
             models.close()
         results = {"sequential": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(worker_counts), include_dashboard=False, log_to_driver=False, logging_level="warning")
+        ray.init(num_cpus=max(worker_counts), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         ray_start = time.perf_counter() - t0
         try:
             for w in worker_counts:

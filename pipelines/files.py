@@ -38,3 +38,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Fal
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a created or renamed file's directory entry durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # platforms that cannot open a directory (Windows) have nothing to sync here
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories (EINVAL); the data itself is synced
+        pass
+    finally:
+        os.close(fd)

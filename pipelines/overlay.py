@@ -204,9 +204,9 @@ class OverlayRenderer:
         colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), pal.lut.reshape(256, 1, 3))
         shown_lut = pal.shown_lut.copy()
         shown_lut[[c for c in range(len(est.confidence)) if not est.drawn(c)]] = 0  # not confident enough
-        shown_small = shown_lut[cmap]
+        shown_small = cv2.LUT(cmap, shown_lut)  # OpenCV's table look-ups: several times numpy's indexing
         edges_small = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, self._kernel)
-        edges_small = cv2.bitwise_and(np.where(edges_small > 0, 255, 0).astype(np.uint8), shown_small)
+        edges_small = cv2.bitwise_and(cv2.threshold(edges_small, 0, 255, cv2.THRESH_BINARY)[1], shown_small)
         colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
         shown = cv2.resize(shown_small, (w, h), interpolation=cv2.INTER_NEAREST)
         edges = cv2.resize(edges_small, (w, h), interpolation=cv2.INTER_NEAREST)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -80,9 +81,9 @@ class H264Writer:
         self.size: tuple[int, int] | None = None  # the picture (width, height), fixed by the first frame
         self.frames = 0  # written to the file, repeats included
         self._tmp = part_path(self.path)
-        self._container = None
-        self._stream = None
-        self._last = None  # the last encoded picture, repeated for missing frames
+        self._container: Any = None  # av's output container and stream, opened at the first frame
+        self._stream: Any = None
+        self._last: Any = None  # the last encoded picture, repeated for missing frames
         self._next_index = 0
         self._encoder = QueuedSubscriber(self._encode, maxsize=queue_frames, name=f"h264:{self.path.name}")
         self._started = self._closed = False
@@ -169,13 +170,15 @@ class H264Writer:
     def _picture(self, img: np.ndarray):
         import av
 
+        assert self.size is not None, "sized by _open"
         w, h = self.size
         if (img.shape[1], img.shape[0]) != (w, h):
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR)
         if w % 2 or h % 2:
             img = cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
         # OpenCV's conversion is several times faster than FFmpeg's swscale for this one step
-        return av.VideoFrame.from_ndarray(cv2.cvtColor(img, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
+        yuv = np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+        return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
     def _emit(self, picture) -> None:
         picture.pts = self._next_index

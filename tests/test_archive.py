@@ -5,6 +5,7 @@ against the per-case outputs and against hand-made cases with known answers."""
 import csv
 import io
 import json
+import logging
 import shutil
 import sys
 
@@ -34,7 +35,7 @@ def archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray", reason="archive run needs Ray: pip install -e '.[archive]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

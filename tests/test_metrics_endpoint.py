@@ -290,7 +290,8 @@ def test_replay_and_qualify_record_what_produced_them(short_clip, tmp_path, caps
     assert run_replay([str(short_clip)], str(tmp_path / "replay"), anatomy_every=5) == 0
     s = json.loads((tmp_path / "replay" / short_clip.stem / "summary.json").read_text())
     assert s["agent_version"] == VERSION and s["model_set"] == {"name": "synthetic", "version": "1.0.0"}
-    assert s["replay_options"] == {"paced": False, "anatomy_every": 5, "rules_file": "", "time_scale": None}
+    assert s["replay_options"] == {"paced": False, "anatomy_every": 5, "rules_file": "", "time_scale": None,
+                                   "video": "annotated", "video_height": 720}
     assert s["config_sha256"] == config_sha256(s["replay_options"]) and re.fullmatch(r"[0-9a-f]{64}", s["config_sha256"])
 
     run_qualify(tmp_path / "q", clip=str(short_clip), seconds=1.0, frames=5, budget_ms=10000.0)

@@ -1033,9 +1033,11 @@ def test_display_shows_ai_off_when_the_agent_goes_away(video, tmp_path):
     # wherever the display had a current overlay (the model may call some frames out of body: AI paused).
     assert frames[shown_live // 2].mean() > 20
     live = [i for (a, ra), (b, rb) in zip(samples, samples[1:]) if ra is None and rb is None for i in range(a + 1, b - 1)]
-    assert all(_yellow_in_centre(frames[i]) < 100 for i in live), [_yellow_in_centre(frames[i]) for i in live]
+    # (AI OFF is ~2400 such pixels; a sharp H.264 recording keeps the anatomy's thin yellow-green
+    # outlines, up to a few hundred where they cross the middle)
+    assert all(_yellow_in_centre(frames[i]) < 600 for i in live), [_yellow_in_centre(frames[i]) for i in live]
     # ... and after it went away the last frames say AI OFF in the middle, in yellow.
-    assert all(_yellow_in_centre(f) > 100 for f in frames[-10:]), [_yellow_in_centre(f) for f in frames[-10:]]
+    assert all(_yellow_in_centre(f) > 1500 for f in frames[-10:]), [_yellow_in_centre(f) for f in frames[-10:]]
 
 
 def test_display_matches_overlays_to_the_local_video_by_media_time(video, tmp_path):

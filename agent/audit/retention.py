@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from or_agent.agent.audit.chain import audit_files
 from or_agent.agent.audit.writer import AuditLog, _last_line
+from or_agent.pipelines.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +143,11 @@ def prune(audit_log: AuditLog, policy: RetentionPolicy, now: datetime | None = N
     })
     for s in doomed:
         s.path.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     log.info("audit trail %s: pruned %d file(s) (%d bytes); the chain now starts at record %d",
              directory, len(doomed), sum(s.size for s in doomed), first_kept.first_seq)
     return PruneResult(tuple(s.path for s in doomed), sum(s.size for s in doomed), first_kept.first_seq)
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AuditRetention:

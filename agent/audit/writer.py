@@ -56,6 +56,7 @@ from or_agent.agent.audit.chain import (
 )
 from or_agent.agent.audit.verify import verify_from
 from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,6 @@ def _last_line(path: Path) -> tuple[bytes | None, bool]:
         return None, partial
     return buf[buf.rfind(b"\n", 0, end) + 1:end], partial
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a created or renamed file's directory entry durable."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # platforms that cannot open a directory (Windows) have nothing to sync here
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories (EINVAL); the data itself is synced
-        pass
-    finally:
-        os.close(fd)
 
 
 class AuditLog:
@@ -313,7 +301,7 @@ class AuditLog:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640)
         self._fd, self._path, self._size = fd, path, os.fstat(fd).st_size
         if not existed:
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     def _write(self, kind: str, data: dict) -> bytes:
         record = new_record(self._seq + 1, kind, data, self._hash)
