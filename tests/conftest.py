@@ -87,3 +87,25 @@ def assert_qualification_consistent(report: dict, exit_code: int) -> None:
     every = all(c["pass"] for c in report["checks"])
     assert report["verdict"] == ("PASS" if every else "FAIL")
     assert exit_code == (0 if every else 1)
+
+
+def first_frames_video(source: Path, out: Path, frames: int, fps: float | None = None) -> Path:
+    """The first ``frames`` frames of ``source`` re-encoded (mp4v) at ``fps`` (default: the source's rate)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(source))
+    fps = fps or cap.get(cv2.CAP_PROP_FPS) or 25.0
+    writer = None
+    try:
+        for _ in range(frames):
+            ok, frame = cap.read()
+            assert ok, f"{source.name} has fewer than {frames} frames"
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            writer.write(frame)
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    return out

@@ -16,7 +16,6 @@ import socket
 import urllib.request
 from pathlib import Path
 
-import cv2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,6 +27,7 @@ from or_agent.agent.logs import JsonFormatter, configure_logging, set_case
 from or_agent.pipelines.errors import InputError
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
+from tests.conftest import first_frames_video
 from tests.test_service import Agent, case_area, channel, eventually, no_thread_leak  # noqa: F401 (fixtures)
 
 METRICS = {"server.metrics_listen": "127.0.0.1:0"}
@@ -36,23 +36,7 @@ METRICS = {"server.metrics_listen": "127.0.0.1:0"}
 @pytest.fixture(scope="module")
 def short_clip(small_dataset, tmp_path_factory) -> Path:
     """The surgery's first 60 frames, at its own rate."""
-    cap = cv2.VideoCapture(str(small_dataset / "video01.mp4"))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    path = tmp_path_factory.mktemp("short-clip") / "clip60.mp4"
-    writer = None
-    try:
-        for _ in range(60):
-            ok, frame = cap.read()
-            assert ok, "the synthetic surgery has fewer than 60 frames"
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
-            writer.write(frame)
-    finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
-    return path
+    return first_frames_video(small_dataset / "video01.mp4", tmp_path_factory.mktemp("short-clip") / "clip60.mp4", 60)
 
 
 def scrape(port: int) -> dict:

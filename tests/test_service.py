@@ -40,7 +40,7 @@ from or_agent.pipelines.errors import InputError, OrAgentError
 from or_agent.pipelines.manifest import Task
 from or_agent.proto.oragent.v1 import agent_pb2 as pb
 from or_agent.proto.oragent.v1 import agent_pb2_grpc as pbg
-from tests.conftest import ROOT
+from tests.conftest import ROOT, first_frames_video
 
 SERVICE = "oragent.v1.OrAgent"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -65,22 +65,8 @@ SLOW_SOURCE_FPS = 5.0
 @pytest.fixture(scope="module")
 def slow_video(small_dataset, tmp_path_factory) -> str:
     """The surgery's first 200 frames re-encoded at 5 frames per second (40 s of media)."""
-    cap = cv2.VideoCapture(str(small_dataset / "video01.mp4"))
-    path = tmp_path_factory.mktemp("slow-source") / "video01-5fps.mp4"
-    writer = None
-    try:
-        for _ in range(200):
-            ok, frame = cap.read()
-            assert ok, "the synthetic surgery has fewer than 200 frames"
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), SLOW_SOURCE_FPS, (w, h))
-            writer.write(frame)
-    finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
-    return str(path)
+    return str(first_frames_video(small_dataset / "video01.mp4", tmp_path_factory.mktemp("slow-source") / "video01-5fps.mp4",
+                                  200, SLOW_SOURCE_FPS))
 
 
 @pytest.fixture(autouse=True)
