@@ -72,7 +72,9 @@ setup(
         # or-agent beside it (it has a top-level "proto" too); ruff and mypy pinned: CI runs them (ruff.toml, mypy.ini);
         # no GUI OpenCV: the display's tests record headless, and two cv2 builds in one environment clash.
         "dev": ["pytest>=8,<10", "onnx>=1.15,<2", "grpcio-tools==1.72.1", "proto-plus>=1.22,<2", "ruff==0.17.6", "mypy==2.4.1",
-                "cyclonedx-bom>=4,<8", "ray[default]==2.60.0", "matplotlib>=3.10,<4"],
+                "cyclonedx-bom>=4,<8", "ray[default]==2.60.0", "matplotlib>=3.10,<4",
+                # the wheel and bundle tests build or-agent's wheel without build isolation: setuptools needs it
+                "wheel>=0.40"],
     },
     entry_points={"console_scripts": ["or-agent=or_agent.agent.cli:main"]},
     classifiers=[
