@@ -65,6 +65,25 @@ def cmd_evaluate_segmentation(args) -> int:
     return 0
 
 
+def cmd_evaluate_visibility(args) -> int:
+    from or_agent.agent.offline.evaluate_visibility import evaluate_visibility
+
+    groups = {"in-body": args.in_body, "clear": args.clear, "smoky": args.smoky, "out-of-body": args.out_of_body}
+    scores = evaluate_visibility(groups, args.models_dir, every=args.every)
+    for line in scores.table():
+        print(line)
+    return 0 if scores.all_measured_goals_met else 1
+
+
+def cmd_evaluate_phase(args) -> int:
+    from or_agent.agent.offline.evaluate_phase import evaluate_phase
+
+    evaluation = evaluate_phase(args.folder, args.models_dir, args.out, variant=args.variant)
+    for line in evaluation.table():
+        print(line)
+    return 0
+
+
 def cmd_models(args) -> int:
     from or_agent.pipelines.manifest import SETS_ROOT, discover, load_manifest, resolve_models_dir, set_names
     from or_agent.pipelines.model_set import load_model_set
@@ -577,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="DIR", help="where model-signing.key and model-signing.pub go")
     q.set_defaults(func=cmd_models_keygen)
 
-    p = sub.add_parser("evaluate", help="score a model set on labelled real frames (per-class IoU and Dice)")
+    p = sub.add_parser("evaluate", help="score a model set on labelled real frames (segmentation: per-class IoU and "
+                                        "Dice; phase: accuracy, precision, recall, Jaccard, strict and official)")
     evaluate_sub = p.add_subparsers(dest="evaluate_what", metavar="TASK")
     evaluate_sub.required = True
     e = evaluate_sub.add_parser("segmentation", help="the set's segmentation model on an Endoscapes-format folder "
@@ -589,6 +609,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score this model folder (e.g. an FP16 or INT8 one from `or-agent calibrate`) in place of the "
                         "set's segmentation model, with the set's rules")
     e.set_defaults(func=cmd_evaluate_segmentation)
+    e = evaluate_sub.add_parser("phase", help="the set's phase model on frames labelled with their phase, in time order "
+                                              "(a folder with phase.csv: image, second, phase; or a folder of them)")
+    e.add_argument("folder", metavar="DIR", help="a video's frames with phase.csv, or a folder of such folders "
+                                                 "(e.g. cholect50-val)")
+    add_models_option(e)
+    e.add_argument("--out", help="write predictions.csv (per frame: the phase shown, the model's own, the confidence) "
+                                 "and phase_eval.json (every figure) here")
+    e.add_argument("--variant", metavar="MODEL_DIR",
+                   help="score this phase model folder (with the same phases) in place of the set's phase model")
+    e.set_defaults(func=cmd_evaluate_phase)
+    e = evaluate_sub.add_parser("visibility", help="the set's visibility model (the gate) on in-body, clear, smoky and "
+                                                   "out-of-body frames: its verdict rates and goals (default: the real data)")
+    for flag, what in (("--in-body", "frames inside the patient (none may be called out of body)"),
+                       ("--clear", "clear views (none should be called low visibility)"),
+                       ("--smoky", "frames with surgical smoke (all should be called low visibility)"),
+                       ("--out-of-body", "frames outside the patient (all should be called out of body)")):
+        e.add_argument(flag, nargs="+", action="extend", default=[], metavar="PATH",
+                       help=f"{what}: folders of images and videos (recursive; masks/ left out), or files")
+    add_models_option(e, "the model set whose visibility model to score, or one model's folder")
+    e.add_argument("--every", type=int, default=1, metavar="N", help="of a video, every Nth frame (default 1)")
+    e.set_defaults(func=cmd_evaluate_visibility)
 
     p = sub.add_parser("replay", help="run the pipeline over recorded videos; write annotated video, timeline and report")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or directories of videos")

@@ -37,7 +37,8 @@ def active_alerts_to_pb(active: list[ActiveAlert]) -> list[pb.ActiveAlert]:
 
 
 def overlay_to_pb(r: FrameResult, models: list, alerts: list, include_anatomy: bool, model_set: str = "") -> pb.Overlay:
-    """The wire form of one result. Out-of-body frames carry no anatomy and say AI paused."""
+    """The wire form of one result. A paused frame (camera out of body, or a scene the models do not know:
+    ``FrameResult.paused_reason``) says AI paused and why, and carries no phase, anatomy or classification."""
     now_ns, now_ms = time.monotonic_ns(), time.time() * 1000
     msg = pb.Overlay(sequence=r.seq, media_ms=r.media_ms,
                      capture_unix_ms=int(now_ms - (now_ns - r.marks_ns["capture"]) / 1e6),
@@ -48,8 +49,9 @@ def overlay_to_pb(r: FrameResult, models: list, alerts: list, include_anatomy: b
         v = r.visibility
         msg.visibility.CopyFrom(pb.VisibilityState(out_of_body=v.out_of_body, low_visibility=v.low_visibility,
                                                    p_out_of_body=v.p_out_of_body, p_low_visibility=v.p_low_visibility))
-    if r.out_of_body:
-        msg.ai_paused, msg.paused_reason = True, "camera out of body"
+    reason = r.paused_reason
+    if reason is not None:
+        msg.ai_paused, msg.paused_reason = True, reason
         return msg
     if r.phase is not None:
         p = r.phase

@@ -33,7 +33,8 @@ def _frame(i, **kw):
     return RuleInputs(seq=i, t_s=i / FPS, phase=kw.pop("phase", CALOT), phase_confidence=0.9,
                       time_in_phase_s=kw.pop("t_in_phase", i / FPS), out_of_body=kw.pop("oob", False),
                       low_visibility=kw.pop("lowvis", False),
-                      segmentations={"anatomy": SegmentationView(tuple(a), kw.pop("cmap", None), 4.0)},
+                      # a model sure of every class (0.9): the scenarios time the rules, not the confidence gates
+                      segmentations={"anatomy": SegmentationView(tuple(a), kw.pop("cmap", None), 4.0, (0.9,) * 13)},
                       system=SystemHealth(frame_drop_rate=kw.pop("drops", 0.0)))
 
 

@@ -7,6 +7,7 @@ when it crossed each stage boundary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,12 +25,20 @@ class PhaseEstimate:
     raw_phase: int  # this step's argmax, before the temporal filter
     time_in_phase_s: float
     model: str = ""  # the model that produced it
+    familiar: bool = True  # the scene is one the model knows (its familiarity check, where it has one)
+    feature_distance: float | None = None  # this step's distance to the training data, where the model gives one
 
     def __post_init__(self):
         if not 0 <= self.phase < len(self.probabilities):
             raise ValueError(f"phase {self.phase} outside the {len(self.probabilities)} phases")
         if not 0.0 <= self.confidence <= 1.0 + 1e-6:
             raise ValueError(f"confidence {self.confidence} outside [0, 1]")
+        if not isinstance(self.familiar, bool):
+            raise ValueError(f"familiar must be True or False, got {self.familiar!r}")
+        if self.feature_distance is not None and (isinstance(self.feature_distance, bool)
+                                                  or not isinstance(self.feature_distance, (int, float))
+                                                  or math.isnan(self.feature_distance)):
+            raise ValueError(f"feature_distance must be a number or None, got {self.feature_distance!r}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,12 @@ class SourceEvent:
 SOURCE_EVENT_KINDS = ("opened", "disconnected", "reconnected", "frozen", "unfrozen", "error", "ended")
 
 
+# Why a frame's results are not shown (``FrameResult.paused_reason``), as the displays and recordings say it.
+PAUSED_OUT_OF_BODY = "camera out of body"
+PAUSED_UNFAMILIAR = "unfamiliar scene"
+PAUSED_REASONS = (PAUSED_OUT_OF_BODY, PAUSED_UNFAMILIAR)
+
+
 @dataclass(frozen=True)
 class FrameResult:
     """Everything the pipeline concluded about one frame, and when."""
@@ -208,6 +223,20 @@ class FrameResult:
     @property
     def out_of_body(self) -> bool:
         return self.visibility is not None and self.visibility.out_of_body
+
+    @property
+    def paused_reason(self) -> str | None:
+        """Why nothing of the models is to be shown for this frame (None: it is): the camera is out of the
+        body, or the scene is not one the phase model's familiarity check knows."""
+        if self.out_of_body:
+            return PAUSED_OUT_OF_BODY
+        if self.phase is not None and not self.phase.familiar:
+            return PAUSED_UNFAMILIAR
+        return None
+
+    @property
+    def ai_paused(self) -> bool:
+        return self.paused_reason is not None
 
     @property
     def segmentation(self) -> SegmentationEstimate | None:

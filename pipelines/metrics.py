@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from or_agent.pipelines.surgery import PHASE_ID
+
 
 def confusion(truth: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
     """confusion[t, p]: how many pixels (or frames) of true class t were predicted p."""
@@ -53,32 +55,39 @@ def precision(truth: np.ndarray, pred: np.ndarray) -> float:
     return float((t & p).sum() / p.sum()) if p.any() else float("nan")
 
 
-RELAXED_WINDOW_S = 10.0  # Cholec80's relaxed boundary: +-10 s around each labelled phase change
+FIGURE_DECIMALS = 4  # reported fractions (accuracy, precision, recall, F1, Jaccard): 4 decimals, e.g. 0.8125
 
 
-def relax_boundaries(truth: np.ndarray, pred: np.ndarray, window: int) -> np.ndarray:
-    """Predictions with the relaxed-boundary rule of Cholec80 evaluation applied.
+def figure(value: float | None) -> float | None:
+    """The one rounding rule for a reported figure: a fraction to ``FIGURE_DECIMALS`` decimals;
+    undefined (None or NaN) stays None, which JSON writes as null (never 0.0)."""
+    if value is None or np.isnan(value):
+        return None
+    return round(float(value), FIGURE_DECIMALS)
 
-    Within ``window`` frames of a ground-truth phase change from A to B, predicting either A or B
-    is counted as correct (the exact moment of a change is ambiguous even for annotators), so
-    those predictions are replaced by the truth before scoring.
-    """
-    t = np.asarray(truth)
-    out = np.asarray(pred).copy()
-    changes = np.flatnonzero(t[1:] != t[:-1]) + 1
-    for c in changes:
-        a, b = t[c - 1], t[c]
-        lo, hi = max(0, c - window), min(len(t), c + window)
-        seg = slice(lo, hi)
-        ok = (out[seg] == a) | (out[seg] == b)
-        out[seg] = np.where(ok, t[seg], out[seg])
-    return out
+
+def rounded_figures(scores):
+    """``scores`` (nested dicts and lists of figures, as the functions below return them) with every
+    float rounded by ``figure``; integers (frame counts) and strings are left as they are."""
+    if isinstance(scores, dict):
+        return {k: rounded_figures(v) for k, v in scores.items()}
+    if isinstance(scores, (list, tuple)):
+        return [rounded_figures(v) for v in scores]
+    if isinstance(scores, (float, np.floating)):
+        return figure(float(scores))
+    return scores
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
 
 
 def phase_scores(truth: np.ndarray, pred: np.ndarray, names: tuple[str, ...]) -> dict:
-    """Accuracy and per-phase precision, recall, F1 and Jaccard (phases absent from both are left out).
+    """Strict frame-by-frame scores: accuracy, and per phase present in the truth or the prediction
+    its precision, recall, F1 and Jaccard (unrounded; see ``rounded_figures``).
 
-    A prediction of -1 (no phase shown yet) counts as wrong for every phase."""
+    Undefined figures are None: precision of a phase never predicted, recall of a phase absent from
+    the truth, F1 where either is. A prediction of -1 (no phase shown yet) counts as wrong for every phase."""
     t = np.asarray(truth, np.int64)
     p = np.asarray(pred, np.int64)
     p = np.where((p < 0) | (p >= len(names)), len(names), p)
@@ -86,16 +95,148 @@ def phase_scores(truth: np.ndarray, pred: np.ndarray, names: tuple[str, ...]) ->
     tp = np.diag(conf).astype(float)
     per = {}
     for i, name in enumerate(names):
-        support, predicted = conf[i].sum(), conf[:, i].sum()
+        support, predicted = int(conf[i].sum()), int(conf[:, i].sum())
         if support == 0 and predicted == 0:
             continue
-        prec = tp[i] / predicted if predicted else 0.0
-        rec = tp[i] / support if support else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        jac = tp[i] / (support + predicted - tp[i])
-        per[name] = {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4),
-                     "jaccard": round(float(jac), 4), "frames": int(support)}
-    return {"accuracy": round(accuracy(t, p), 4), "per_phase": per}
+        prec, rec = _ratio(tp[i], predicted), _ratio(tp[i], support)
+        f1 = None if prec is None or rec is None else (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        per[name] = {"precision": prec, "recall": rec, "f1": f1,
+                     "jaccard": float(tp[i] / (support + predicted - tp[i])), "frames": support}
+    return {"accuracy": accuracy(t, p), "per_phase": per}
+
+
+OFFICIAL_WINDOW_S = 10.0  # Evaluate.m's relaxed boundary: the first and last 10 s of each true phase segment
+
+# Evaluate.m's extra forgiveness for Cholec80's last phases (ids there 4-7), which can follow each other
+# in either order; by name, so a model's label order does not matter. (forgiven at the segment's start,
+# forgiven at its end), as differences predicted - true in Cholec80's phase order.
+_FORGIVEN = {
+    "GallbladderDissection": ((-1,), (1, 2)),
+    "GallbladderPackaging": ((-1,), (1, 2)),
+    "CleaningCoagulation": ((-1, -2), (1, 2)),
+    "GallbladderRetraction": ((-1, -2), (1, 2)),
+}
+_FORGIVEN_OTHERWISE = ((-1,), (1,))
+
+
+def has_official_evaluation(names: tuple[str, ...]) -> bool:
+    """Whether ``official_phase_scores`` is defined for a phase model with these labels (Cholec80's phases)."""
+    return all(n in PHASE_ID for n in names)
+
+
+def official_phase_scores(truth: np.ndarray, pred: np.ndarray, times_s: np.ndarray, names: tuple[str, ...],
+                          window_s: float = OFFICIAL_WINDOW_S) -> dict:
+    """The official Cholec80 / M2CAI phase evaluation of one video, with relaxed boundaries.
+
+    It follows ``Evaluate.m`` by A. P. Twinanda (the evaluation script distributed with Cholec80 and the
+    M2CAI 2016 workflow challenge, called per video by its ``Main.m``; copies in e.g.
+    github.com/YuemingJin/TMRNet, code/eval/result/matlab-eval/Evaluate.m). With ``diff = predicted -
+    true`` in Cholec80's phase order, for each connected segment of a true phase: in its first
+    ``window_s`` a prediction of the previous phase (diff -1, a late transition) counts as right, and
+    in its last ``window_s`` one of the next phase (diff +1, an early transition); at the end of
+    GallbladderDissection and GallbladderPackaging also diff +2, and for CleaningCoagulation and
+    GallbladderRetraction diff -1/-2 at the start and +1/+2 at the end (the last phases may come in
+    either order). Then, for each phase k in the truth, over the union U of the frames predicted k and
+    the frames truly k, TP = the frames of U counted right: Jaccard = TP / |U|, precision = TP / (frames
+    predicted k), recall = TP / (frames truly k), precision and recall clipped to 1 as ``Main.m`` clips
+    them to 100 % (a forgiven frame of another phase counts for both); accuracy = the share of frames
+    counted right.
+
+    Deviations, each deliberate:
+
+    * Evaluate.m's end-of-segment lines (``curDiff(curDiff(end-t+1:end)==1) = 0``) index the segment's
+      *first* t frames with a mask computed on its last t frames (a logical index shorter than the
+      array), so the early transition its comment documents is not what it forgives; this follows the
+      documented intent, the last ``window_s`` (I. Funke et al., "Metrics matter in surgical phase
+      recognition", arXiv 2305.13961; github.com/YuemingJin/TMRNet issue 8).
+    * The window is in seconds of each frame's own time, so samples may be irregular (key frames every
+      few seconds): a segment's first ``window_s`` are its frames earlier than its first frame's time +
+      ``window_s``, its last those later than its last frame's time - ``window_s``; a segment shorter
+      than the window is all start and all end, as in Evaluate.m's ``t = min(10 * fps, length)``. At a
+      constant frame rate this is Evaluate.m with its ``fps``.
+    * Undefined figures are None (JSON null; NaN in Evaluate.m): every figure of a phase absent from the
+      truth, and precision of a phase never predicted (Evaluate.m divides by zero there; Main.m's
+      clipping would then report 100 %).
+    * A frame with no prediction (-1, nothing shown yet) is wrong and never forgiven (Evaluate.m has no
+      such frame; a label it does not know would become phase 0 and pass as "the previous phase" of
+      Preparation).
+
+    ``truth`` and ``pred`` are phase ids into ``names`` (Cholec80 phase names, in any order), one per
+    sample, in time order; ``times_s`` the samples' times. Figures are unrounded (``rounded_figures``).
+    """
+    t = np.asarray(truth, np.int64).ravel()
+    p = np.asarray(pred, np.int64).ravel()
+    ts = np.asarray(times_s, np.float64).ravel()
+    if not t.size or t.shape != p.shape or t.shape != ts.shape:
+        raise ValueError(f"the official evaluation needs truth, prediction and times of one non-zero length, "
+                         f"got {t.size}, {p.size} and {ts.size}")
+    if np.any(np.diff(ts) < 0):
+        raise ValueError("the official evaluation needs the samples in time order")
+    if t.min() < 0 or t.max() >= len(names):
+        raise ValueError(f"true phase ids must be 0..{len(names) - 1}")
+    if not has_official_evaluation(names):
+        unknown = next(n for n in names if n not in PHASE_ID)
+        raise ValueError(f"the official evaluation is defined for the Cholec80 phases; {unknown!r} is not one")
+    order = np.array([PHASE_ID[n] for n in names], np.int64)  # label id -> position in Cholec80's order
+    predicted = (p >= 0) & (p < len(names))
+    diff = np.where(predicted, order[np.clip(p, 0, len(names) - 1)] - order[t], np.iinfo(np.int64).max)
+    right = diff == 0
+    ends = np.flatnonzero(np.diff(t)) + 1
+    for a, b in zip(np.r_[0, ends], np.r_[ends, t.size]):
+        seg_t = ts[a:b]
+        seg_diff = diff[a:b]
+        at_start, at_end = _FORGIVEN.get(names[t[a]], _FORGIVEN_OTHERWISE)
+        # rounded so that frame times like n / 25 land on the boundary exactly (250 frames at 25 fps = 10 s)
+        first = np.round(seg_t - seg_t[0], 6) < window_s
+        last = np.round(seg_t[-1] - seg_t, 6) < window_s
+        right[a:b] |= (first & np.isin(seg_diff, at_start)) | (last & np.isin(seg_diff, at_end))
+    per: dict[str, dict] = {}
+    for k, name in enumerate(names):
+        is_true, is_pred = t == k, p == k
+        support, n_pred = int(is_true.sum()), int(is_pred.sum())
+        if not support:
+            per[name] = {"precision": None, "recall": None, "jaccard": None, "frames": 0}
+            continue
+        union = is_true | is_pred
+        tp = int((union & right).sum())
+        prec = _ratio(tp, n_pred)
+        per[name] = {"precision": None if prec is None else min(1.0, prec), "recall": min(1.0, tp / support),
+                     "jaccard": tp / int(union.sum()), "frames": support}
+    return {"window_s": float(window_s), "accuracy": float(right.mean()), "per_phase": per}
+
+
+PHASE_FIGURES = ("precision", "recall", "f1", "jaccard")  # per phase, those of them the scores have
+
+
+def mean_over_phases(per_phase: dict) -> dict:
+    """Each figure's mean over the phases where it is defined (None where it is defined for none)."""
+    out = {}
+    for key in PHASE_FIGURES:
+        if any(key in m for m in per_phase.values()):
+            values = [m[key] for m in per_phase.values() if m.get(key) is not None]
+            out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def mean_over_videos(videos: list[dict]) -> dict:
+    """``Main.m``'s averages of per-video scores (``phase_scores`` or ``official_phase_scores``): the
+    mean accuracy over videos; per phase the mean of each figure over the videos where it is defined;
+    and each figure's mean over the phases where that mean is defined (Main.m takes ``nanmean`` over
+    videos, then the mean over phases; a phase undefined in every video is left out here, where
+    Main.m's plain ``mean`` would make the whole figure NaN). None where nothing is defined."""
+    if not videos:
+        raise ValueError("the mean over videos needs at least one video")
+    names = list(dict.fromkeys(name for v in videos for name in v["per_phase"]))
+    keys = [k for k in PHASE_FIGURES if any(k in m for v in videos for m in v["per_phase"].values())]
+    per: dict[str, dict] = {}
+    for name in names:
+        per[name] = {"frames": sum(v["per_phase"].get(name, {}).get("frames", 0) for v in videos)}
+        for key in keys:
+            values = [v["per_phase"][name][key] for v in videos
+                      if name in v["per_phase"] and v["per_phase"][name][key] is not None]
+            per[name][key] = float(np.mean(values)) if values else None
+    return {"videos": len(videos), "accuracy": float(np.mean([v["accuracy"] for v in videos])),
+            **mean_over_phases(per), "per_phase": per}
 
 
 def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:

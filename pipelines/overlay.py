@@ -3,10 +3,11 @@
 Every segmentation model's classes are drawn as translucent masks in its manifest's colours, each
 labelled at its centre; image-level classifications (the Critical View of Safety) as a line each;
 the phase as a banner with its confidence and time in phase; alerts as banners coloured by
-severity. When there is nothing current to show (camera out of the body, results stale, AI
-unavailable) the frame is dimmed and says so in large letters, so a surgeon can never mistake an
-old overlay for a live one. Out-of-body frames show the operating room and its staff, so they are
-redacted (blacked out) rather than drawn: nothing of them reaches a recording or a stream.
+severity. When there is nothing current to show (camera out of the body, a scene the models do not
+know, results stale, AI unavailable) the frame is dimmed and says so in large letters, so a surgeon
+can never mistake an old overlay for a live one. Out-of-body frames show the operating room and its
+staff, so they are redacted (blacked out) rather than drawn: nothing of them reaches a recording or a
+stream.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ class OverlayRenderer:
     def draw(self, image: np.ndarray, result: FrameResult | None, alerts: Sequence[AlertBanner] = (),
              paused_reason: str | None = None) -> np.ndarray:
         """A copy of ``image`` with the overlay. ``paused_reason`` (e.g. "results stale") forces
-        the paused state; out-of-body results and a missing result pause it on their own."""
+        the paused state; a missing result and a result that is paused itself (out of body, an
+        unfamiliar scene: ``FrameResult.paused_reason``) pause it on their own."""
         if result is not None and result.out_of_body:
             # The room and the staff must not appear in anything recorded or streamed.
             out = np.zeros_like(image)
@@ -170,8 +172,8 @@ class OverlayRenderer:
             self._alerts(out, alerts)
             return out
         out = image.copy()
-        if paused_reason is None and result is None:
-            paused_reason = "no AI result"
+        if paused_reason is None:
+            paused_reason = "no AI result" if result is None else result.paused_reason
         if paused_reason is not None:
             self._paused(out, paused_reason)
         elif result is not None:

@@ -4,7 +4,7 @@ Rules are declared in a TOML file (``[[rules]]`` tables; the built-in set for la
 cholecystectomy is the synthetic model set's ``rules_cholecystectomy.toml``, every rule documented with its
 rationale). Each rule has an id, a severity, a condition of one of the kinds below, enter and exit
 hysteresis (seconds of media time), a cooldown after it clears, the states that suppress it (out of
-body, low visibility), a message template filled from its evidence, and it records the values that
+body, low visibility, a scene the models do not know), a message template filled from its evidence, and it records the values that
 made it fire, the frame's sequence number and media time.
 
 Condition kinds (``kind = ...``):
@@ -15,10 +15,10 @@ alone where only one of the set's models has it; classification outputs' labels 
 Critical View of Safety a segmentation model carries is ``critical_view_of_safety``).
 
 - ``distance_below``: two classes' masks (of one model) closer than ``threshold_px`` (frame pixels), optionally only
-  in some ``phases`` and only when the model's mean probability over both classes is at least
-  ``min_confidence``. Evidence: ``distance_px`` (and ``confidence``).
+  in some ``phases``. Evidence: ``distance_px``, each class's ``<class>_confidence``.
 - ``structures_not_seen_before``: on entering ``phase``, some ``required`` class was not seen
-  (area at least ``min_area``) for ``min_seen_s`` during ``during_phase``; with two or more required
+  (area at least ``min_area``, and confidence at least ``min_class_confidence`` where set) for ``min_seen_s``
+  during ``during_phase``; with two or more required
   classes they must also have been seen at the same time at least ``min_separation_px`` apart (seen
   *separately*). The critical-view-of-safety proxy; advisory.
 - ``criteria_not_held_before``: on entering ``phase``, the image-level ``labels`` (e.g. the three
@@ -27,15 +27,24 @@ Critical View of Safety a segmentation model carries is ``critical_view_of_safet
   it falls below ``above - hysteresis`` (0.1), so a probability wavering about 0.5 neither makes nor
   breaks the view. Evidence: seconds each label and all of them were held, their last probabilities.
 - ``area_growth``: a class's area (fraction of the frame) grew by at least ``growth`` within
-  ``window_s`` and is at least ``min_area``, optionally only in some ``phases``. Bleeding.
+  ``window_s`` and is at least ``min_area``, optionally only in some ``phases``. Bleeding. Evidence: ``area_pct``,
+  ``growth_pct``, the class's ``<class>_confidence``.
 - ``phase_duration_over``: the current phase has lasted longer than its limit: ``limits_s`` per
   phase, or the real Cholec80 90th percentile divided by ``time_scale``.
 - ``label_probability``: an image-level label's probability at least ``above`` (or below ``below``),
   optionally only in some ``phases``. Evidence: ``probability``.
-- ``state``: a boolean input (``low_visibility``, ``out_of_body``) is true; or ``frame_drop_rate`` above
+- ``state``: a boolean input (``low_visibility``, ``out_of_body``, ``unfamiliar_scene``) is true; or ``frame_drop_rate`` above
   ``threshold``; or a system state (``stale``, ``source_lost``, ``frozen``, ``source_error``, ``model_error``,
   ``audit_damaged``) holds, its detail in the evidence as ``detail``. The system alerts are such rules, built in
   (``system_rules.toml``, always loaded beside a set's own), so they are raised and cleared like any other.
+
+The kinds that read anatomy classes (``distance_below``, ``area_growth``, ``structures_not_seen_before``) take
+``min_class_confidence``, in (0, 1): on a frame where the model's mean probability over a class the rule rests on
+is lower, that class counts as not seen there (a distance rule does not hold; an area rule neither holds nor takes
+the frame into its growth window; the critical-view proxy does not count the frame as seen). Like a frame where the
+class is absent, such a frame only starts the exit hysteresis of an active alert. No critical alert may rest on a
+structure the model is unsure of: a critical rule of these kinds must declare it. Keys a rule's kind does not read
+are refused (a misspelt key would otherwise be silently ignored).
 
 The engine only evaluates and reports transitions (raised, updated, cleared); who records them, asks
 for acknowledgement and re-announces them is the agent's business. No rule ever acts on its own.
@@ -68,9 +77,13 @@ KINDS = ("distance_below", "structures_not_seen_before", "criteria_not_held_befo
          "label_probability", "state")
 # the kinds that accumulate time seen or held, and so must know about time they were suppressed
 _ACCUMULATING = ("structures_not_seen_before", "criteria_not_held_before")
+# the kinds that rest on anatomy classes, and so take (critical ones: must declare) ``min_class_confidence``
+ANATOMY_KINDS = ("distance_below", "structures_not_seen_before", "area_growth")
 SYSTEM_STATES = ("stale", "source_lost", "frozen", "source_error", "model_error", "audit_damaged")
-STATES = ("low_visibility", "out_of_body", "frame_drop_rate") + SYSTEM_STATES
-SUPPRESSORS = ("out_of_body", "low_visibility")
+STATES = ("low_visibility", "out_of_body", "unfamiliar_scene", "frame_drop_rate") + SYSTEM_STATES
+SUPPRESSORS = ("out_of_body", "low_visibility", "unfamiliar_scene")
+# a rule that names no suppressors: nothing of the models counts out of the body, nor in a scene they do not know
+DEFAULT_SUPPRESS_WHEN = ("out_of_body", "unfamiliar_scene")
 # the reference set's rules (a model set names its own in its set manifest)
 BUILTIN_RULES = Path(__file__).resolve().parent.parent / "models" / "synthetic" / "rules_cholecystectomy.toml"
 # the agent's own alerts (stalls, the source, a model failure): loaded beside every set's rules
@@ -146,6 +159,7 @@ class RuleInputs:
     time_in_phase_s: float
     out_of_body: bool
     low_visibility: bool
+    unfamiliar_scene: bool = False  # the phase model's familiarity check: the models do not know this scene
     segmentations: Mapping[str, SegmentationView] = field(default_factory=dict)  # by model; none out of body
     labels: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # output -> label -> probability
     system: SystemHealth = SystemHealth()
@@ -157,7 +171,8 @@ class RuleInputs:
         return cls(seq=r.seq, t_s=r.media_ms / 1000.0, phase=None if p is None else p.phase,
                    phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
                    out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
-                   segmentations=segs, labels={c.name: dict(c.items()) for c in r.classifications}, system=system)
+                   unfamiliar_scene=p is not None and not p.familiar, segmentations=segs,
+                   labels={c.name: dict(c.items()) for c in r.classifications}, system=system)
 
     def confidence_of(self, model: str, cls: int) -> float:
         """The model's mean probability over class ``cls``'s pixels (0 when there is no estimate)."""
@@ -192,7 +207,7 @@ class Rule:
     enter_s: float = 0.0
     exit_s: float = 0.0
     cooldown_s: float = 0.0
-    suppress_when: tuple[str, ...] = ("out_of_body",)
+    suppress_when: tuple[str, ...] = DEFAULT_SUPPRESS_WHEN
     rationale: str = ""
     vocabulary: RuleVocabulary = RuleVocabulary()  # the classes and labels the rule may name (its model set's)
     owner: str = "the reference models"  # who those outputs belong to, for errors
@@ -241,8 +256,10 @@ class _Condition:
         self.rule = rule
         p = rule.params
         k = rule.kind
+        read: set[str] = set()  # the keys this kind reads: any other is refused below
 
         def need(key, types, default=None):
+            read.add(key)
             if key not in p:
                 if default is None:
                     raise InputError(f"{where}.{key}: missing (needed by kind {k!r})")
@@ -258,14 +275,13 @@ class _Condition:
             classes = need("classes", list)
             if len(classes) != 2:
                 raise InputError(f"{where}.classes: give exactly two class names")
-            (self.model, self.a, _), (model_b, self.b, _) = (_class_ref(c, f"{where}.classes", rule) for c in classes)
+            (self.model, self.a, name_a), (model_b, self.b, name_b) = (_class_ref(c, f"{where}.classes", rule) for c in classes)
+            self.class_names = {self.a: name_a, self.b: name_b}
             if model_b != self.model:
                 raise InputError(f"{where}.classes: both classes must be of one segmentation model "
                                  f"({self.model} and {model_b} are two)")
             self.threshold = need("threshold_px", float)
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
-            # both structures' mean probability at least this: a model unsure of either is not believed
-            self.min_confidence = need("min_confidence", float, 0.0)
         elif k == "structures_not_seen_before":
             self.at = _phase_id(need("phase", str), f"{where}.phase")
             self.during = _phase_id(need("during_phase", str), f"{where}.during_phase")
@@ -277,6 +293,7 @@ class _Condition:
             self.model = refs[0][0]
             self.required = [c for _, c, _ in refs]
             self.required_names = [n for _, _, n in refs]
+            self.class_names = dict(zip(self.required, self.required_names))
             self.min_area = need("min_area", float, 0.002)
             self.min_seen_s = need("min_seen_s", float, 2.0)
             self.min_sep = need("min_separation_px", float, 10.0)
@@ -306,7 +323,8 @@ class _Condition:
             self.prev_phase = None
             self.fired_for_entry = False
         elif k == "area_growth":
-            self.model, self.cls, _ = _class_ref(need("class", str), f"{where}.class", rule)
+            self.model, self.cls, name = _class_ref(need("class", str), f"{where}.class", rule)
+            self.class_names = {self.cls: name}
             self.phases = {_phase_id(x, f"{where}.phases") for x in need("phases", list, [])}
             self.growth = need("growth", float)
             self.window_s = need("window_s", float)
@@ -335,6 +353,34 @@ class _Condition:
             if self.state not in STATES:
                 raise InputError(f"{where}.state: unknown state {self.state!r} (known: {', '.join(STATES)})")
             self.threshold = need("threshold", float, 0.0)
+        # the classes' mean probability a rule needs before it believes them (0: no gate)
+        self.min_class_confidence = 0.0
+        if k in ANATOMY_KINDS:
+            read.add("min_class_confidence")
+            if "min_confidence" in p:
+                raise InputError(f"{where}.min_confidence: renamed min_class_confidence "
+                                 "(it applies to every rule that reads anatomy classes)")
+            if "min_class_confidence" in p:
+                self.min_class_confidence = need("min_class_confidence", float)
+                if not 0.0 < self.min_class_confidence < 1.0:
+                    raise InputError(f"{where}.min_class_confidence: a mean probability in (0, 1), "
+                                     f"got {self.min_class_confidence:g}")
+            elif rule.severity == "critical":
+                raise InputError(f"{where}.min_class_confidence: missing (a critical rule must not rest on a structure "
+                                 "the model is unsure of: give the classes' minimum confidence, in (0, 1))")
+        unknown = sorted(set(p) - read)
+        if unknown:
+            raise InputError(f"{where}.{unknown[0]}: not a key of kind {k!r} (its keys: {', '.join(sorted(read))})")
+
+    def sure(self, x: RuleInputs, evidence: dict[str, Any]) -> bool:
+        """Whether the model is sure enough of every class the rule rests on (``min_class_confidence``);
+        each class's confidence goes into the evidence."""
+        confidences = {c: x.confidence_of(self.model, c) for c in self.class_names}
+        for c, conf in confidences.items():
+            evidence[f"{self.class_names[c]}_confidence"] = round(conf, 2)
+        if self.min_class_confidence:
+            evidence["min_class_confidence"] = self.min_class_confidence
+        return all(conf >= self.min_class_confidence for conf in confidences.values())
 
     def suppressed(self, x: RuleInputs) -> None:
         """The rule is suppressed on this input (out of body, low visibility): no evaluation, but a
@@ -348,28 +394,29 @@ class _Condition:
             if self.phases and x.phase not in self.phases:
                 return False, {}
             d = x.distance_px(self.model, self.a, self.b)
-            evidence = {"distance_px": round(d, 1) if math.isfinite(d) else "none", "threshold_px": self.threshold,
-                        "phase": PHASES[x.phase] if x.phase is not None else ""}
-            if self.min_confidence > 0:
-                sure = min(x.confidence_of(self.model, self.a), x.confidence_of(self.model, self.b))
-                evidence["confidence"] = round(sure, 2)
-                return d < self.threshold and sure >= self.min_confidence, evidence
-            return d < self.threshold, evidence
+            evidence: dict[str, Any] = {"distance_px": round(d, 1) if math.isfinite(d) else "none",
+                                        "threshold_px": self.threshold, "phase": PHASES[x.phase] if x.phase is not None else ""}
+            return self.sure(x, evidence) and d < self.threshold, evidence
         if k == "structures_not_seen_before":
             return self._cvs(x)
         if k == "criteria_not_held_before":
             return self._criteria(x)
         if k == "area_growth":
             area = x.area(self.model, self.cls)
-            self.history.append((x.t_s, area))
+            evidence = {"area_pct": round(100 * area, 2)}
+            sure = self.sure(x, evidence)
+            # a region the model is unsure of is no measurement of the class's area: it neither holds nor becomes
+            # the window's baseline (an unsure pool followed by a sure one must not look like growth from nothing);
+            # a class absent from the frame is measured, as none
+            if sure or area == 0.0:
+                self.history.append((x.t_s, area))
             while self.history and self.history[0][0] < x.t_s - self.window_s:
                 self.history.popleft()
-            if self.phases and x.phase not in self.phases:
+            if not sure or (self.phases and x.phase not in self.phases):
                 return False, {}
-            base = min(a for _, a in self.history)
-            grew = area - base
-            return (area >= self.min_area and grew >= self.growth), {
-                "area_pct": round(100 * area, 2), "growth_pct": round(100 * grew, 2), "window_s": self.window_s}
+            grew = area - min(a for _, a in self.history)
+            evidence.update(growth_pct=round(100 * grew, 2), window_s=self.window_s)
+            return area >= self.min_area and grew >= self.growth, evidence
         if k == "phase_duration_over":
             if x.phase is None:
                 return False, {}
@@ -398,7 +445,8 @@ class _Condition:
         dt = 0.0 if self.last_t is None else max(0.0, x.t_s - self.last_t)
         self.last_t = x.t_s
         if x.phase == self.during and not x.out_of_body:
-            seen = [x.area(self.model, c) >= self.min_area for c in self.required]
+            seen = [x.area(self.model, c) >= self.min_area and x.confidence_of(self.model, c) >= self.min_class_confidence
+                    for c in self.required]
             for i, s in enumerate(seen):
                 self.seen_s[i] += dt if s else 0.0
             if len(self.required) > 1 and all(seen):
@@ -601,7 +649,7 @@ def load_rules(path: str | Path | None = None, overrides: dict[str, dict] | None
             rule = Rule(id=rid, severity=t["severity"], kind=t["kind"], message=t["message"], params=params,
                         enter_s=float(t.get("enter_s", 0.0)), exit_s=float(t.get("exit_s", 0.0)),
                         cooldown_s=float(t.get("cooldown_s", 0.0)),
-                        suppress_when=tuple(t.get("suppress_when", ["out_of_body"])), rationale=t.get("rationale", ""),
+                        suppress_when=tuple(t.get("suppress_when", DEFAULT_SUPPRESS_WHEN)), rationale=t.get("rationale", ""),
                         vocabulary=vocabulary, owner=owner)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{where}: {exc}") from None

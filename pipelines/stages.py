@@ -23,6 +23,7 @@ import numpy as np
 from or_agent.pipelines.backends import InferenceBackend
 from or_agent.pipelines.cvs import CvsAssessor, check_structures, cvs_measurements
 from or_agent.pipelines.errors import ManifestError, ModelError
+from or_agent.pipelines.familiarity import FamiliarityCheck, SceneFamiliarity
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import (
     ClassificationEstimate,
@@ -31,7 +32,7 @@ from or_agent.pipelines.messages import (
     SegmentationEstimate,
     VisibilityEstimate,
 )
-from or_agent.pipelines.phase_filter import PhaseFilter
+from or_agent.pipelines.phase_filter import PhaseFilter, phase_filter_from
 from or_agent.pipelines.postprocess import SegmentationReduction, reduce_logits, sigmoid, softmax
 from or_agent.pipelines.preprocess import ContentArea, crop_resize, normalise
 from or_agent.pipelines.schedule import Cadence
@@ -111,17 +112,30 @@ class ModelStage:
         return outputs[self.output_name]
 
 
+@dataclass(frozen=True)
+class PhaseOutputs:
+    """One step of a phase model that also says how familiar the scene is: what ``PhaseStage.predict``
+    returns for such a model (for one without, the phase logits alone)."""
+
+    logits: np.ndarray
+    feature_distance: float
+
+
 class PhaseStage(ModelStage):
-    """Streams the recurrent phase model one step at a time and filters its output."""
+    """Streams the recurrent phase model one step at a time and filters its output (``pipelines.phase_filter``,
+    stepped by the media time between steps); with a ``familiarity`` block in its manifest, also whether the
+    scene is one it knows (``pipelines.familiarity``)."""
 
     task = Task.PHASE
     holds_out_of_body = True
 
     def __init__(self, backend: InferenceBackend, phase_filter: PhaseFilter | None = None):
         super().__init__(backend)
-        cfg = self.manifest.extra.get("temporal_filter", {})
-        self.filter = phase_filter or PhaseFilter(smoothing=cfg.get("smoothing", 0.5), hold=cfg.get("hold_steps", 2),
-                                                  margin=cfg.get("margin", 0.05))
+        self.familiarity_check = FamiliarityCheck.of(self.manifest)
+        self.familiarity = SceneFamiliarity(self.familiarity_check) if self.familiarity_check else None
+        self.filter = phase_filter or phase_filter_from(self.manifest.extra.get("temporal_filter", {}),
+                                                        f"{self.manifest.path}: temporal_filter", len(self.names))
+        _ = self.output_name  # a model whose outputs do not say which is the phase fails now, not at its first frame
         # Confidence calibration (temperature scaling, fitted by `or-agent calibrate temperature`).
         cal = self.manifest.extra.get("calibration")
         t = cal.get("temperature", 1.0) if isinstance(cal, dict) else 1.0
@@ -131,31 +145,53 @@ class PhaseStage(ModelStage):
         self.reset()
 
     def reset(self) -> None:
-        """Start of a case: zero state, fresh filter."""
+        """Start of a case: zero state, fresh filter, a familiar scene."""
         self._state = {s.name: np.zeros(s.shape, np.float32) for s in self.manifest.state_inputs}
         self.filter.reset()
+        if self.familiarity is not None:
+            self.familiarity.reset()
         self._phase: int | None = None
         self._entered_s = 0.0
-        self._stepped_s = 0.0
+        self._stepped_s: float | None = None
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def output_name(self) -> str:
+        """The phase logits: the one result tensor besides the familiarity output (and the state)."""
+        familiarity = self.familiarity_check.output if self.familiarity_check else None
+        names = [o.name for o in self.manifest.outputs if o.state_of is None and o.name != familiarity]
+        if len(names) != 1:
+            raise ModelError(f"{self.manifest.path}: expected exactly one phase output besides the state"
+                             + (f" and familiarity ({familiarity})" if familiarity else "") + f", found {names}")
+        return names[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray | PhaseOutputs:
         out = self.backend.run({self.manifest.input.name: x, **self._state})
         self._state = {o.state_of: out[o.name] for o in self.manifest.outputs if o.state_of}
-        return self._single_output(out)
+        if self.familiarity_check is None:
+            return self._single_output(out)
+        return PhaseOutputs(self._single_output(out), float(np.asarray(out[self.familiarity_check.output]).ravel()[0]))
 
-    def post_process(self, raw: np.ndarray, area: ContentArea | None = None, t_s: float = 0.0) -> PhaseEstimate:
-        probs = softmax(np.asarray(raw, np.float64).ravel() / self.temperature)
-        f = self.filter.update(probs)
+    def post_process(self, raw: np.ndarray | PhaseOutputs, area: ContentArea | None = None,
+                     t_s: float = 0.0) -> PhaseEstimate:
+        logits = raw.logits if isinstance(raw, PhaseOutputs) else raw
+        probs = softmax(np.asarray(logits, np.float64).ravel() / self.temperature)
+        # media time between steps: 0 on the first, and where it went back (a source that restarted its clock)
+        f = self.filter.update(probs, 0.0 if self._stepped_s is None else max(0.0, t_s - self._stepped_s))
         if f.phase != self._phase:
             self._phase, self._entered_s = f.phase, t_s
         self._stepped_s = t_s
+        familiar, distance = True, None
+        if isinstance(raw, PhaseOutputs) and self.familiarity is not None:
+            # not a number counts as far; the estimate carries it as infinitely far
+            distance = raw.feature_distance if not np.isnan(raw.feature_distance) else float("inf")
+            familiar = self.familiarity.update(raw.feature_distance)
         return PhaseEstimate(f.phase, self.names[f.phase], min(1.0, f.confidence), tuple(float(p) for p in probs),
-                             int(np.argmax(probs)), t_s - self._entered_s, self.name)
+                             int(np.argmax(probs)), t_s - self._entered_s, self.name, familiar, distance)
 
     def carry(self, estimate: Estimate, t_s: float) -> Estimate:
         # Between steps the phase holds; its clock keeps running with the media.
         assert isinstance(estimate, PhaseEstimate)
-        return replace(estimate, time_in_phase_s=estimate.time_in_phase_s + (t_s - self._stepped_s))
+        return replace(estimate, time_in_phase_s=estimate.time_in_phase_s + (t_s - (self._stepped_s or 0.0)))
 
 
 def draw_min_confidence(manifest) -> float:

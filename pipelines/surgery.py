@@ -99,8 +99,3 @@ PHASE_TRANSITIONS = MappingProxyType({
     ("CleaningCoagulation", "GallbladderPackaging"): 12,
     ("GallbladderRetraction", "CleaningCoagulation"): 3,
 })
-
-
-def allowed_transitions() -> frozenset[tuple[int, int]]:
-    """Phase-id pairs (from, to) a causal filter may accept: the real ones, by id."""
-    return frozenset((PHASE_ID[a], PHASE_ID[b]) for a, b in PHASE_TRANSITIONS)

@@ -11,6 +11,7 @@ import pytest
 from or_agent.agent.offline.evaluate import ENDOSCAPES_CLASSES, evaluate_segmentation
 from or_agent.pipelines.errors import InputError
 from or_agent.pipelines.model_set import load_model_set
+from or_agent.pipelines.rules import load_rules
 from tests.conftest import run_cli
 
 
@@ -67,7 +68,9 @@ def test_the_command_prints_the_table(labelled):
     proc = run_cli("evaluate", "segmentation", str(labelled), "--models", "synthetic")
     assert proc.returncode == 0, proc.stderr
     assert "anatomy: 8 frames" in proc.stdout and "mean (without background)" in proc.stdout
-    assert "rule energy_near_cystic_duct (L-hook Electrocautery within 20 px of Cystic Duct): holds on the model's maps in " in proc.stdout
+    gate = next(r for r in load_rules() if r.id == "energy_near_cystic_duct").params["min_class_confidence"]
+    assert (f"rule energy_near_cystic_duct (L-hook Electrocautery within 20 px of Cystic Duct, both at confidence >= {gate:g}): "
+            "holds on the model's maps in ") in proc.stdout
 
 
 def _copy(labelled, tmp_path):

@@ -14,21 +14,27 @@ FPS = 25.0
 CALOT = PHASE_ID["CalotTriangleDissection"]
 
 
-def frame(i, phase=CALOT, t_in_phase=None, oob=False, lowvis=False, areas=None, cmap=None, px=4.0, drops=0.0):
+def frame(i, phase=CALOT, t_in_phase=None, oob=False, lowvis=False, areas=None, cmap=None, px=4.0, drops=0.0,
+          confidence=None):
+    """One frame's inputs; the model is sure (0.9) of every class unless ``confidence`` ({class: p}) says otherwise."""
     a = [0.0] * 13
     for k, v in (areas or {}).items():
         a[k] = v
+    conf = [0.9] * 13
+    for k, v in (confidence or {}).items():
+        conf[k] = v
     return RuleInputs(seq=i, t_s=i / FPS, phase=phase, phase_confidence=0.9,
                       time_in_phase_s=i / FPS if t_in_phase is None else t_in_phase, out_of_body=oob,
-                      low_visibility=lowvis, segmentations={"anatomy": SegmentationView(tuple(a), cmap, px)},
+                      low_visibility=lowvis, segmentations={"anatomy": SegmentationView(tuple(a), cmap, px, tuple(conf))},
                       system=SystemHealth(frame_drop_rate=drops))
 
 
+def transitions(engine, inputs):
+    return [t for x in inputs for t in engine.evaluate(x)]
+
+
 def run(engine, inputs):
-    events = []
-    for x in inputs:
-        events += engine.evaluate(x)
-    return [(e.rule, e.kind, e.seq) for e in events]
+    return [(e.rule, e.kind, e.seq) for e in transitions(engine, inputs)]
 
 
 def hook_map(hook_x: int, duct_x: int = 90) -> np.ndarray:
@@ -176,34 +182,147 @@ def test_frame_drop_rate_is_derived_from_sequence_gaps():
     assert abs(e.drop_rate() - 0.5) < 0.02
 
 
-def test_a_distance_rule_can_require_the_model_to_be_sure_of_both_structures(tmp_path):
-    rules = tmp_path / "r.toml"
-    rules.write_text('''[[rules]]
-id = "hook_near_duct"
-severity = "warning"
-kind = "distance_below"
-classes = ["L-hook Electrocautery", "Cystic Duct"]
-threshold_px = 20.0
-min_confidence = 0.7
-message = "hook {distance_px} px from the duct (confidence {confidence})"
-''')
-    (rule,) = load_rules(rules)
-    cmap = np.zeros((40, 40), np.uint8)
-    cmap[10:20, 5:10] = Anatomy.L_HOOK
-    cmap[10:20, 12:18] = Anatomy.CYSTIC_DUCT
-    conf = [0.9] * 13
+# ----- rules rest only on structures the model is sure of (min_class_confidence) -----------------
 
-    def inputs(duct_conf):
-        conf[Anatomy.CYSTIC_DUCT] = duct_conf
-        return [RuleInputs(seq=i, t_s=i / FPS, phase=CALOT, phase_confidence=0.9, time_in_phase_s=1.0, out_of_body=False,
-                           low_visibility=False,
-                           segmentations={"anatomy": SegmentationView((0.01,) * 13, cmap, 1.0, tuple(conf))}) for i in range(5)]
 
-    unsure = RulesEngine([rule])
-    assert not [t for x in inputs(0.5) for t in unsure.evaluate(x)]
-    sure = RulesEngine([rule])
-    (raised,) = [t for x in inputs(0.8) for t in sure.evaluate(x)]
-    assert raised.evidence["confidence"] == "0.8" and "confidence 0.8" in raised.message
+def _critical(rule_id):
+    (rule,) = [r for r in load_rules() if r.id == rule_id]
+    assert rule.severity == "critical"
+    return rule, rule.params["min_class_confidence"]
+
+
+def test_a_critical_distance_rule_does_not_raise_on_a_structure_the_model_is_unsure_of():
+    rule, gate = _critical("energy_near_cystic_duct")
+    assert 0 < gate < 1
+    touching = hook_map(88)  # under 20 px from the duct for 2 s: raises after 0.4 s when the model is sure
+
+    def raised(duct_confidence, hook_confidence=0.9):
+        conf = {Anatomy.CYSTIC_DUCT: duct_confidence, Anatomy.L_HOOK: hook_confidence}
+        return [t for t in transitions(RulesEngine([rule]), [frame(i, cmap=touching, confidence=conf)
+                                                              for i in range(int(2 * FPS))]) if t.kind == "raised"]
+
+    assert raised(gate - 0.01) == [] and raised(0.9, hook_confidence=gate - 0.01) == []
+    (sure,) = raised(gate)  # at the gate is sure enough
+    assert sure.seq == int(0.4 * FPS)
+    distance = frame(0, cmap=touching).distance_px("anatomy", Anatomy.L_HOOK, Anatomy.CYSTIC_DUCT)
+    assert sure.evidence == {"distance_px": str(round(distance, 1)), "threshold_px": "20.0", "phase": "CalotTriangleDissection",
+                             "L-hook Electrocautery_confidence": "0.9", "Cystic Duct_confidence": str(round(gate, 2)),
+                             "min_class_confidence": str(gate)}
+
+
+def test_an_unsure_frame_alone_does_not_clear_an_active_alert():
+    rule, gate = _critical("energy_near_cystic_duct")
+    assert rule.exit_s == 1.0
+    unsure = {Anatomy.CYSTIC_DUCT: gate / 2}
+    # sure for 1 s (raised at 0.4 s), unsure for 0.5 s, sure again for 1 s: one alert, never cleared
+    xs = ([frame(i, cmap=hook_map(88)) for i in range(25)] + [frame(i, cmap=hook_map(88), confidence=unsure) for i in range(25, 38)]
+          + [frame(i, cmap=hook_map(88)) for i in range(38, 63)])
+    assert run(RulesEngine([rule]), xs) == [("energy_near_cystic_duct", "raised", 10)]
+    # unsure for longer than exit_s: cleared as when the duct is not seen at all, 1 s after the first unsure frame
+    xs = [frame(i, cmap=hook_map(88)) for i in range(25)] + [frame(i, cmap=hook_map(88), confidence=unsure) for i in range(25, 75)]
+    absent = [frame(i, cmap=hook_map(88)) for i in range(25)] + [frame(i, cmap=hook_map(88, duct_x=200)) for i in range(25, 75)]
+    assert run(RulesEngine([rule]), xs) == run(RulesEngine([rule]), absent) == [
+        ("energy_near_cystic_duct", "raised", 10), ("energy_near_cystic_duct", "cleared", 50)]
+
+
+def test_bleeding_rests_only_on_blood_the_model_is_sure_of():
+    rule, gate = _critical("bleeding")
+
+    def frames(blood_confidence, area=lambda t: max(0.0, (t - 1) * 0.005), seconds=4.0):  # +0.5 %/s from 1 s
+        return [frame(i, areas={Anatomy.BLOOD: area(i / FPS)}, confidence={Anatomy.BLOOD: blood_confidence(i / FPS)})
+                for i in range(int(seconds * FPS))]
+
+    assert run(RulesEngine([rule]), frames(lambda t: gate - 0.01)) == []
+    (raised,) = transitions(RulesEngine([rule]), frames(lambda t: gate))
+    assert raised.kind == "raised" and raised.evidence["Blood_confidence"] == str(round(gate, 2))
+    assert raised.evidence["min_class_confidence"] == str(gate) and float(raised.evidence["growth_pct"]) >= 0.3
+    # a stable pool the model becomes sure of is not growth from nothing (unsure frames are no measurement) ...
+    assert run(RulesEngine([rule]), frames(lambda t: gate - 0.01 if t < 2 else 0.9, area=lambda t: 0.01)) == []
+    # ... while blood appearing where there was none is (absent is measured, as none)
+    assert [e[:2] for e in run(RulesEngine([rule]), frames(lambda t: 0.9, area=lambda t: 0.01 if t >= 2 else 0.0))] == [
+        ("bleeding", "raised")]
+
+
+def test_the_critical_view_proxy_counts_only_sure_sightings(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[rules]]\nid = "cvs"\nseverity = "warning"\nkind = "structures_not_seen_before"\n'
+                    'phase = "ClippingCutting"\nduring_phase = "CalotTriangleDissection"\nrequired = ["Cystic Duct"]\n'
+                    'min_seen_s = 2.0\nmin_class_confidence = 0.6\nmessage = "m"\n')
+    (rule,) = load_rules(path)
+
+    def clipping_after(duct_confidence):
+        xs = [frame(i, areas={Anatomy.CYSTIC_DUCT: 0.01}, confidence={Anatomy.CYSTIC_DUCT: duct_confidence})
+              for i in range(int(3 * FPS))]
+        xs += [frame(i, phase=PHASE_ID["ClippingCutting"]) for i in range(int(3 * FPS), int(4 * FPS))]
+        return [e[:2] for e in run(RulesEngine([rule]), xs)]
+
+    assert clipping_after(0.6) == []
+    assert clipping_after(0.59) == [("cvs", "raised")]
+
+
+def _critical_rule_file(tmp_path, kind_lines: str, extra: str = "", severity: str = "critical"):
+    path = tmp_path / "rules.toml"
+    path.write_text(f'[[rules]]\nid = "x"\nseverity = "{severity}"\n{kind_lines}{extra}message = "m"\n')
+    return path
+
+
+KIND_LINES = {
+    "distance_below": 'kind = "distance_below"\nclasses = ["L-hook Electrocautery", "Cystic Duct"]\nthreshold_px = 20.0\n',
+    "area_growth": 'kind = "area_growth"\nclass = "Blood"\ngrowth = 0.003\nwindow_s = 2.0\n',
+    "structures_not_seen_before": 'kind = "structures_not_seen_before"\nphase = "ClippingCutting"\n'
+                                  'during_phase = "CalotTriangleDissection"\nrequired = ["Cystic Duct"]\n',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_LINES))
+def test_a_critical_rule_on_anatomy_classes_must_declare_their_minimum_confidence(tmp_path, kind):
+    path = _critical_rule_file(tmp_path, KIND_LINES[kind])
+    with pytest.raises(InputError) as err:
+        load_rules(path)
+    assert str(err.value) == (f"{path}: rules.x.min_class_confidence: missing (a critical rule must not rest on a structure "
+                              "the model is unsure of: give the classes' minimum confidence, in (0, 1))")
+    assert load_rules(_critical_rule_file(tmp_path, KIND_LINES[kind], "min_class_confidence = 0.8\n"))
+    # optional for warnings; a critical rule on no anatomy class needs none
+    assert load_rules(_critical_rule_file(tmp_path, KIND_LINES[kind], severity="warning"))
+    assert load_rules(_critical_rule_file(tmp_path, 'kind = "state"\nstate = "out_of_body"\n'))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("min_class_confidence = 0\n", "rules.x.min_class_confidence: a mean probability in (0, 1), got 0"),
+    ("min_class_confidence = 1.0\n", "rules.x.min_class_confidence: a mean probability in (0, 1), got 1"),
+    ("min_class_confidence = 75\n", "rules.x.min_class_confidence: a mean probability in (0, 1), got 75"),
+    ("min_class_confidence = -0.5\n", "rules.x.min_class_confidence: a mean probability in (0, 1), got -0.5"),
+    ('min_class_confidence = "high"\n', "rules.x.min_class_confidence: wrong type str"),
+    ("min_class_confidence = true\n", "rules.x.min_class_confidence: wrong type bool"),
+    ("min_confidence = 0.7\n", "rules.x.min_confidence: renamed min_class_confidence "
+                               "(it applies to every rule that reads anatomy classes)"),
+    ("min_class_confidense = 0.7\n", "rules.x.min_class_confidense: not a key of kind 'distance_below' "
+                                     "(its keys: classes, min_class_confidence, phases, threshold_px)"),
+])
+def test_bad_minimum_class_confidences_are_refused(tmp_path, extra, message):
+    path = _critical_rule_file(tmp_path, KIND_LINES["distance_below"], extra, severity="warning")
+    with pytest.raises(InputError) as err:
+        load_rules(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_rule_that_reads_no_anatomy_class_takes_no_class_confidence(tmp_path):
+    path = _critical_rule_file(tmp_path, 'kind = "state"\nstate = "out_of_body"\n', "min_class_confidence = 0.8\n")
+    with pytest.raises(InputError) as err:
+        load_rules(path)
+    assert str(err.value) == f"{path}: rules.x.min_class_confidence: not a key of kind 'state' (its keys: state, threshold)"
+
+
+def test_config_check_and_model_sets_refuse_a_critical_anatomy_rule_without_it(tmp_path):
+    from or_agent.agent.config_check import check_config
+
+    rules = _critical_rule_file(tmp_path, KIND_LINES["distance_below"])
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[alerts]\nrules_file = "{rules}"\n[audit]\ndirectory = ""\n')
+    with pytest.raises(InputError) as err:
+        check_config(config)
+    assert str(err.value) == (f"{rules}: rules.x.min_class_confidence: missing (a critical rule must not rest on a "
+                              "structure the model is unsure of: give the classes' minimum confidence, in (0, 1))")
 
 
 # ----- the critical view of safety held before clipping (the endoscapes set's rule) ---------------

@@ -5,10 +5,13 @@ Reads each ``DIR/<case>/`` holding a ``DONE.json`` (``summary.json`` and ``timel
 plots as embedded PNG): per phase the durations of the cohort beside Cholec80's (median, 90th
 percentile, maximum) and the cases beyond Cholec80's 90th percentile; alerts per case by rule and
 severity; the CVS criteria reached before clipping began (where the model set assesses the CVS); time
-out of body and at low visibility (the overlay pauses); time the phase model was unsure; the model
-versions; and, for cases with labels, the strict and the official (relaxed +-10 s boundary) Cholec80
-figures per case, their mean and sd over cases (as the official evaluation averages per video) and
-pooled over all labelled frames. Durations are media time: a time-compressed synthetic case is short.
+out of body, in a scene the models do not know and at low visibility (the overlay pauses); time the phase
+model was unsure (while shown); the model
+versions; and, for cases with labels, the strict and the official Cholec80 figures (``Evaluate.m``'s
+relaxed boundaries, ``pipelines.metrics.official_phase_scores``) per case (precision, recall and Jaccard
+as the mean over the phases where they are defined), their mean and sd over cases (as the official
+evaluation averages per video) and the accuracy pooled over all labelled frames. Durations are media
+time: a time-compressed synthetic case is short.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 from or_agent.agent.archive.run import DONE_FILE, FAILURES_FILE
 from or_agent.pipelines.errors import DependencyError, InputError
 from or_agent.pipelines.files import atomic_write_bytes, atomic_write_text
+from or_agent.pipelines.messages import PAUSED_UNFAMILIAR
+from or_agent.pipelines.metrics import figure, mean_over_phases
 from or_agent.pipelines.surgery import PHASE_DURATIONS, PHASES
 
 CVS_REACHED_AT = 0.5  # a criterion counts as met at this probability, as the overlay shows it
@@ -53,11 +58,6 @@ def _cvs_before_clipping(rows: list[dict]) -> dict[str, bool] | None:
     return out
 
 
-def _mean_over_phases(scores: dict, key: str) -> float | None:
-    values = [m[key] for m in scores["per_phase"].values()]
-    return round(statistics.fmean(values), 4) if values else None
-
-
 def case_record(case_dir: Path) -> dict[str, Any]:
     """One case's figures, from its replay outputs."""
     s = json.loads((case_dir / "summary.json").read_text())
@@ -80,18 +80,22 @@ def case_record(case_dir: Path) -> dict[str, Any]:
         "alerts_by_severity": {sev: sum(a["severity"] == sev for a in raised) for sev in SEVERITIES},
         "cvs_before_clipping": _cvs_before_clipping(sorted(timeline["rows"], key=lambda r: r["frame"])),
         "out_of_body_s": round(s["out_of_body_frames"] / s["fps"], 3),
+        # paused because the scene was not one the models know (replays before that check: none)
+        "unfamiliar_scene_s": round(s.get("paused_s", {}).get(PAUSED_UNFAMILIAR, 0.0), 3),
         "low_visibility_s": round(sum(span for r, span in spans if r["low_visibility"] and not r["out_of_body"]), 3),
         "phase_unsure_s": round(sum(span for r, span in spans
-                                    if r["phase"] and not r["out_of_body"] and r["confidence"] < UNSURE_BELOW), 3),
+                                    if r["phase"] and not r["out_of_body"] and not r.get("ai_paused")
+                                    and r["confidence"] < UNSURE_BELOW), 3),
     }
     ph = s.get("phase_metrics")
     if ph:
         record["labelled_frames"] = sum(m["frames"] for m in ph["strict"]["per_phase"].values())
-        for name, key in (("strict", "strict"), ("official", "relaxed")):
-            record[f"{name}_accuracy"] = ph[key]["accuracy"]
-            record[f"{name}_jaccard"] = _mean_over_phases(ph[key], "jaccard")
-            record[f"{name}_precision"] = _mean_over_phases(ph[key], "precision")
-            record[f"{name}_recall"] = _mean_over_phases(ph[key], "recall")
+        for name in ("strict", "official"):
+            scores = ph.get(name)  # no official figures where the phase model's labels are not Cholec80's
+            means = mean_over_phases(scores["per_phase"]) if scores else {}
+            record[f"{name}_accuracy"] = scores["accuracy"] if scores else None
+            for key in ("jaccard", "precision", "recall"):
+                record[f"{name}_{key}"] = figure(means.get(key))
     return record
 
 
@@ -103,8 +107,8 @@ def _distribution(values: list[float]) -> dict[str, float]:
 
 
 def _mean_sd(values: list[float]) -> dict[str, float | None]:
-    return {"mean": round(statistics.fmean(values), 4) if values else None,
-            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None}
+    return {"mean": figure(statistics.fmean(values)) if values else None,
+            "sd": figure(statistics.stdev(values)) if len(values) > 1 else None}
 
 
 def cohort(cases: list[dict], failures: list[dict]) -> dict[str, Any]:
@@ -128,11 +132,12 @@ def cohort(cases: list[dict], failures: list[dict]) -> dict[str, Any]:
     labelled = [c for c in cases if "strict_accuracy" in c]
     metrics: dict[str, Any] = {"cases": len(labelled)}
     for name in ("strict", "official"):
-        frames = sum(c["labelled_frames"] for c in labelled)
-        metrics[name] = {k: _mean_sd([c[f"{name}_{k}"] for c in labelled if c[f"{name}_{k}"] is not None])
+        scored = [c for c in labelled if c[f"{name}_accuracy"] is not None]
+        frames = sum(c["labelled_frames"] for c in scored)
+        metrics[name] = {k: _mean_sd([c[f"{name}_{k}"] for c in scored if c[f"{name}_{k}"] is not None])
                          for k in ("accuracy", "precision", "recall", "jaccard")}
-        metrics[name]["accuracy_pooled"] = (round(sum(c[f"{name}_accuracy"] * c["labelled_frames"] for c in labelled)
-                                                  / frames, 4) if frames else None)
+        metrics[name]["accuracy_pooled"] = (figure(sum(c[f"{name}_accuracy"] * c["labelled_frames"] for c in scored)
+                                                   / frames) if frames else None)
     versions: dict[str, dict[str, int]] = {}
     for c in cases:
         for model, version in c["models"].items():
@@ -151,6 +156,7 @@ def cohort(cases: list[dict], failures: list[dict]) -> dict[str, Any]:
                                  "reached": {k: sum(c["cvs_before_clipping"][k] for c in with_cvs) for k in criteria}}
                                 if with_cvs else None),
         "paused_s": {"out_of_body": round(sum(c["out_of_body_s"] for c in cases), 3),
+                     "unfamiliar_scene": round(sum(c["unfamiliar_scene_s"] for c in cases), 3),
                      "low_visibility": round(sum(c["low_visibility_s"] for c in cases), 3)},
         "phase_unsure_s": round(sum(c["phase_unsure_s"] for c in cases), 3),
         "phase_metrics": metrics if labelled else None,
@@ -158,8 +164,8 @@ def cohort(cases: list[dict], failures: list[dict]) -> dict[str, Any]:
     }
 
 
-CSV_FIXED = ("case_id", "video", "frames", "duration_s", "complete", "out_of_body_s", "low_visibility_s", "phase_unsure_s",
-             "strict_accuracy", "official_accuracy", "strict_jaccard", "official_jaccard")
+CSV_FIXED = ("case_id", "video", "frames", "duration_s", "complete", "out_of_body_s", "unfamiliar_scene_s", "low_visibility_s",
+             "phase_unsure_s", "strict_accuracy", "official_accuracy", "strict_jaccard", "official_jaccard")
 
 
 def cases_csv(cases: list[dict]) -> str:
@@ -259,13 +265,15 @@ def cohort_html(report: dict, plots: dict[str, str]) -> str:
         _table(["criterion", f"cases reaching it before clipping (of {cvs['cases']})"], list(cvs["reached"].items()))
         if cvs else "<p>The model set assesses no CVS criteria, or no case reached clipping.</p>"))
     parts.append("<h2>Paused and unsure</h2>" + _table(
-        ["out of body", "low visibility", "phase model unsure"],
-        [[f"{r['paused_s']['out_of_body']:.1f} s", f"{r['paused_s']['low_visibility']:.1f} s", f"{r['phase_unsure_s']:.1f} s"]]))
+        ["out of body", "unfamiliar scene", "low visibility", "phase model unsure"],
+        [[f"{r['paused_s']['out_of_body']:.1f} s", f"{r['paused_s']['unfamiliar_scene']:.1f} s",
+          f"{r['paused_s']['low_visibility']:.1f} s", f"{r['phase_unsure_s']:.1f} s"]]))
     pm = r["phase_metrics"]
     if pm:
-        parts.append(f"<h2>Phase recognition against labels ({pm['cases']} cases)</h2><p>Official: the relaxed "
-                     "&plusmn;10 s boundary of the Cholec80 evaluation; mean and sd over cases, and accuracy pooled over "
-                     "all labelled frames.</p>")
+        parts.append(f"<h2>Phase recognition against labels ({pm['cases']} cases)</h2><p>Strict: frame by frame. "
+                     "Official: the Cholec80 evaluation (Evaluate.m: in the first 10 s of each labelled phase the "
+                     "previous phase counts as right, in its last 10 s the next). Mean and sd over cases, and accuracy "
+                     "pooled over all labelled frames.</p>")
         parts.append(_table(["figures", "accuracy", "accuracy pooled", "precision", "recall", "Jaccard"],
                             [[n, *(f"{pm[n][k]['mean']} ± {pm[n][k]['sd']}" if k != "accuracy_pooled" else pm[n][k]
                                    for k in ("accuracy", "accuracy_pooled", "precision", "recall", "jaccard"))]

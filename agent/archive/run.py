@@ -6,12 +6,14 @@ folder, so on the same (shared) storage; it writes ``DONE.json`` into that folde
 ``OUT/<case id>/``. A case folder therefore either holds a complete replay with its ``DONE.json`` or
 does not exist, and since the workers publish their own results, a killed driver loses nothing completed.
 
-``DONE.json`` records the input's fingerprint and the model set's identity; a rerun skips a case whose
-both match and redoes it when either changed. The fingerprint is the file's size and the sha256 of its
-first and last MiB, not a full sha256: the driver checks every case of a 10,000-case archive on each
-rerun, and reading ~10 TB to skip them would cost as much as a replay; a re-encode or a different
-recording changes the size or the container's header/index (at the start or end of an MP4), while the
-mtime, which a copy of the archive changes, is left out.
+``DONE.json`` records the input's fingerprint, the model set's identity and every file of the case with its
+size; a rerun skips a case whose fingerprint and model set match and whose files are all there at their
+sizes, and redoes it otherwise (so a folder half-deleted or half-copied behind the rename is never done).
+The fingerprint is the file's size and the sha256 of its first and last MiB, not a full sha256: the
+driver checks every case of a 10,000-case archive on each rerun, and reading ~10 TB to skip them would
+cost as much as a replay; a re-encode or a different recording changes the size or the container's
+header/index (at the start or end of an MP4), while the mtime, which a copy of the archive changes, is
+left out.
 
 The driver keeps at most ``in_flight_per_worker`` videos queued per worker (backpressure: the task
 queue never holds the whole archive), retries a failed video up to ``retries`` times, records permanent
@@ -92,12 +94,24 @@ def model_set_fingerprint(models: str | None) -> dict[str, Any]:
     return ident
 
 
+def case_files(case_dir: Path) -> dict[str, int]:
+    """Every file of a case folder but its ``DONE.json``, with its size (what ``DONE.json`` lists)."""
+    return {p.relative_to(case_dir).as_posix(): p.stat().st_size for p in sorted(case_dir.rglob("*"))
+            if p.is_file() and p != case_dir / DONE_FILE}
+
+
 def is_done(case_dir: Path, fingerprint: dict, model_set: dict) -> bool:
+    """Whether the case folder holds a replay of this input with this model set, every file it listed there."""
     try:
         done = json.loads((case_dir / DONE_FILE).read_text())
+        if not (isinstance(done, dict) and done.get("input") == fingerprint
+                and isinstance(done.get("model_set"), dict) and done["model_set"].get("id") == model_set["id"]):
+            return False
+        files = done.get("files")
+        return isinstance(files, dict) and bool(files) and all(
+            isinstance(size, int) and (case_dir / name).stat().st_size == size for name, size in files.items())
     except (OSError, ValueError):
         return False
-    return isinstance(done, dict) and done.get("input") == fingerprint and done.get("model_set", {}).get("id") == model_set["id"]
 
 
 def _publish(produced: Path, final: Path) -> None:
@@ -131,7 +145,8 @@ class ReplayWorker:
             produced = tmp_root / case.video.stem
             wall_s = time.monotonic() - t0
             record = {**done_record, "frames": summary["frames"], "duration_s": summary["duration_s"],
-                      "wall_s": round(wall_s, 3), "node": self.node, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "wall_s": round(wall_s, 3), "node": self.node, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "files": case_files(produced)}
             atomic_write_text(produced / DONE_FILE, json.dumps(record, indent=1) + "\n")
             _publish(produced, self.out / case.case_id)
             return {"ok": True, "frames": summary["frames"], "wall_s": wall_s, "complete": summary["complete"]}

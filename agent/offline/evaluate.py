@@ -63,13 +63,15 @@ class ConditionCount:
     rule: str
     classes: tuple[str, str]
     threshold_px: float
+    min_class_confidence: float  # the rule's gate on the model's maps (0: none; none on the truth)
     on_model: int
     on_truth: int
     false_alarms: int  # the model's maps say it holds, the truth says it does not
     missed: int
 
     def line(self, frames: int) -> str:
-        return (f"  rule {self.rule} ({self.classes[0]} within {self.threshold_px:g} px of {self.classes[1]}): "
+        gate = f", both at confidence >= {self.min_class_confidence:g}" if self.min_class_confidence else ""
+        return (f"  rule {self.rule} ({self.classes[0]} within {self.threshold_px:g} px of {self.classes[1]}{gate}): "
                 f"holds on the model's maps in {self.on_model} frames, on the truth in {self.on_truth}; "
                 f"false alarms {self.false_alarms} ({100 * self.false_alarms / max(1, frames):.1f} % of frames), "
                 f"missed {self.missed}")
@@ -192,6 +194,19 @@ def _read(image: Path, mask: Path, classes: int, model: str) -> tuple[np.ndarray
     return frame, truth
 
 
+def scored_model(model_set, task: Task, variant: str | Path | None):
+    """The set's model for ``task``, or ``variant`` (a model folder for the same task and labels, e.g. its
+    FP16 or INT8 version) to be scored in its place."""
+    manifest = model_set.model(task)
+    if variant is None:
+        return manifest
+    own, manifest = manifest, load_manifest(variant)
+    if manifest.task != task or [lab.name for lab in manifest.labels] != [lab.name for lab in own.labels]:
+        raise InputError(f"{variant}: not a variant of {own.name}: a {manifest.task} model with classes "
+                         f"{', '.join(lab.name for lab in manifest.labels)}")
+    return manifest
+
+
 def evaluate_segmentation(folder: str | Path, models: str | None = None, out: str | Path | None = None,
                           log: Callable[[str], None] = print, variant: str | Path | None = None) -> SegmentationScores:
     """Scores the set's segmentation model, or ``variant`` (a model folder with the same classes, e.g.
@@ -199,12 +214,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
     folder = Path(folder)
     pairs = _pairs(folder)
     model_set = load_model_set(models)
-    manifest = model_set.model(Task.SEGMENTATION)
-    if variant is not None:
-        own, manifest = manifest, load_manifest(variant)
-        if manifest.task != Task.SEGMENTATION or [lab.name for lab in manifest.labels] != [lab.name for lab in own.labels]:
-            raise InputError(f"{variant}: not a variant of {own.name}: a {manifest.task} model with classes "
-                             f"{', '.join(lab.name for lab in manifest.labels)}")
+    manifest = scored_model(model_set, Task.SEGMENTATION, variant)
     names = tuple(lab.name for lab in manifest.labels)
     n = len(names)
     labelled = folder_classes(folder)
@@ -274,7 +284,8 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
         t, p = np.array(cvs_truth), np.array(cvs_prob)
         cvs = tuple(CriterionScore(c, int(t[:, i].sum()), len(t), balanced_accuracy(t[:, i], p[:, i] >= 0.5),
                                    average_precision(t[:, i], p[:, i])) for i, c in enumerate(CRITERIA))
-    conditions = tuple(ConditionCount(r.id, tuple(r.params["classes"]), float(r.params["threshold_px"]), *held[r.id])
+    conditions = tuple(ConditionCount(r.id, tuple(r.params["classes"]), float(r.params["threshold_px"]),
+                                      float(r.params.get("min_class_confidence", 0.0)), *held[r.id])
                        for r in distance_rules)
     scores = SegmentationScores(manifest.name, len(pairs), names, tuple(per_class_iou(conf).tolist()),
                                 tuple(per_class_dice(conf).tolist()), 1000 * float(np.median(times)), conditions, cvs,

@@ -108,21 +108,29 @@ def write_html_report(path: Path, summary: dict, ribbon_name: str, video_name: s
     if annotated_video:
         parts.append(f"<h2>Annotated video <small id='video-duration'></small></h2>"
                      f"<video id='video' controls preload='metadata' src='{html.escape(annotated_video)}'></video>")
+    paused = s.get("paused_s")
+    if paused:
+        parts.append("<p>AI paused (no overlay, no alert from the models): "
+                     + ", ".join(f"{html.escape(reason)} {seconds:.1f} s" for reason, seconds in paused.items()) + ".</p>")
     ribbon_duration = s["frames"] / s["fps"] if s.get("fps") else 0.0
     parts.append(f"<h2>Phase timeline</h2><img id='ribbon' src='{html.escape(ribbon_name)}' alt='phase ribbon' "
                  f"data-left='{RIBBON_LEFT}' data-width='{RIBBON_WIDTH}' data-duration='{ribbon_duration:.3f}'"
                  + (" title='click to play the video from that time'>" if annotated_video else ">"))
     ph = s.get("phase_metrics")
     if ph:
-        parts.append(f"<p>Frame accuracy {_pct(ph['strict']['accuracy'])}; with the &plusmn;{ph['relaxed_window_s']:g} s "
-                     f"relaxed boundary {_pct(ph['relaxed']['accuracy'])}.</p>")
+        official = ph.get("official")
+        parts.append(f"<p>Frame accuracy {_pct(ph['strict']['accuracy'])}" + (
+            f"; official {_pct(official['accuracy'])} (the Cholec80 evaluation: in the first {official['window_s']:g} s "
+            f"of each labelled phase the previous phase counts as right, in its last {official['window_s']:g} s the "
+            "next; '-': undefined)" if official else "") + ".</p>")
         rows = []
         for name, m in ph["strict"]["per_phase"].items():
-            r = ph["relaxed"]["per_phase"].get(name, {})
+            r = official["per_phase"].get(name, {}) if official else {}
             rows.append([name, m["frames"], _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), _pct(m["jaccard"]),
-                         _pct(r.get("precision")), _pct(r.get("recall")), _pct(r.get("f1")), _pct(r.get("jaccard"))])
+                         *((_pct(r.get("precision")), _pct(r.get("recall")), _pct(r.get("jaccard"))) if official else ())])
         parts.append(_table(["phase", "frames", "precision", "recall", "F1", "Jaccard",
-                             "precision (relaxed)", "recall (relaxed)", "F1 (relaxed)", "Jaccard (relaxed)"], rows))
+                             *(("precision (official)", "recall (official)", "Jaccard (official)") if official else ())],
+                            rows))
     else:
         parts.append("<p>No phase labels given: no phase accuracy.</p>")
     an = s.get("anatomy_metrics")

@@ -231,7 +231,8 @@ MODEL_SPECS = {
                   "meaning": "logits over the 7 Cholec80 phases (softmax = probabilities)"},
                  {"name": "state_out", "shape": [1, 64], "meaning": "recurrent state for the next step", "state_of": "state_in"}],
         labels=[{"id": i, "name": n, "color": list(PHASE_COLOURS[i])} for i, n in enumerate(PHASES)],
-        cadence=f"{PHASE_RATE_HZ:g} Hz", extra={"temporal_filter": {"smoothing": 0.5, "hold_steps": 2, "margin": 0.05}}),
+        # the HMM filter's transitions from the real Cholec80 statistics, on the synthetic videos' compressed time
+        cadence=f"{PHASE_RATE_HZ:g} Hz", extra={"temporal_filter": {"time_scale": TRAIN.time_scale}}),
     "visibility": lambda: manifest_for(
         "visibility", "visibility", VISIBILITY_SIZE,
         outputs=[{"name": "visibility_logits", "shape": [1, 2],
