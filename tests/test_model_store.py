@@ -130,23 +130,35 @@ def test_same_version_with_other_content_is_refused_identical_is_a_no_op(tmp_pat
                               "new version in its model-set.json")
 
 
+def _sharing_set(root: Path) -> Path:
+    """The bundled sets copied under ``root``, the endoscapes copy sharing the synthetic set's phase model."""
+    shutil.copytree(SETS_ROOT / "endoscapes", root / "endoscapes")
+    shutil.copytree(SETS_ROOT / "synthetic", root / "synthetic")
+    manifest = json.loads((root / "endoscapes" / SET_FILE).read_text())
+    manifest["models"] = ["anatomy", "../synthetic/phase"]
+    (root / "endoscapes" / SET_FILE).write_text(json.dumps(manifest))
+    for own in (root / "endoscapes").iterdir():
+        if own.is_dir() and own.name != "anatomy":
+            shutil.rmtree(own)
+    return root / "endoscapes"
+
+
 def test_a_set_sharing_models_is_installed_with_its_own_copies_unless_signed(tmp_path):
-    """The bundled endoscapes set shares the synthetic set's phase and visibility models: its installed
-    copy holds them itself (the store never points outside it), with every sha256 checked."""
+    """A set that shares another set's model: its installed copy holds it itself (the store never points
+    outside it), with every sha256 checked."""
     store = ModelStore(tmp_path / "store")
-    result = store.install(SETS_ROOT / "endoscapes")
+    sharing = _sharing_set(tmp_path / "plain")
+    result = store.install(sharing)
     installed = load_model_set(result.path, verify=True)
-    assert sorted(p.name for p in result.path.iterdir() if p.is_dir()) == ["anatomy", "phase", "visibility"]
+    assert sorted(p.name for p in result.path.iterdir() if p.is_dir()) == ["anatomy", "phase"]
     assert {m.path.parent.resolve().parent for m in installed.models} == {result.path.resolve()}
-    assert json.loads((SETS_ROOT / "endoscapes" / SET_FILE).read_text())["models"][1] == "../synthetic/phase"  # source untouched
+    assert json.loads((sharing / SET_FILE).read_text())["models"][1] == "../synthetic/phase"  # source untouched
     # a signed set's signature covers its own folder only: sharing models is refused
-    signed = tmp_path / "signed"
-    shutil.copytree(SETS_ROOT / "endoscapes", signed / "endoscapes")
-    shutil.copytree(SETS_ROOT / "synthetic", signed / "synthetic")
-    (signed / "endoscapes" / "model-set.sha256").write_text(digest_text(signed / "endoscapes"))
+    signed = _sharing_set(tmp_path / "signed")
+    (signed / "model-set.sha256").write_text(digest_text(signed))
     with pytest.raises(InputError, match=r"models: \.\./synthetic/phase is shared with another set, outside what its "
                                          r"signature covers; a signed set must hold its own models"):
-        ModelStore(tmp_path / "store2").install(signed / "endoscapes")
+        ModelStore(tmp_path / "store2").install(signed)
 
 
 def test_activate_and_rollback_switch_what_the_active_path_loads(tmp_path):
