@@ -101,12 +101,14 @@ class PhaseNet(nn.Module):
 
 
 class VisibilityNet(nn.Module):
-    """Tiny classifier: logits for (out_of_body, low_visibility), independent sigmoids."""
+    """Tiny classifier: logits for (out_of_body, low_visibility), independent sigmoids. The defaults are
+    the synthetic set's; the real-footage model is wider and deeper (``models/training/real/visibility.py``)."""
 
-    def __init__(self):
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), blocks: int = 1):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(3, 16, 2), conv_bn(16, 32, 2), conv_bn(32, 48, 2), separable(48, 48))
-        self.head = nn.Linear(96, 2)
+        a, b, c = widths
+        self.body = nn.Sequential(conv_bn(3, a, 2), conv_bn(a, b, 2), conv_bn(b, c, 2), *(separable(c, c) for _ in range(blocks)))
+        self.head = nn.Linear(2 * c, 2)
 
     def forward(self, frame: torch.Tensor) -> torch.Tensor:
         x = self.body(frame)
