@@ -131,8 +131,8 @@ class PhaseStage(ModelStage):
 
     def __init__(self, backend: InferenceBackend, phase_filter: PhaseFilter | None = None):
         super().__init__(backend)
-        self.familiarity_check = FamiliarityCheck.of(self.manifest)
-        self.familiarity = SceneFamiliarity(self.familiarity_check) if self.familiarity_check else None
+        check = FamiliarityCheck.of(self.manifest)
+        self.familiarity = SceneFamiliarity(check) if check else None
         self.filter = phase_filter or phase_filter_from(self.manifest.extra.get("temporal_filter", {}),
                                                         f"{self.manifest.path}: temporal_filter", len(self.names))
         _ = self.output_name  # a model whose outputs do not say which is the phase fails now, not at its first frame
@@ -157,7 +157,7 @@ class PhaseStage(ModelStage):
     @property
     def output_name(self) -> str:
         """The phase logits: the one result tensor besides the familiarity output (and the state)."""
-        familiarity = self.familiarity_check.output if self.familiarity_check else None
+        familiarity = self.familiarity.check.output if self.familiarity else None
         names = [o.name for o in self.manifest.outputs if o.state_of is None and o.name != familiarity]
         if len(names) != 1:
             raise ModelError(f"{self.manifest.path}: expected exactly one phase output besides the state"
@@ -167,9 +167,9 @@ class PhaseStage(ModelStage):
     def predict(self, x: np.ndarray) -> np.ndarray | PhaseOutputs:
         out = self.backend.run({self.manifest.input.name: x, **self._state})
         self._state = {o.state_of: out[o.name] for o in self.manifest.outputs if o.state_of}
-        if self.familiarity_check is None:
+        if self.familiarity is None:
             return self._single_output(out)
-        return PhaseOutputs(self._single_output(out), float(np.asarray(out[self.familiarity_check.output]).ravel()[0]))
+        return PhaseOutputs(self._single_output(out), float(np.asarray(out[self.familiarity.check.output]).ravel()[0]))
 
     def post_process(self, raw: np.ndarray | PhaseOutputs, area: ContentArea | None = None,
                      t_s: float = 0.0) -> PhaseEstimate:
