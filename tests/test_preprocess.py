@@ -52,3 +52,19 @@ def test_crop_and_paste_back_round_trip():
     full = paste_back(cmap, area, 854, 480)
     assert full[:, :100].max() == 0 and full[:, 700:].max() == 0
     assert full[200, 420] == 1 and full[200, 380] == 0
+
+
+def test_fast_class_argmax_equals_numpy_argmax():
+    from or_agent.pipelines.postprocess import class_argmax, reduce_logits
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((13, 64, 112)).astype(np.float32) * 3
+    assert np.array_equal(class_argmax(logits), logits.argmax(0).astype(np.uint8))
+    ties = np.round(logits).astype(np.float32)  # many equal logits: the lower class wins, as in argmax
+    assert np.array_equal(class_argmax(ties), ties.argmax(0))
+    assert np.array_equal(class_argmax(np.zeros((4, 3, 5), np.float32)), np.zeros((3, 5), np.uint8))
+    assert np.array_equal(class_argmax(logits[:1]), np.zeros((64, 112), np.uint8))
+    class_map, counts, _ = reduce_logits(logits[None])
+    assert np.array_equal(class_map, logits.argmax(0)) and counts.sum() == 64 * 112
+    with pytest.raises(ValueError, match=r"expected \[C,H,W\] logits"):
+        class_argmax(logits[0])

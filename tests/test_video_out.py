@@ -135,3 +135,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         w.write(np.zeros((8, 8), np.uint8))
     w.close(commit=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_colours_survive_the_plane_copy_where_rows_are_padded(tmp_path):
+    # 854 px rows are padded to 864 bytes in FFmpeg's luma plane (427 to 432 in chroma): each plane's
+    # rows must land where its line size says, or colours and edges smear across the picture
+    path = tmp_path / "colour.mp4"
+    img = np.zeros((480, 854, 3), np.uint8)
+    img[:, :300] = (40, 40, 220)  # red (BGR)
+    img[:, 300:600] = (60, 200, 60)  # green
+    img[:, 600:] = (220, 80, 30)  # blue
+    img[:240, :] //= 2  # a darker top half: the rows must not shift either
+    with H264Writer(path, 25.0) as w:
+        for _ in range(3):
+            w.write(img)
+    with av.open(str(path)) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="bgr24")
+    for y, x in ((120, 150), (360, 150), (120, 450), (360, 450), (120, 720), (360, 840)):
+        assert np.abs(frame[y, x].astype(int) - img[y, x]).max() < 12, (y, x, frame[y, x], img[y, x])
