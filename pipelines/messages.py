@@ -200,6 +200,9 @@ class FrameResult:
     # outlines per segmentation model and class, in frame pixels (for the wire)
     polygons: dict[str, dict[int, list[np.ndarray]]] | None = field(default=None, repr=False)
     withheld: tuple[tuple[str, str], ...] = ()  # (output, why): run but not shown, e.g. ("phase", "not validated ...")
+    # the phase model's familiarity check says the models do not know this scene: given for a withheld phase
+    # estimate (the check guards every output, not only the phase), and always true when the shown one says so
+    unfamiliar_scene: bool = False
 
     @classmethod
     def of(cls, estimates: Sequence[Estimate], **fields) -> FrameResult:
@@ -219,6 +222,10 @@ class FrameResult:
         missing = [m for m in STAGE_MARKS[:-1] if m not in self.marks_ns]
         if missing:
             raise ValueError(f"frame {self.seq}: missing stage timestamps {missing}")
+        if not isinstance(self.unfamiliar_scene, bool):
+            raise ValueError(f"unfamiliar_scene must be True or False, got {self.unfamiliar_scene!r}")
+        if self.phase is not None and not self.phase.familiar:  # a shown phase estimate's verdict is the result's
+            object.__setattr__(self, "unfamiliar_scene", True)
 
     @property
     def out_of_body(self) -> bool:
@@ -230,7 +237,7 @@ class FrameResult:
         body, or the scene is not one the phase model's familiarity check knows."""
         if self.out_of_body:
             return PAUSED_OUT_OF_BODY
-        if self.phase is not None and not self.phase.familiar:
+        if self.unfamiliar_scene:
             return PAUSED_UNFAMILIAR
         return None
 

@@ -171,7 +171,7 @@ class RuleInputs:
         return cls(seq=r.seq, t_s=r.media_ms / 1000.0, phase=None if p is None else p.phase,
                    phase_confidence=0.0 if p is None else p.confidence, time_in_phase_s=0.0 if p is None else p.time_in_phase_s,
                    out_of_body=r.out_of_body, low_visibility=bool(r.visibility and r.visibility.low_visibility),
-                   unfamiliar_scene=p is not None and not p.familiar, segmentations=segs,
+                   unfamiliar_scene=r.unfamiliar_scene, segmentations=segs,
                    labels={c.name: dict(c.items()) for c in r.classifications}, system=system)
 
     def confidence_of(self, model: str, cls: int) -> float:

@@ -35,7 +35,15 @@ from or_agent.pipelines.errors import InputError, ModelError, OrAgentError
 from or_agent.pipelines.frame_path import FramePath, HostFramePath
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.masks import segmentation_polygons
-from or_agent.pipelines.messages import STAGE_MARKS, Estimate, Frame, FrameResult, SegmentationEstimate, SourceEvent
+from or_agent.pipelines.messages import (
+    STAGE_MARKS,
+    Estimate,
+    Frame,
+    FrameResult,
+    PhaseEstimate,
+    SegmentationEstimate,
+    SourceEvent,
+)
 from or_agent.pipelines.preprocess import ContentArea, ContentAreaTracker
 from or_agent.pipelines.schedule import Cadence, FrameSchedule
 from or_agent.pipelines.stages import ModelStage, StageGraph, compose
@@ -333,6 +341,7 @@ class Pipeline:
     def _postprocess(self, w: _Work) -> None:
         t_s = w.frame.media_ms / 1000.0
         estimates: list[Estimate] = []
+        unfamiliar = False  # the familiarity verdict of a phase estimate, shown or withheld
         for s in self.stages.stages:
             est: Estimate | None
             if s.gate:
@@ -347,6 +356,8 @@ class Pipeline:
                 est = s.carry(self._last[s.name], t_s)
             else:
                 est = None
+            if isinstance(est, PhaseEstimate) and not est.familiar:
+                unfamiliar = True
             if est is not None and s not in self._withheld and (s.gate or s.holds_out_of_body or not w.blocked):
                 estimates.append(est)
         shown = {e.model for e in estimates}
@@ -355,7 +366,7 @@ class Pipeline:
         w.result = FrameResult.of(
             estimates, seq=w.frame.seq, media_ms=w.frame.media_ms, frame_size=w.frame.size, marks_ns=w.marks,
             fresh=frozenset(w.fresh & shown), image=w.frame.image if self.config.keep_images else None,
-            polygons=polygons, withheld=self.config.withheld)
+            polygons=polygons, withheld=self.config.withheld, unfamiliar_scene=unfamiliar)
 
     def _publish(self, w: _Work) -> None:
         self._forward_source_events()

@@ -247,6 +247,35 @@ def paused_video(tmp_path):
     return path, values
 
 
+def test_a_withheld_phase_still_pauses_an_unfamiliar_scene(tmp_path, paused_video):
+    """A set that runs its phase model but withholds the phase from the display keeps the model's
+    familiarity check: the check guards everything shown, not only the phase."""
+    from or_agent.agent.session import LoadedModels
+    from or_agent.pipelines.sources import VideoFileSource
+
+    video, values = paused_video
+    set_dir = tmp_path / "withholding"
+    _phase_model(set_dir / "phase")
+    (set_dir / "model-set.json").write_text(json.dumps({
+        "schema": "or-agent/model-set/v1", "name": "withholding", "version": "1.0.0",
+        "procedure": "laparoscopic-cholecystectomy", "license": "Apache-2.0", "provenance": "a test set",
+        "rules": "rules.toml", "models": ["phase"], "withheld": {"phase": "not validated on real video"}}))
+    _toml(set_dir / "rules.toml", "")
+    models = LoadedModels(str(set_dir), live_session=False)
+    try:
+        results = []
+        pipeline = models.pipeline(VideoFileSource(video))
+        pipeline.subscribe(results.append)
+        pipeline.run()
+    finally:
+        models.close()
+    assert len(results) == len(values)
+    assert all(r.phase is None for r in results)  # withheld: never shown
+    expected = ["unfamiliar scene" if 11 <= k <= 25 else None for k in range(len(values))]
+    assert [r.paused_reason for r in results] == expected  # as when the phase is shown (the replay test below)
+    assert [r.unfamiliar_scene for r in results] == [e is not None for e in expected]
+
+
 def test_replay_records_the_pause_in_the_timeline_the_summary_and_the_video(tmp_path, paused_video):
     from or_agent.agent.offline.replay import run_replay
 
