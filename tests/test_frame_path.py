@@ -9,6 +9,7 @@ the pipeline on the pycuda kernels against the CPU path.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -255,3 +256,24 @@ def test_asking_for_the_gpu_frame_path_without_a_gpu_is_one_line(small_dataset, 
     assert proc.returncode == 5
     assert proc.stderr.strip().splitlines()[-1].startswith("or-agent: error: no CUDA GPU found (pycuda: ")
     assert "Traceback" not in proc.stderr and not (tmp_path / "q").exists()
+
+
+def test_the_cpu_path_makes_a_divisible_size_from_the_larger_input_within_one_grey_level():
+    from types import SimpleNamespace
+
+    from or_agent.pipelines.preprocess import InputSpec, crop_resize, detect_content_area, normalise
+
+    rng = np.random.default_rng(5)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8), (0, 0), 3)
+    cv2.circle(frame, (960, 540), 700, (0, 0, 0), 400)  # a dark border: an endoscope's circle
+    area = detect_content_area(frame)
+    spec = lambda h, w: InputSpec(h, w, "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # noqa: E731
+    stages = [SimpleNamespace(spec=spec(64, 112)), SimpleNamespace(spec=spec(256, 448)), SimpleNamespace(spec=spec(112, 192))]
+    made = HostFramePath().prepare(frame, area, stages)
+    for s, x in zip(stages, made):
+        direct = normalise(crop_resize(frame, area, s.spec.height, s.spec.width), s.spec)
+        assert x.shape == direct.shape == (1, 3, s.spec.height, s.spec.width)
+        # one grey level, standardised: 1 / (255 * std) at most
+        assert np.abs(x - direct).max() <= 1.0 / (255 * min(s.spec.std)) + 1e-5, s.spec
+    assert np.array_equal(made[1], normalise(crop_resize(frame, area, 256, 448), stages[1].spec))  # the largest: exact
+    assert np.array_equal(made[2], normalise(crop_resize(frame, area, 112, 192), stages[2].spec))  # 256/112 not whole
