@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 ./dev python -m or_agent.models.training.real.visibility
 
-(from the repository root: the real frames are read with ``models.training.real_phase.data``).
+(the real frames are read with ``models.training.real_phase.data``).
 Measured on the 2-core development machine (1 torch thread, other people's training on the machine):
 9.8 min from an empty cache (``/usr/bin/time``: 9:52): the two training runs (1000 steps) 3.8 min
 each, rendering the synthetic frames, reading the real ones and measuring both models the rest.

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.preprocess import ContentArea, crop_resize, detect_content_area
+from or_agent.pipelines.preprocess import ContentArea, crop_resize, detect_content_area
 
 PHASES = ["Preparation", "CalotTriangleDissection", "ClippingCutting", "GallbladderDissection",
           "GallbladderPackaging", "CleaningCoagulation", "GallbladderRetraction"]

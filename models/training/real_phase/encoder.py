@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.preprocess import InputSpec, normalise
+from or_agent.pipelines.preprocess import InputSpec, normalise
 
 # The Lite0 stem expects (x - 127) / 128 on 0..255 pixels.
 LITE_MEAN = (127 / 255,) * 3

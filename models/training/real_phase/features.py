@@ -1,6 +1,6 @@
 """Frozen EfficientNet-Lite0 features of every real frame, several views each, cached.
 
-    python -m models.training.real_phase.features --views 6      # ~7 min on one core (1391 frames x 6 views)
+    python -m or_agent.models.training.real_phase.features --views 6      # ~7 min on one core (1391 frames x 6 views)
 
 View 0 is the agent's crop as is, view 1 its mirror image, views 2.. random augmentations
 (``encoder.augment``, seed = view number). Writes ``.cache/real-phase/feats-<size>.npz`` with,
@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from models.training.real_phase.data import CACHE, load_all
-from models.training.real_phase.encoder import augment, extract, load_lite0, torch_setup
+from or_agent.models.training.real_phase.data import CACHE, load_all
+from or_agent.models.training.real_phase.encoder import augment, extract, load_lite0, torch_setup
 
 SOURCES = ("val", "clips", "video01", "endoscapes")
 

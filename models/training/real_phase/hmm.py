@@ -1,6 +1,6 @@
 """The transitions of the causal HMM phase filter, counted from the real labels.
 
-    python -m models.training.real_phase.hmm        # writes .cache/real-phase/transitions.json (~2 s)
+    python -m or_agent.models.training.real_phase.hmm        # writes .cache/real-phase/transitions.json (~2 s)
 
 The filter itself (``PhaseHMM``) is the agent's, ``pipelines.phase_filter``: training evaluates exactly
 what runs. The matrix this writes goes into the phase model's manifest as ``temporal_filter``
@@ -80,7 +80,7 @@ def lock_in_check(a: np.ndarray, rate_hz: float = 5.0) -> dict:
 
 
 def main() -> None:
-    from models.training.real_phase.data import CACHE, cholec80_phase_per_second
+    from or_agent.models.training.real_phase.data import CACHE, cholec80_phase_per_second
 
     series = cholec80_phase_per_second()
     a = transition_matrix(series)

@@ -1,7 +1,7 @@
 """Leave-one-video-out phase recognition on the 4 cholect50-val operations, from cached features.
 
-    python -m models.training.real_phase.features --views 6   # once (~8 min)
-    python -m models.training.real_phase.lovo                 # ~1 min: prints the table, writes figures
+    python -m or_agent.models.training.real_phase.features --views 6   # once (~8 min)
+    python -m or_agent.models.training.real_phase.lovo                 # ~1 min: prints the table, writes figures
 
 Per fold: train on the 3 other operations' key frames (all views), the 4 real clips, the video01
 frames and the Endoscapes frames (as Calot triangle dissection, the phase they were all taken in),
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models.training.real_phase.data import CACHE, PHASES, VAL_VIDEOS, cholec80_phase_per_second, load_all
-from models.training.real_phase.hmm import PhaseHMM, transition_matrix
+from or_agent.models.training.real_phase.data import CACHE, PHASES, VAL_VIDEOS, cholec80_phase_per_second, load_all
+from or_agent.models.training.real_phase.hmm import PhaseHMM, transition_matrix
 from or_agent.pipelines.metrics import mean_over_videos, official_phase_scores, phase_scores
 
 CALOT = PHASES.index("CalotTriangleDissection")

