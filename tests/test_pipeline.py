@@ -147,11 +147,13 @@ def test_the_composed_pipeline_gives_exactly_what_the_plain_loop_gives(held_out_
     """Behaviour pinned across the move to composed stages: on held-out frames that leave the body and come
     back, the threaded pipeline's results equal a plain loop's that runs the documented rules (visibility
     every frame; the phase stepped at its manifest's 5 Hz of media time and only inside, held with its clock
-    running in between; anatomy on every inside frame, none outside)."""
+    running in between; anatomy on every inside frame, none outside; the inputs of the models due on a
+    frame made together by the CPU frame path)."""
     from dataclasses import replace
 
     import cv2
 
+    from or_agent.pipelines.frame_path import HostFramePath
     from or_agent.pipelines.preprocess import ContentAreaTracker
     from or_agent.pipelines.schedule import frame_stepper
 
@@ -183,15 +185,18 @@ def test_the_composed_pipeline_gives_exactly_what_the_plain_loop_gives(held_out_
         frame = src.read()
         t = frame.media_ms / 1000.0
         area = tracker.update(frame.image)
-        v = vis(frame.image, area)
-        if steps(f) and not v.out_of_body:
-            ph = phase(frame.image, area, t)
+        step = steps(f)  # (a stepper is asked once per frame)
+        due = [anatomy, phase, vis] if step else [anatomy, vis]  # what the schedule asks, before the gate
+        x = dict(zip(due, HostFramePath().prepare(frame.image, area, due)))
+        v = vis.post_process(vis.predict(x[vis]), area, t)
+        if step and not v.out_of_body:
+            ph = phase.post_process(phase.predict(x[phase]), area, t)
             last = (ph, t)
         elif last is not None:
             ph = replace(last[0], time_in_phase_s=last[0].time_in_phase_s + (t - last[1]))
         else:
             ph = None
-        expected.append((v, ph, None if v.out_of_body else anatomy(frame.image, area)))
+        expected.append((v, ph, None if v.out_of_body else anatomy.post_process(anatomy.predict(x[anatomy]), area, t)))
     src.stop()
     for stage in (anatomy, phase, vis):
         stage.backend.close()
