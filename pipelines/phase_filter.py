@@ -183,16 +183,19 @@ class PhaseHMM:
         return m
 
     def update(self, probabilities, dt_s: float) -> np.ndarray:
-        """One step: the model's ``probabilities`` for a frame ``dt_s`` seconds after the last step's."""
-        p = np.asarray(probabilities, np.float64).ravel()
-        if p.shape != (self.n,) or not np.isfinite(p).all():
-            raise ValueError(f"expected {self.n} finite phase probabilities, got {p.shape[0]} values")
-        likelihood = np.clip(p, 1e-12, None)
-        if self.class_prior is not None:
-            likelihood = likelihood / self.class_prior
-        if self.power != 1.0:
-            likelihood = likelihood ** self.power
-        post = (self.belief @ self.step_matrix(dt_s)) * likelihood
+        """One step: the model's ``probabilities`` for a frame ``dt_s`` seconds after the last step's; None when
+        the step has no evidence to trust (an unfamiliar scene): the belief only moves with time."""
+        post = self.belief @ self.step_matrix(dt_s)
+        if probabilities is not None:
+            p = np.asarray(probabilities, np.float64).ravel()
+            if p.shape != (self.n,) or not np.isfinite(p).all():
+                raise ValueError(f"expected {self.n} finite phase probabilities, got {p.shape[0]} values")
+            likelihood = np.clip(p, 1e-12, None)
+            if self.class_prior is not None:
+                likelihood = likelihood / self.class_prior
+            if self.power != 1.0:
+                likelihood = likelihood ** self.power
+            post = post * likelihood
         post /= post.sum()
         post = np.maximum(post, self.floor)
         self.belief = post / post.sum()
@@ -221,6 +224,7 @@ class PhaseFilter:
         self._steps = 0
 
     def update(self, probabilities, dt_s: float = 0.0) -> FilteredPhase:
+        """``probabilities`` None: a step without evidence (see ``PhaseHMM.update``)."""
         post = self.hmm.update(probabilities, dt_s)
         best = int(np.argmax(post))
         if best != self._phase:

@@ -175,16 +175,20 @@ class PhaseStage(ModelStage):
                      t_s: float = 0.0) -> PhaseEstimate:
         logits = raw.logits if isinstance(raw, PhaseOutputs) else raw
         probs = softmax(np.asarray(logits, np.float64).ravel() / self.temperature)
-        # media time between steps: 0 on the first, and where it went back (a source that restarted its clock)
-        f = self.filter.update(probs, 0.0 if self._stepped_s is None else max(0.0, t_s - self._stepped_s))
-        if f.phase != self._phase:
-            self._phase, self._entered_s = f.phase, t_s
-        self._stepped_s = t_s
         familiar, distance = True, None
         if isinstance(raw, PhaseOutputs) and self.familiarity is not None:
             # not a number counts as far; the estimate carries it as infinitely far
             distance = raw.feature_distance if not np.isnan(raw.feature_distance) else float("inf")
             familiar = self.familiarity.update(raw.feature_distance)
+        # Media time between steps: 0 on the first, and where it went back (a source that restarted its clock).
+        # In an unfamiliar scene the model's probabilities are not evidence: the filter steps on without them
+        # (the belief moves only with time), so a stretch of nonsense cannot carry it to a wrong phase that
+        # outlasts the pause.
+        f = self.filter.update(probs if familiar else None,
+                               0.0 if self._stepped_s is None else max(0.0, t_s - self._stepped_s))
+        if f.phase != self._phase:
+            self._phase, self._entered_s = f.phase, t_s
+        self._stepped_s = t_s
         return PhaseEstimate(f.phase, self.names[f.phase], min(1.0, f.confidence), tuple(float(p) for p in probs),
                              int(np.argmax(probs)), t_s - self._entered_s, self.name, familiar, distance)
 

@@ -38,8 +38,9 @@ FAMILIARITY = {"output": "feature_distance", "pause_above": 0.6, "resume_below":
                "resume_after_steps": 3, "calibration": {"method": "chosen for the test"}}
 
 
-def _brightness_phase_onnx(path, size=32):
-    """Phase logits fixed on Calot triangle dissection; ``feature_distance`` = the mean of the input."""
+def _brightness_phase_onnx(path, size=32, bright_phase=None, gain=0.0):
+    """Phase logits on Calot triangle dissection (plus ``gain`` x the mean for ``bright_phase``: bright frames
+    say that phase); ``feature_distance`` = the mean of the input."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -54,7 +55,8 @@ def _brightness_phase_onnx(path, size=32):
         [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info("phase_logits", TensorProto.FLOAT, [1, 7]),
          helper.make_tensor_value_info("feature_distance", TensorProto.FLOAT, [1, 1])],
-        [helper.make_tensor("w_phase", TensorProto.FLOAT, [3, 7], [0.0] * 21),
+        [helper.make_tensor("w_phase", TensorProto.FLOAT, [3, 7],
+                            [gain / 3 if bright_phase is not None and k % 7 == bright_phase else 0.0 for k in range(21)]),
          helper.make_tensor("b_phase", TensorProto.FLOAT, [7], bias),
          helper.make_tensor("w_mean", TensorProto.FLOAT, [3, 1], [1 / 3] * 3),
          helper.make_tensor("b_mean", TensorProto.FLOAT, [1], [0.0])])
@@ -63,9 +65,9 @@ def _brightness_phase_onnx(path, size=32):
     onnx.save(model, str(path))
 
 
-def _phase_model(folder, familiarity=FAMILIARITY, cadence="every frame"):
+def _phase_model(folder, familiarity=FAMILIARITY, cadence="every frame", **bright):
     folder.mkdir(parents=True)
-    _brightness_phase_onnx(folder / "model.onnx")
+    _brightness_phase_onnx(folder / "model.onnx", **bright)
     doc = json.loads((SYNTHETIC / "phase" / "manifest.json").read_text())
     for key in ("training", "metrics", "calibration", "temporal_filter"):
         doc.pop(key, None)
@@ -135,12 +137,34 @@ def test_the_phase_stage_reads_the_distance_and_keeps_filtering_while_unfamiliar
     estimates = [stage(_uniform(v), area, 0.2 * k) for k, v in enumerate(values)]
     assert [e.feature_distance for e in estimates] == pytest.approx([v / 255 for v in values], abs=1e-5)
     assert [e.familiar for e in estimates] == [True, True, False, False, False, False, False, True, True]
-    # the filter ran throughout: the phase and its clock are right when the scene is familiar again
+    # the filter stepped on throughout (without the unfamiliar steps' evidence): the phase and its clock are
+    # right when the scene is familiar again
     assert {e.phase for e in estimates} == {CALOT} and estimates[-1].time_in_phase_s == pytest.approx(1.6)
     raw = stage.predict(stage.pre_process(_uniform(220), area))
     assert isinstance(raw, PhaseOutputs) and raw.logits.shape == (1, 7)
     stage.reset()  # a new case starts familiar, whatever the last one ended in
     assert stage(_uniform(220), area, 0.0).familiar
+
+
+def test_an_unfamiliar_scene_is_no_evidence_for_the_phase_filter(tmp_path):
+    """Bright frames, far from what the model knows, say "ClippingCutting" confidently. Trusted, a stretch of them
+    carries the filter to Clipping (a check that never finds them far shows it); in an unfamiliar scene they are no
+    evidence, the belief only moves with time, and Calot is shown when the scene is familiar again."""
+    clipping = PHASE_ID["ClippingCutting"]
+    area = ContentArea.whole_frame(64, 48)
+    values = [40] * 10 + [220] * 15 + [40] * 6
+    checked = PhaseStage(OnnxRuntimeBackend(load_manifest(
+        _phase_model(tmp_path / "checked", bright_phase=clipping, gain=12.0))))
+    never_far = {**FAMILIARITY, "pause_above": 2.0, "resume_below": 1.5}  # distances here are at most 1
+    unchecked = PhaseStage(OnnxRuntimeBackend(load_manifest(
+        _phase_model(tmp_path / "unchecked", familiarity=never_far, bright_phase=clipping, gain=12.0))))
+    with_check = [checked(_uniform(v), area, 0.2 * k) for k, v in enumerate(values)]
+    assert [e.raw_phase for e in with_check] == [CALOT if v == 40 else clipping for v in values]  # what the model says
+    assert [e.familiar for e in with_check] == [k < 11 or k >= 27 for k in range(len(values))]  # 2 far, 3 near steps
+    assert {e.phase for e in with_check} == {CALOT}
+    assert with_check[-1].time_in_phase_s == pytest.approx(0.2 * (len(values) - 1))
+    without_check = [unchecked(_uniform(v), area, 0.2 * k) for k, v in enumerate(values)]
+    assert without_check[24].phase == clipping  # the same frames, trusted: the filter follows them
 
 
 def test_phase_estimates_validate_the_familiarity_fields():
