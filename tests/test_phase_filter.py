@@ -137,6 +137,20 @@ def test_dt_zero_applies_only_the_evidence_and_negative_dt_is_refused():
         hmm.update(evidence(CALOT), -0.1)
 
 
+def test_a_step_without_evidence_moves_the_belief_by_the_transitions_alone():
+    hmm = PhaseHMM(cholec80_transitions())
+    for _ in range(20):
+        hmm.update(evidence(CALOT), DT)
+    before = hmm.belief.copy()
+    moved = hmm.update(None, 60.0)  # a minute with no evidence to trust
+    expected = np.maximum(before @ hmm.step_matrix(60.0), BELIEF_FLOOR)
+    assert moved == pytest.approx(expected / expected.sum(), abs=1e-12)
+    assert np.argmax(moved) == CALOT and moved[CLIPPING] > before[CLIPPING]  # only time moves it, a little, forward
+    f = real_time_filter()
+    f.update(evidence(CALOT), 0.0)
+    assert f.update(None, DT).phase == CALOT and f.update(None, DT).steps_in_phase == 2
+
+
 def test_a_long_gap_lets_the_evidence_move_on_faster():
     """After a 30 s gap the next phase is likelier than after 0.2 s: the same weak evidence moves it sooner."""
     def steps_to_clipping(gap_s):
