@@ -1,6 +1,6 @@
 """Replay speed against real time and against decoding alone, with the annotated video off and on.
 
-    python -m bench.replay_bench [--seconds S] [--video-height N] [VIDEO...]
+    python -m bench.replay_bench [--seconds S] [--video-height N] [--repeat N] [VIDEO...]
 
 For a synthetic 1920x1080 and a synthetic 854x480 surgery (made by the synth generator, ``--seconds``
 long), the real clips in ``../shared/data/real/`` when present, and any VIDEO given, prints:
@@ -9,7 +9,8 @@ long), the real clips in ``../shared/data/real/`` when present, and any VIDEO gi
   replay, unpaced, the annotated H.264 video at ``--video-height`` (default 720) and at the source's size;
 each as fps, as a ratio to real time (the goal: >= 1.5 x at 1080p, >= 4 x at 854x480 with the video
 on) and as a ratio to decode only. A replay's rate is its frames over its wall time, writing every
-output included, the models loaded once beforehand.
+output included, the models loaded once beforehand. With ``--repeat N`` every measurement runs N times,
+round after round, and the median is printed with the spread (machines shared with other jobs vary).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from bench.common import models_option, row, select_models
 
@@ -34,7 +36,7 @@ GOALS = {1080: 1.5, 480: 4.0}  # the issue's real-time goals with the annotated 
 
 def decode_fps(path: Path) -> tuple[float, int, float, tuple[int, int]]:
     """(frames per second decoded, frames, the file's fps, (width, height))."""
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])  # as replay opens it (unpaced)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     size = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     n, t0 = 0, time.perf_counter()
@@ -56,6 +58,11 @@ def replay_fps(path: Path, models, out: Path, video_out: str, video_height: int 
     return s["frames"] / (time.perf_counter() - t0)
 
 
+def spread(values: list[float]) -> str:
+    """How far repeated measurements lay apart (nothing for one)."""
+    return f"   (median of {len(values)}: {min(values):.1f}-{max(values):.1f} fps)" if len(values) > 1 else ""
+
+
 def synthetic(tmp: Path, width: int, height: int, seconds: float) -> Path:
     from or_agent.synth.dataset import SynthConfig, write_dataset
 
@@ -72,8 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="length of each synthetic video (default 12)")
     ap.add_argument("--video-height", type=int, default=720, help="reduced recording height measured (default 720)")
     ap.add_argument("--no-synthetic", action="store_true", help="measure only the real clips and VIDEOs")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every measurement; the median is printed with the spread (default 1)")
     models_option(ap)
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat: at least 1 round, got {args.repeat}")
     print(select_models(args))
     from or_agent.agent.session import LoadedModels
     from or_agent.pipelines.video_out import h264_encoder
@@ -91,16 +102,25 @@ def main(argv=None) -> int:
               "rates over wall time with every output written")
         try:
             for v in videos:
-                decode, n, fps, (w, h) = decode_fps(v)
+                _, n, fps, (w, h) = decode_fps(v)
                 print(f"{v.name}: {w}x{h}, {n} frames at {fps:g} fps ({n / fps:.1f} s)")
-                print(row("decode only", decode, "fps", fps, "real time"))
                 runs = [("replay, --video none", "none", None),
                         (f"replay, annotated video at <= {args.video_height} px", "annotated", args.video_height)]
                 if h > args.video_height:
                     runs.append(("replay, annotated video at source size", "annotated", None))
-                for label, video_out, height in runs:
-                    r = replay_fps(v, models, tmp / "out", video_out, height)
-                    print(row(label, r, "fps", fps, "real time") + f"   {r / decode:5.2f} x decode only")
+                # Round after round, each measurement once per round: the machine's slow spells fall on all
+                # of them alike, and the median of each is printed beside its spread.
+                rates: dict[str, list[float]] = {"decode only": []} | {label: [] for label, _, _ in runs}
+                for _ in range(args.repeat):
+                    rates["decode only"].append(decode_fps(v)[0])
+                    for label, video_out, height in runs:
+                        rates[label].append(replay_fps(v, models, tmp / "out", video_out, height))
+                decode = float(np.median(rates["decode only"]))
+                print(row("decode only", decode, "fps", fps, "real time") + spread(rates["decode only"]))
+                for label, _, _ in runs:
+                    r = float(np.median(rates[label]))
+                    print(row(label, r, "fps", fps, "real time") + f"   {r / decode:5.2f} x decode only"
+                          + spread(rates[label]))
                 goal = GOALS.get(h)
                 if goal:
                     print(f"  goal with the annotated video on: >= {goal:g} x real time")
