@@ -36,7 +36,9 @@ GOALS = {1080: 1.5, 480: 4.0}  # the issue's real-time goals with the annotated 
 
 def decode_fps(path: Path) -> tuple[float, int, float, tuple[int, int]]:
     """(frames per second decoded, frames, the file's fps, (width, height))."""
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])  # as replay opens it (unpaced)
+    from or_agent.pipelines.sources import UNPACED_DECODER_PARAMS
+
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, UNPACED_DECODER_PARAMS)  # as replay opens a file
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     size = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     n, t0 = 0, time.perf_counter()
@@ -102,20 +104,20 @@ def main(argv=None) -> int:
               "rates over wall time with every output written")
         try:
             for v in videos:
-                _, n, fps, (w, h) = decode_fps(v)
-                print(f"{v.name}: {w}x{h}, {n} frames at {fps:g} fps ({n / fps:.1f} s)")
-                runs = [("replay, --video none", "none", None),
-                        (f"replay, annotated video at <= {args.video_height} px", "annotated", args.video_height)]
-                if h > args.video_height:
-                    runs.append(("replay, annotated video at source size", "annotated", None))
                 # Round after round, each measurement once per round: the machine's slow spells fall on all
                 # of them alike, and the median of each is printed beside its spread.
-                rates: dict[str, list[float]] = {"decode only": []} | {label: [] for label, _, _ in runs}
+                rates: dict[str, list[float]] = {"decode only": []}
                 for _ in range(args.repeat):
-                    rates["decode only"].append(decode_fps(v)[0])
+                    decode, n, fps, (w, h) = decode_fps(v)
+                    rates["decode only"].append(decode)
+                    runs = [("replay, --video none", "none", None),
+                            (f"replay, annotated video at <= {args.video_height} px", "annotated", args.video_height)]
+                    if h > args.video_height:
+                        runs.append(("replay, annotated video at source size", "annotated", None))
                     for label, video_out, height in runs:
-                        rates[label].append(replay_fps(v, models, tmp / "out", video_out, height))
+                        rates.setdefault(label, []).append(replay_fps(v, models, tmp / "out", video_out, height))
                 decode = float(np.median(rates["decode only"]))
+                print(f"{v.name}: {w}x{h}, {n} frames at {fps:g} fps ({n / fps:.1f} s)")
                 print(row("decode only", decode, "fps", fps, "real time") + spread(rates["decode only"]))
                 for label, _, _ in runs:
                     r = float(np.median(rates[label]))

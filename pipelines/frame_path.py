@@ -75,9 +75,8 @@ class HostFramePath(FramePath):
     def prepare(self, frame, area, stages):
         # Each input size once, the largest first. A size that a larger one divides by whole factors is made
         # from it by OpenCV's integer INTER_AREA path (block means): the same area average of the crop to
-        # within one grey level (the larger one's rounding), without reading the crop again. The synthetic
-        # set's 64x112 visibility input from its 256x448 anatomy input: 0.3 ms instead of 4.9 ms from a
-        # 1080p crop, 2 ms from a 480p one.
+        # within one grey level (the larger one's rounding), without reading the crop again: the synthetic
+        # set's 64x112 visibility input from its 256x448 anatomy input (``python -m bench.cpu_paths_bench``).
         sizes = sorted({(s.spec.height, s.spec.width) for s in stages}, key=lambda hw: -hw[0] * hw[1])
         made: dict[tuple[int, int], np.ndarray] = {}
         for h, w in sizes:

@@ -34,11 +34,10 @@ def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.nda
     lg = np.asarray(logits, np.float32)
     lg = lg[0] if lg.ndim == 4 else lg
     classes = lg.shape[0]
-    class_map = class_argmax(lg)
+    class_map, top_logit = _running_max(lg)
     counts = np.bincount(class_map.ravel(), minlength=classes)
     s, sm = lg[:, ::sub, ::sub], class_map[::sub, ::sub]
-    top = np.take_along_axis(s, sm[None].astype(np.int64), 0)[0]
-    p_win = 1.0 / np.exp(s - top[None]).sum(0)  # = max softmax probability
+    p_win = 1.0 / np.exp(s - top_logit[None, ::sub, ::sub]).sum(0)  # = max softmax probability
     sub_counts = np.bincount(sm.ravel(), minlength=classes)
     sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
     return class_map, counts, class_confidence(counts, sub_counts, sums)
@@ -48,8 +47,12 @@ def class_argmax(logits: np.ndarray) -> np.ndarray:
     """``logits.argmax(0)`` as uint8 for [C,H,W] float32 logits (C <= 256), ties to the lower class as
     argmax's (a NaN logit, unlike in argmax, never wins a pixel). A running maximum over the class
     planes with OpenCV's SIMD compare, max and masked copy: numpy's argmax over the first axis walks
-    the array across its planes, 6x slower for 13 classes at 256x448 (5.7 ms against 1.0 ms on the
-    2-core development machine, a fifth of a replay's CPU per 854x480 frame)."""
+    the array across its planes (13 classes at 256x448: ``python -m bench.cpu_paths_bench``)."""
+    return _running_max(logits)[0]
+
+
+def _running_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``class_argmax``, the winning logit per pixel): the confidence needs the maximum the search found."""
     if logits.ndim != 3 or not 1 <= logits.shape[0] <= 256:
         raise ValueError(f"expected [C,H,W] logits with 1..256 classes, got shape {logits.shape}")
     best = np.array(logits[0], np.float32, order="C")
@@ -61,7 +64,7 @@ def class_argmax(logits: np.ndarray) -> np.ndarray:
         cv2.max(plane, best, dst=best)
         fill.fill(c)
         cv2.copyTo(fill, higher, class_map)  # numpy's boolean-mask assignment is 5x slower
-    return class_map
+    return class_map, best
 
 
 def class_confidence(counts: np.ndarray, sub_counts: np.ndarray, sums: np.ndarray) -> np.ndarray:

@@ -520,6 +520,13 @@ def _undecodable_reason(path: Path) -> str:
     return "unknown container or codec"
 
 
+# How an unpaced file is opened. Unpaced, decoding is throughput work beside a pipeline whose threads keep
+# every core busy: one decoder thread spends less CPU per frame than FFmpeg's pool (alone on idle cores the
+# pool can decode a 1080p file faster; ``python -m bench.cpu_paths_bench``). Paced playback keeps the pool:
+# it must keep up on its own.
+UNPACED_DECODER_PARAMS = [cv2.CAP_PROP_N_THREADS, 1]
+
+
 class VideoFileSource(FrameSource):
     """A recorded video file.
 
@@ -560,10 +567,7 @@ class VideoFileSource(FrameSource):
 
     def _open(self) -> None:
         _check_readable_file(self._path, self._name)
-        # Unpaced, decoding is throughput work beside a pipeline whose threads keep every core busy: one
-        # decoder thread costs 25-45 % less CPU per frame than FFmpeg's pool and was no slower (480p and
-        # 1080p H.264 on the 2-core development machine). Paced playback keeps the pool: it must keep up alone.
-        cap = cv2.VideoCapture(str(self._path), cv2.CAP_FFMPEG, [] if self._paced else [cv2.CAP_PROP_N_THREADS, 1])
+        cap = cv2.VideoCapture(str(self._path), cv2.CAP_FFMPEG, [] if self._paced else UNPACED_DECODER_PARAMS)
         try:
             if not cap.isOpened():
                 raise InputError(f"{self._name}: not a video OpenCV can decode ({_undecodable_reason(self._path)})")

@@ -24,9 +24,9 @@ H264_ENCODERS = ("libx264", "libopenh264")
 DEFAULT_PRESET = "ultrafast"
 DEFAULT_CRF = 23
 MIN_VIDEO_HEIGHT = 16  # below this a reduced recording is unreadable
-# Up to this height one encoder thread keeps well ahead of real time (ultrafast: 3.5 ms per 480p frame,
-# 6.5 ms per 720p frame on the 2-core development machine) and costs less CPU than x264's pool (30 % less
-# at 480p), which the pipeline's own threads need; taller pictures get FFmpeg's automatic thread count.
+# Up to this height one encoder thread keeps well ahead of real time and spends no more CPU than x264's pool
+# (less at 854x480; ``python -m bench.cpu_paths_bench``), leaving the cores to the pipeline's own threads;
+# taller pictures get FFmpeg's automatic thread count.
 ONE_ENCODER_THREAD_MAX_HEIGHT = 1080
 
 
@@ -183,7 +183,7 @@ class H264Writer:
         if w % 2 or h % 2:
             img = cv2.copyMakeBorder(img, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
         # OpenCV's conversion is several times faster than FFmpeg's swscale for this one step; its planes
-        # are copied straight into the frame's (half the time of ``VideoFrame.from_ndarray``)
+        # are copied straight into the frame's (faster than ``VideoFrame.from_ndarray``: bench.cpu_paths_bench)
         yuv = cv2.cvtColor(img, cv2.COLOR_BGR2YUV_I420)
         picture = av.VideoFrame(w + w % 2, h + h % 2, "yuv420p")
         ph, pw = picture.height, picture.width
