@@ -13,6 +13,13 @@
    854x480 and 1280x720; process CPU time per frame.
 5. The picture handed to the encoder: the colour planes copied into an ``av.VideoFrame``
    (``H264Writer._picture``) against ``VideoFrame.from_ndarray``; median wall time per call.
+6. A model input's normalisation, 256x448: ``normalise`` (plane by plane) against OpenCV's
+   ``blobFromImageWithParams`` (the same numbers to the bit); median wall time per call, measured first.
+7. The synthetic set's anatomy model on ONNX Runtime (one thread): its final x2 upsampling done by OpenCV
+   (``final_upsampling_split``) against the whole graph in ONNX Runtime; median wall time per call.
+8. A whole unpaced replay with the annotated video (a synthetic 854x480 surgery, the default model set):
+   OpenCV on one thread (``opencv_single_threaded``, as replay runs) against its own thread pool; process
+   CPU per frame and frames per second, rounds alternating, medians.
 
 Every figure is measured in this run; the test videos are made here (PyAV, smooth moving noise).
 Nothing else should run on the machine meanwhile: CPU time counts every thread of this process.
@@ -80,17 +87,99 @@ def _decode(path: Path, params: list[int]) -> tuple[float, float]:
     return 1000 * (time.process_time() - c0) / n, 1000 * (time.perf_counter() - t0) / n
 
 
+def _normalise_ms() -> tuple[float, float]:
+    """(``normalise``, ``blobFromImageWithParams``) median ms, before the other measurements: blobFromImage's
+    time depends on whether the allocator hands its 1.4 MB output out of fresh pages (page faults: so it
+    measured 1.1-1.5 ms in a process that had loaded the model set and decoded video) or from memory an
+    earlier large buffer left behind (0.4 ms); after this benchmark's big test frames it would be the latter."""
+    from or_agent.pipelines.preprocess import InputSpec, normalise
+
+    spec = InputSpec(256, 448, "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    small = np.random.default_rng(2).integers(0, 256, (256, 448, 3), dtype=np.uint8)
+    params = cv2.dnn.Image2BlobParams()
+    params.scalefactor = tuple(1.0 / (255.0 * v) for v in spec.std) + (0.0,)
+    params.mean = tuple(255.0 * v for v in spec.mean) + (0.0,)
+    params.size, params.swapRB, params.ddepth = (448, 256), True, cv2.CV_32F
+    assert np.array_equal(normalise(small, spec), cv2.dnn.blobFromImageWithParams(small, params))
+    return median_ms(lambda: normalise(small, spec), 100), median_ms(lambda: cv2.dnn.blobFromImageWithParams(small, params), 100)
+
+
+def _anatomy_split(frame: np.ndarray) -> None:
+    import onnxruntime as ort
+
+    from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
+    from or_agent.pipelines.manifest import Task
+    from or_agent.pipelines.model_set import load_model_set
+    from or_agent.pipelines.preprocess import normalise
+
+    manifest = next(m for m in load_model_set(None).models if m.task == Task.SEGMENTATION)
+    split = OnnxRuntimeBackend(manifest)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    whole = ort.InferenceSession(str(manifest.model_path), opts, providers=["CPUExecutionProvider"])
+    spec = manifest.input_spec
+    x = normalise(cv2.resize(frame, (spec.width, spec.height), interpolation=cv2.INTER_AREA), spec)
+    feed, name = {manifest.input.name: x}, manifest.outputs[0].name
+    differs = float(np.abs(split.run(feed)[name] - whole.run([name], feed)[0]).max())
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # as replay runs it
+    try:
+        ours, ref = median_ms(lambda: split.run(feed), 30), median_ms(lambda: whole.run([name], feed), 30)
+    finally:
+        cv2.setNumThreads(before)
+    print(row("final upsampling by OpenCV", ours, "ms", ref, "whole graph") + f"   (whole {ref:.2f} ms; "
+          f"largest logit difference {differs:.1e})")
+
+
+def _replay_threads(tmp: Path, rounds: int) -> None:
+    import contextlib
+    import io
+    import os
+
+    from bench.replay_bench import synthetic
+    from or_agent.agent.offline import replay
+    from or_agent.agent.session import LoadedModels
+
+    video = synthetic(tmp, 854, 480, 10.0)
+    models = LoadedModels(None, live_session=False)
+    measured: dict[str, list[tuple[float, float]]] = {"one": [], "pool": []}
+    single = replay.opencv_single_threaded
+    try:
+        for _ in range(rounds):
+            for label in measured:
+                # the pool: the replay's own setting replaced by one that leaves OpenCV's as it is
+                replay.opencv_single_threaded = single if label == "one" else contextlib.nullcontext
+                out = tmp / "replay-out"
+                shutil.rmtree(out, ignore_errors=True)
+                t0, c0 = time.perf_counter(), os.times()
+                with contextlib.redirect_stderr(io.StringIO()):
+                    frames = replay.replay_one(replay.ReplayInputs(video, None, None), out, models, False, None, "bench",
+                                               video_height=None).summary["frames"]
+                wall, c1 = time.perf_counter() - t0, os.times()
+                measured[label].append((1000 * (c1.user + c1.system - c0.user - c0.system) / frames, frames / wall))
+    finally:
+        replay.opencv_single_threaded = single
+        models.close()
+    (one_cpu, one_fps), (pool_cpu, pool_fps) = (np.median(measured[k], axis=0) for k in ("one", "pool"))
+    print(row("OpenCV on one thread, CPU per frame", one_cpu, "ms", pool_cpu, "OpenCV's pool")
+          + f"   (pool {pool_cpu:.2f} ms; {one_fps:.1f} against {pool_fps:.1f} fps)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=150, help="frames per test video (default 150)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the whole replay (default 3)")
     args = ap.parse_args(argv)
     if args.frames < 10:
         ap.error(f"--frames: at least 10, got {args.frames}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: at least 1, got {args.rounds}")
     from or_agent.pipelines.postprocess import class_argmax
     from or_agent.pipelines.preprocess import crop_resize, detect_content_area
     from or_agent.pipelines.sources import UNPACED_DECODER_PARAMS
     from or_agent.pipelines.video_out import H264Writer
 
+    norm_ours, norm_ref = _normalise_ms()
     tmp = Path(tempfile.mkdtemp(prefix="or-agent-cpu-paths-"))
     try:
         print("1. anatomy class map, 13 classes at 256x448 (median ms per call)")
@@ -135,6 +224,15 @@ def main(argv=None) -> int:
         ours = median_ms(lambda: writer._picture(img), 100)
         ref = median_ms(lambda: av.VideoFrame.from_ndarray(cv2.cvtColor(img, cv2.COLOR_BGR2YUV_I420), format="yuv420p"), 100)
         print(row("planes copied into the frame", ours, "ms", ref, "from_ndarray") + f"   (from_ndarray {ref:.2f} ms)")
+
+        print("6. normalising a 256x448 model input (median ms per call; measured first, see _normalise_ms)")
+        print(row("plane by plane", norm_ours, "ms", norm_ref, "blobFromImage") + f"   (blobFromImage {norm_ref:.2f} ms)")
+
+        print("7. the synthetic anatomy model, ONNX Runtime on one thread (median ms per call)")
+        _anatomy_split(img)
+
+        print(f"8. a whole replay, synthetic 854x480 surgery, annotated video ({args.rounds} rounds, medians)")
+        _replay_threads(tmp, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

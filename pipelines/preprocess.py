@@ -114,30 +114,33 @@ def crop_resize(frame: np.ndarray, area: ContentArea, height: int, width: int) -
 
 
 def normalise(resized_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 HxWx3 BGR (or a batch NxHxWx3) to float32 NCHW, scaled to [0,1] then standardised."""
-    if resized_bgr.ndim == 3:
-        # One fused C++ pass (swap, subtract, scale, to planar): 8x faster than the numpy path below.
-        return cv2.dnn.blobFromImageWithParams(resized_bgr, _blob_params(spec, resized_bgr.shape[1], resized_bgr.shape[0]))
-    x = resized_bgr
-    if spec.color_order == "RGB":
-        x = x[..., ::-1]
-    scale = np.float32(1.0 / 255.0)
-    mean = np.asarray(spec.mean, np.float32)
-    inv_std = 1.0 / np.asarray(spec.std, np.float32)
-    x = (x.astype(np.float32) * scale - mean) * inv_std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """uint8 HxWx3 BGR (or a batch NxHxWx3) to float32 NCHW, scaled to [0,1] then standardised:
+    ``(pixel - 255 mean) / (255 std)`` per channel, in float32, the arithmetic of OpenCV's
+    ``blobFromImage`` to the bit (tested).
+
+    Plane by plane: OpenCV splits the channels, then one subtraction and one multiplication per plane
+    write straight into the planar output, in numpy's contiguous SIMD loops; 5x faster than
+    ``blobFromImage``'s fused pass over the interleaved pixels (``python -m bench.cpu_paths_bench``)."""
+    batch = resized_bgr if resized_bgr.ndim == 4 else resized_bgr[None]
+    if batch.ndim != 4 or batch.shape[3] != 3 or batch.dtype != np.uint8:
+        raise ValueError(f"expected uint8 HxWx3 or NxHxWx3 pixels, got shape {resized_bgr.shape} {resized_bgr.dtype}")
+    mean, scale = _plane_constants(spec)
+    order = (2, 1, 0) if spec.color_order == "RGB" else (0, 1, 2)  # planes of the output, from BGR pixels
+    out = np.empty((batch.shape[0], 3, batch.shape[1], batch.shape[2]), np.float32)
+    for image, planes in zip(batch, out):
+        bgr = cv2.split(image)
+        for plane, channel, m, k in zip(planes, order, mean, scale):
+            np.subtract(bgr[channel], m, out=plane, dtype=np.float32)
+            np.multiply(plane, k, out=plane)
+    return out
 
 
 @functools.lru_cache(maxsize=32)
-def _blob_params(spec: InputSpec, width: int, height: int):
-    p = cv2.dnn.Image2BlobParams()
-    # blob = (pixel - mean) * scalefactor, per channel, after the optional BGR->RGB swap
-    p.scalefactor = tuple(1.0 / (255.0 * s) for s in spec.std) + (0.0,)
-    p.mean = tuple(255.0 * m for m in spec.mean) + (0.0,)
-    p.size = (width, height)
-    p.swapRB = spec.color_order == "RGB"
-    p.ddepth = cv2.CV_32F
-    return p
+def _plane_constants(spec: InputSpec) -> tuple[tuple[np.float32, ...], tuple[np.float32, ...]]:
+    """Per output plane: the mean to subtract in pixel units and the scale after it, as float32."""
+    mean = tuple(np.float32(255.0 * m) for m in spec.mean)
+    scale = tuple(np.float32(1.0 / (255.0 * s)) for s in spec.std)
+    return mean, scale
 
 
 def paste_back(class_map: np.ndarray, area: ContentArea, frame_width: int, frame_height: int) -> np.ndarray:

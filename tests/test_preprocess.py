@@ -22,6 +22,37 @@ def test_fast_normalise_equals_the_definition(order):
     assert np.allclose(normalise(img[None], spec), normalise(img, spec), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_normalise_is_opencvs_blob_to_the_bit(order):
+    """The planar path replaced ``cv2.dnn.blobFromImage``: the models' inputs must not move by a bit."""
+    import cv2
+
+    spec = InputSpec(256, 448, order, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    img = np.random.default_rng(1).integers(0, 256, (256, 448, 3), dtype=np.uint8)
+    blob = cv2.dnn.blobFromImage(img, 1.0, (448, 256), tuple(255.0 * m for m in spec.mean), swapRB=order == "RGB",
+                                 ddepth=cv2.CV_32F)
+    blob /= np.array([255.0 * s for s in spec.std], np.float32)[None, :, None, None]
+    params = cv2.dnn.Image2BlobParams()
+    params.scalefactor = tuple(1.0 / (255.0 * s) for s in spec.std) + (0.0,)
+    params.mean = tuple(255.0 * m for m in spec.mean) + (0.0,)
+    params.size, params.swapRB, params.ddepth = (448, 256), order == "RGB", cv2.CV_32F
+    exact = cv2.dnn.blobFromImageWithParams(img, params)
+    ours = normalise(img, spec)
+    assert ours.shape == (1, 3, 256, 448) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.array_equal(ours, exact)
+    assert np.allclose(ours, blob, atol=1e-5)
+    batch = np.stack([img, img[::-1]])
+    assert np.array_equal(normalise(batch, spec)[1], normalise(img[::-1], spec)[0])
+
+
+def test_normalise_refuses_what_is_not_bgr_pixels():
+    spec = InputSpec(4, 4, "RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"expected uint8 HxWx3 or NxHxWx3 pixels, got shape \(4, 4\) uint8"):
+        normalise(np.zeros((4, 4), np.uint8), spec)
+    with pytest.raises(ValueError, match="float32"):
+        normalise(np.zeros((4, 4, 3), np.float32), spec)
+
 def _scope(w=854, h=480, cx=430, cy=245, r=300, level=140):
     yy, xx = np.mgrid[0:h, 0:w]
     img = np.zeros((h, w, 3), np.uint8)

@@ -171,3 +171,15 @@ def test_replay_runs_on_the_real_clips(real_data, tmp_path):
     s = json.loads((tmp_path / clip.stem / "summary.json").read_text())
     assert s["frames"] == 250 and s["complete"] and "phase_metrics" in s
     assert "ok     " in proc.stdout
+
+
+def test_an_unpaced_replay_runs_opencv_on_one_thread_and_restores_the_setting():
+    from or_agent.agent.offline.replay import opencv_single_threaded
+
+    before = cv2.getNumThreads()
+    with opencv_single_threaded():
+        assert cv2.getNumThreads() == 1
+    assert cv2.getNumThreads() == before
+    with pytest.raises(RuntimeError, match="inside"), opencv_single_threaded():
+        raise RuntimeError("inside")
+    assert cv2.getNumThreads() == before
