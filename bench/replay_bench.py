@@ -8,8 +8,10 @@ long), the real clips in ``../shared/data/real/`` when present, and any VIDEO gi
   replay, unpaced, ``--video none``;
   replay, unpaced, the annotated H.264 video at ``--video-height`` (default 720) and at the source's size;
 each as fps, as a ratio to real time (the goal: >= 1.5 x at 1080p, >= 4 x at 854x480 with the video
-on) and as a ratio to decode only. A replay's rate is its frames over its wall time, writing every
-output included, the models loaded once beforehand. With ``--repeat N`` every measurement runs N times,
+on) and as a ratio to decode only, with the CPU each thread spent per frame (``bench.common.ThreadCpu``:
+the stage threads by name, the decoder's, encoder's and libraries' own pools as ``native pools``). A
+replay's rate is its frames over its wall time, writing every output included, the models loaded once
+beforehand. With ``--repeat N`` every measurement runs N times,
 round after round, and the median is printed with the spread (machines shared with other jobs vary).
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bench.common import models_option, row, select_models
+from bench.common import ThreadCpu, models_option, row, select_models
 
 REAL_CLIPS = ("cholec80-video01-clip/video01_0000-0249.mp4",
               "cholect50-clips/sim0.975_group_22_VID05_1858_and_VID08_1331_a.mp4")
@@ -49,15 +51,25 @@ def decode_fps(path: Path) -> tuple[float, int, float, tuple[int, int]]:
     return n / elapsed, n, fps, size
 
 
-def replay_fps(path: Path, models, out: Path, video_out: str, video_height: int | None) -> float:
+def replay_fps(path: Path, models, out: Path, video_out: str, video_height: int | None) -> tuple[float, dict[str, float]]:
+    """(frames per second, CPU milliseconds per frame by thread name) of one unpaced replay."""
     from or_agent.agent.offline.replay import ReplayInputs, replay_one
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the progress bar
+    with ThreadCpu() as cpu, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         s = replay_one(ReplayInputs(path, None, None), out, models, False, None, path.name,
-                       video_out=video_out, video_height=video_height).summary
-    return s["frames"] / (time.perf_counter() - t0)
+                       video_out=video_out, video_height=video_height).summary  # (the progress bar is silenced)
+    elapsed = time.perf_counter() - t0
+    return s["frames"] / elapsed, {name: 1000 * sec / s["frames"] for name, sec in cpu.seconds.items()}
+
+
+def thread_line(per_round: list[dict[str, float]]) -> str:
+    """The median CPU ms per frame of each thread over the rounds, largest first, and their sum."""
+    names = sorted({n for r in per_round for n in r})
+    med = {n: float(np.median([r.get(n, 0.0) for r in per_round])) for n in names}
+    parts = [f"{n} {v:.1f}" for n, v in sorted(med.items(), key=lambda kv: -kv[1]) if v >= 0.05]
+    return f"    CPU ms per frame by thread: {', '.join(parts)}; all {sum(med.values()):.1f}"
 
 
 def spread(values: list[float]) -> str:
@@ -107,6 +119,7 @@ def main(argv=None) -> int:
                 # Round after round, each measurement once per round: the machine's slow spells fall on all
                 # of them alike, and the median of each is printed beside its spread.
                 rates: dict[str, list[float]] = {"decode only": []}
+                threads: dict[str, list[dict[str, float]]] = {}
                 for _ in range(args.repeat):
                     decode, n, fps, (w, h) = decode_fps(v)
                     rates["decode only"].append(decode)
@@ -115,7 +128,9 @@ def main(argv=None) -> int:
                     if h > args.video_height:
                         runs.append(("replay, annotated video at source size", "annotated", None))
                     for label, video_out, height in runs:
-                        rates.setdefault(label, []).append(replay_fps(v, models, tmp / "out", video_out, height))
+                        rate, cpu = replay_fps(v, models, tmp / "out", video_out, height)
+                        rates.setdefault(label, []).append(rate)
+                        threads.setdefault(label, []).append(cpu)
                 decode = float(np.median(rates["decode only"]))
                 print(f"{v.name}: {w}x{h}, {n} frames at {fps:g} fps ({n / fps:.1f} s)")
                 print(row("decode only", decode, "fps", fps, "real time") + spread(rates["decode only"]))
@@ -123,6 +138,7 @@ def main(argv=None) -> int:
                     r = float(np.median(rates[label]))
                     print(row(label, r, "fps", fps, "real time") + f"   {r / decode:5.2f} x decode only"
                           + spread(rates[label]))
+                    print(thread_line(threads[label]))
                 goal = GOALS.get(h)
                 if goal:
                     print(f"  goal with the annotated video on: >= {goal:g} x real time")
