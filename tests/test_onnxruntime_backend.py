@@ -21,7 +21,7 @@ def _ort(model) -> ort.InferenceSession:
 
 
 def _resize_net(path, *, scales=(1.0, 1.0, 2.0, 2.0), mode="linear", transform="half_pixel", consumed=False,
-                channels=5, height=6, width=7):
+                exclude_outside=0, channels=5, height=6, width=7):
     """A real ONNX model: a 3x3 convolution to ``channels`` planes, then a Resize as the last node (or, with
     ``consumed``, a ReLU after it)."""
     import onnx
@@ -33,7 +33,7 @@ def _resize_net(path, *, scales=(1.0, 1.0, 2.0, 2.0), mode="linear", transform="
     out_h, out_w = int(height * scales[2]), int(width * scales[3])
     nodes = [helper.make_node("Conv", ["x", "w"], ["features"], pads=[1, 1, 1, 1]),
              helper.make_node("Resize", ["features", "", "scales"], ["up" if consumed else "logits"], mode=mode,
-                              coordinate_transformation_mode=transform)]
+                              coordinate_transformation_mode=transform, exclude_outside=exclude_outside)]
     if consumed:
         nodes.append(helper.make_node("Relu", ["up"], ["logits"]))
     graph = helper.make_graph(
@@ -62,7 +62,8 @@ def test_a_final_linear_upsampling_is_split_off_and_computes_the_same_numbers(tm
 
 
 @pytest.mark.parametrize("variant", [dict(mode="nearest"), dict(transform="align_corners"), dict(consumed=True),
-                                     dict(scales=(1.0, 1.0, 1.5, 2.0)), dict(scales=(1.0, 2.0, 2.0, 2.0)),
+                                     dict(exclude_outside=1), dict(scales=(1.0, 1.0, 1.5, 2.0)),
+                                     dict(scales=(1.0, 2.0, 2.0, 2.0)),
                                      dict(scales=(1.0, 1.0, 0.5, 0.5), height=8, width=8)])
 def test_what_it_cannot_split_exactly_runs_whole(tmp_path, variant):
     path = _resize_net(tmp_path / "m.onnx", **variant)
