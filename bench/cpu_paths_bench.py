@@ -18,8 +18,9 @@
 7. The synthetic set's anatomy model on ONNX Runtime (one thread): its final x2 upsampling done by OpenCV
    (``final_upsampling_split``) against the whole graph in ONNX Runtime; median wall time per call.
 8. A whole unpaced replay with the annotated video (a synthetic 854x480 surgery, the default model set):
-   OpenCV on one thread (``opencv_single_threaded``, as replay runs) against its own thread pool; process
-   CPU per frame and frames per second, rounds alternating, medians.
+   OpenCV on one thread (``opencv_single_threaded``, as replay runs) against its own thread pool; CPU per
+   frame summed over the threads (``replay_bench.replay_fps``) and frames per second, rounds alternating,
+   medians.
 
 Every figure is measured in this run; the test videos are made here (PyAV, smooth moving noise).
 Nothing else should run on the machine meanwhile: CPU time counts every thread of this process.
@@ -89,9 +90,9 @@ def _decode(path: Path, params: list[int]) -> tuple[float, float]:
 
 def _normalise_ms() -> tuple[float, float]:
     """(``normalise``, ``blobFromImageWithParams``) median ms, before the other measurements: blobFromImage's
-    time depends on whether the allocator hands its 1.4 MB output out of fresh pages (page faults: so it
-    measured 1.1-1.5 ms in a process that had loaded the model set and decoded video) or from memory an
-    earlier large buffer left behind (0.4 ms); after this benchmark's big test frames it would be the latter."""
+    time depends on whether the allocator hands its 1.4 MB output out of fresh pages (page faults) or from
+    memory that an earlier, larger buffer left behind, as this benchmark's big test frames would; measured
+    first, it sees fresh pages."""
     from or_agent.pipelines.preprocess import InputSpec, normalise
 
     spec = InputSpec(256, 448, "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -107,6 +108,7 @@ def _normalise_ms() -> tuple[float, float]:
 def _anatomy_split(frame: np.ndarray) -> None:
     import onnxruntime as ort
 
+    from or_agent.agent.offline.replay import opencv_single_threaded
     from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
     from or_agent.pipelines.manifest import Task
     from or_agent.pipelines.model_set import load_model_set
@@ -121,22 +123,16 @@ def _anatomy_split(frame: np.ndarray) -> None:
     x = normalise(cv2.resize(frame, (spec.width, spec.height), interpolation=cv2.INTER_AREA), spec)
     feed, name = {manifest.input.name: x}, manifest.outputs[0].name
     differs = float(np.abs(split.run(feed)[name] - whole.run([name], feed)[0]).max())
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # as replay runs it
-    try:
+    with opencv_single_threaded():  # as replay runs it
         ours, ref = median_ms(lambda: split.run(feed), 30), median_ms(lambda: whole.run([name], feed), 30)
-    finally:
-        cv2.setNumThreads(before)
     print(row("final upsampling by OpenCV", ours, "ms", ref, "whole graph") + f"   (whole {ref:.2f} ms; "
           f"largest logit difference {differs:.1e})")
 
 
 def _replay_threads(tmp: Path, rounds: int) -> None:
     import contextlib
-    import io
-    import os
 
-    from bench.replay_bench import synthetic
+    from bench.replay_bench import replay_fps, synthetic
     from or_agent.agent.offline import replay
     from or_agent.agent.session import LoadedModels
 
@@ -149,14 +145,8 @@ def _replay_threads(tmp: Path, rounds: int) -> None:
             for label in measured:
                 # the pool: the replay's own setting replaced by one that leaves OpenCV's as it is
                 replay.opencv_single_threaded = single if label == "one" else contextlib.nullcontext
-                out = tmp / "replay-out"
-                shutil.rmtree(out, ignore_errors=True)
-                t0, c0 = time.perf_counter(), os.times()
-                with contextlib.redirect_stderr(io.StringIO()):
-                    frames = replay.replay_one(replay.ReplayInputs(video, None, None), out, models, False, None, "bench",
-                                               video_height=None).summary["frames"]
-                wall, c1 = time.perf_counter() - t0, os.times()
-                measured[label].append((1000 * (c1.user + c1.system - c0.user - c0.system) / frames, frames / wall))
+                fps, by_thread = replay_fps(video, models, tmp / "replay-out", "annotated", None)
+                measured[label].append((sum(by_thread.values()), fps))
     finally:
         replay.opencv_single_threaded = single
         models.close()

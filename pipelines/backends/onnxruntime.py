@@ -74,11 +74,12 @@ class OnnxRuntimeBackend(InferenceBackend):
         if declared != actual:
             raise ModelError(f"{manifest.path}: inputs {sorted(declared)} do not match the model's {sorted(actual)}")
         self._outputs = [o.name for o in manifest.outputs]
+        # what ONNX Runtime computes for each declared output: an upsampled one's input
+        self._fetch = [self._upsampled[o].source if o in self._upsampled else o for o in self._outputs]
         produced = {o.name for o in self._session.get_outputs()}
-        missing = {o for o in self._outputs if (self._upsampled[o].source if o in self._upsampled else o) not in produced}
+        missing = {o for o, fetched in zip(self._outputs, self._fetch) if fetched not in produced}
         if missing:
             raise ModelError(f"{manifest.path}: outputs {sorted(missing)} are not in the model")
-        self._fetch = [self._upsampled[o].source if o in self._upsampled else o for o in self._outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray | DeviceTensor], *,
             device_outputs: Collection[str] = ()) -> dict[str, np.ndarray]:
@@ -105,9 +106,10 @@ class FinalUpsampling:
 
     ONNX Runtime runs convolutions in its blocked NCHWc layout; a resize at the end then upsamples all the
     blocked channels and reorders the large result back to NCHW: for the synthetic anatomy model's 13x256x448
-    logits those two steps took 46 % of the model's time in ONNX Runtime's profile. OpenCV's bilinear resize
+    logits those two steps took 46 % of the model's time (ONNX Runtime's profiler,
+    ``SessionOptions.enable_profiling``, one thread: Upsample 26 %, ReorderOutput 20 %). OpenCV's bilinear resize
     of each plane computes the same half-pixel interpolation (the same numbers to float rounding: tested)
-    in less (the whole model 0.84-0.90x the time: ``python -m bench.cpu_paths_bench``)."""
+    in less (the whole model 0.77-0.90x the time in three runs: ``python -m bench.cpu_paths_bench``)."""
 
     source: str
     factor_y: int
