@@ -20,6 +20,14 @@ def _ort(model) -> ort.InferenceSession:
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
+def _same_classes_but_float_ties(a: np.ndarray, b: np.ndarray, tie: float = 1e-5) -> bool:
+    """The per-pixel winning class of two [N,C,H,W] logits agrees wherever b's top two are further apart
+    than float rounding (two arithmetics may order a near-tie either way, differently on each CPU)."""
+    top2 = np.sort(b, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > tie
+    return bool(np.array_equal(a.argmax(1)[clear], b.argmax(1)[clear]))
+
+
 def _resize_net(path, *, scales=(1.0, 1.0, 2.0, 2.0), mode="linear", transform="half_pixel", consumed=False,
                 exclude_outside=0, channels=5, height=6, width=7):
     """A real ONNX model: a 3x3 convolution to ``channels`` planes, then a Resize as the last node (or, with
@@ -58,7 +66,7 @@ def test_a_final_linear_upsampling_is_split_off_and_computes_the_same_numbers(tm
     whole = _ort(str(path)).run(["logits"], {"x": x})[0]
     assert ours.shape == whole.shape == (1, 5, 6 * factors[0], 7 * factors[1])
     np.testing.assert_allclose(ours, whole, rtol=0, atol=1e-5)
-    assert np.array_equal(ours.argmax(1), whole.argmax(1))
+    assert _same_classes_but_float_ties(ours, whole)
 
 
 @pytest.mark.parametrize("variant", [dict(mode="nearest"), dict(transform="align_corners"), dict(consumed=True),
@@ -93,4 +101,4 @@ def test_the_synthetic_anatomy_model_gives_onnx_runtimes_logits_from_the_split_b
     whole = _ort(str(manifest.model_path)).run([name], {manifest.input.name: x})[0]
     assert ours.shape == whole.shape and ours.dtype == np.float32
     np.testing.assert_allclose(ours, whole, rtol=0, atol=1e-4)
-    assert np.array_equal(ours.argmax(1), whole.argmax(1))
+    assert _same_classes_but_float_ties(ours, whole)
