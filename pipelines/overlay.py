@@ -116,6 +116,7 @@ class _Palette:
         for lab in labels:
             lut[lab.id] = lab.color[::-1]  # manifests give RGB
         self.lut = lut
+        self.channel_luts = [np.ascontiguousarray(lut[:, i]) for i in range(3)]  # B, G, R: one table per plane
         self.hidden = np.zeros(256, bool)
         self.hidden[list(hidden_classes)] = True
         self.shown_lut = np.where(self.hidden, 0, 255).astype(np.uint8)
@@ -151,6 +152,7 @@ class OverlayRenderer:
         self._palettes = {model: _Palette(labs, hidden_classes) for model, labs in per_model.items()}
         self._kernel = np.ones((3, 3), np.uint8)
         self._grid_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._stripes_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     @classmethod
     def for_models(cls, manifests, **kw) -> OverlayRenderer:
@@ -203,7 +205,8 @@ class OverlayRenderer:
         w, h = x1 - x0, y1 - y0
         cmap = est.class_map
         # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
-        colour_small = cv2.LUT(cv2.merge([cmap, cmap, cmap]), pal.lut.reshape(256, 1, 3))
+        # a one-channel look-up per colour plane, then merged: faster than one three-channel look-up
+        colour_small = cv2.merge([cv2.LUT(cmap, table) for table in pal.channel_luts])
         shown_lut = pal.shown_lut.copy()
         shown_lut[[c for c in range(len(est.confidence)) if not est.drawn(c)]] = 0  # not confident enough
         shown_small = cv2.LUT(cmap, shown_lut)  # OpenCV's table look-ups: several times numpy's indexing
@@ -242,6 +245,17 @@ class OverlayRenderer:
             self._grid_cache = (shape, ys.ravel().astype(np.float64), xs.ravel().astype(np.float64))
         return self._grid_cache[1], self._grid_cache[2]
 
+    def _stripes(self, h: int, w: int) -> np.ndarray:
+        """The paused frame's yellow and black hazard band for a ``w``-wide frame ``h`` high, cached per size
+        (drawn on every frame while paused)."""
+        if self._stripes_cache is None or self._stripes_cache[0] != (h, w):
+            stripe = min(max(6, h // 60), max(1, h // 4))
+            xs = np.arange(w)[None, :] + np.arange(stripe)[:, None]
+            band = np.zeros((stripe, w, 3), np.uint8)
+            band[(xs // (2 * stripe)) % 2 == 0] = (0, 210, 255)
+            self._stripes_cache = ((h, w), band)
+        return self._stripes_cache[1]
+
     def _phase_banner(self, out: np.ndarray, result: FrameResult) -> None:
         p = result.phase
         h = out.shape[0]
@@ -255,12 +269,9 @@ class OverlayRenderer:
     def _paused(self, out: np.ndarray, reason: str) -> None:
         h, w = out.shape[:2]
         cv2.convertScaleAbs(out, dst=out, alpha=0.4)  # dim: nothing on screen is current
-        stripe = min(max(6, h // 60), max(1, h // 4))
-        for y0, y1 in ((0, stripe), (h - stripe, h)):
-            band = out[y0:y1]
-            xs = np.arange(w)[None, :] + np.arange(band.shape[0])[:, None]
-            band[(xs // (2 * stripe)) % 2 == 0] = (0, 210, 255)
-            band[(xs // (2 * stripe)) % 2 == 1] = (0, 0, 0)
+        stripes = self._stripes(h, w)
+        out[:stripes.shape[0]] = stripes
+        out[h - stripes.shape[0]:] = stripes
         fs = max(0.8, h / 300)
         (tw, th), _ = cv2.getTextSize("AI PAUSED", FONT, fs, max(2, int(fs * 2)))
         _text(out, "AI PAUSED", ((w - tw) / 2, h / 2), fs, (0, 210, 255), max(2, int(fs * 2)), (0, 0, 0), pad=10)

@@ -57,13 +57,14 @@ def _running_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected [C,H,W] logits with 1..256 classes, got shape {logits.shape}")
     best = np.array(logits[0], np.float32, order="C")
     class_map = np.zeros(best.shape, np.uint8)
-    fill = np.empty_like(class_map)
     for c in range(1, logits.shape[0]):
         plane = np.ascontiguousarray(logits[c], np.float32)
-        higher = cv2.compare(plane, best, cv2.CMP_GT)
+        higher = cv2.compare(plane, best, cv2.CMP_GT)  # 255 where class c beats every class before it
         cv2.max(plane, best, dst=best)
-        fill.fill(c)
-        cv2.copyTo(fill, higher, class_map)  # numpy's boolean-mask assignment is 5x slower
+        # min(255, c) = c where it wins, 0 elsewhere; c exceeds every class id set so far, so the maximum
+        # writes c exactly where it won: two SIMD passes, faster than a masked copy of a filled plane
+        # (numpy's boolean-mask assignment is 5x slower still)
+        cv2.max(class_map, cv2.min(higher, c), dst=class_map)
     return class_map, best
 
 

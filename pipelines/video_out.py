@@ -79,6 +79,7 @@ class H264Writer:
             raise InputError(f"video height {max_height} is below the minimum {MIN_VIDEO_HEIGHT}")
         self.path = Path(path)
         self.rate = Fraction(fps).limit_denominator(1001)
+        self._time_base = 1 / self.rate  # computed once, not per frame
         self.max_height = max_height
         self.preset, self.crf = preset, crf
         self.encoder = h264_encoder()
@@ -195,7 +196,7 @@ class H264Writer:
 
     def _emit(self, picture) -> None:
         picture.pts = self._next_index
-        picture.time_base = 1 / self.rate
+        picture.time_base = self._time_base
         for packet in self._stream.encode(picture):
             self._container.mux(packet)
         self._next_index += 1

@@ -95,6 +95,9 @@ def test_fast_class_argmax_equals_numpy_argmax():
     assert np.array_equal(class_argmax(ties), ties.argmax(0))
     assert np.array_equal(class_argmax(np.zeros((4, 3, 5), np.float32)), np.zeros((3, 5), np.uint8))
     assert np.array_equal(class_argmax(logits[:1]), np.zeros((64, 112), np.uint8))
+    many = rng.standard_normal((256, 8, 9)).astype(np.float32)  # class ids up to 255, the uint8 map's last
+    many[255, 0, 0] = 99.0
+    assert np.array_equal(class_argmax(many), many.argmax(0)) and class_argmax(many)[0, 0] == 255
     class_map, counts, _ = reduce_logits(logits[None])
     assert np.array_equal(class_map, logits.argmax(0)) and counts.sum() == 64 * 112
     with pytest.raises(ValueError, match=r"expected \[C,H,W\] logits"):
