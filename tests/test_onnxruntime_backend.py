@@ -4,7 +4,6 @@ run whole."""
 
 import hashlib
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -83,15 +82,6 @@ def test_an_unreadable_model_is_left_to_onnx_runtime_to_name(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
     assert final_upsampling_split(bad) == (str(bad), {})
-
-
-@pytest.mark.parametrize("factors", [(1, 1), (2, 2), (3, 2), (4, 4), (5, 3), (1, 3)])
-def test_the_stacked_upsampling_equals_scaling_each_plane_on_its_own_to_the_bit(factors):
-    low = np.random.default_rng(1).normal(size=(2, 5, 6, 7)).astype(np.float32) * 4
-    fy, fx = factors
-    one_by_one = np.stack([np.stack([cv2.resize(plane, (7 * fx, 6 * fy), interpolation=cv2.INTER_LINEAR)
-                                     for plane in image]) for image in low])
-    assert np.array_equal(FinalUpsampling("features", fy, fx).apply(low), one_by_one)
 
 
 def test_the_upsampling_refuses_what_is_not_nchw():

@@ -123,23 +123,13 @@ class FinalUpsampling:
         """``low`` [N,C,H,W] scaled up to [N,C,H*factor_y,W*factor_x], float32."""
         if low.ndim != 4:
             raise ModelError(f"{self.source}: expected an NCHW tensor to upsample, got shape {low.shape}")
-        low = np.ascontiguousarray(low, np.float32)
+        low = np.asarray(low, np.float32)
         n, c, h, w = low.shape
-        fy, fx = self.factor_y, self.factor_x
-        out = np.empty((n, c, h * fy, w * fx), np.float32)
+        size = (w * self.factor_x, h * self.factor_y)
+        out = np.empty((n, c, size[1], size[0]), np.float32)
         for i in range(n):
-            # The planes stacked into one tall image and scaled in one call: the same weights as plane by
-            # plane (the scale is the same), so every row inside a plane is the same to the bit. Only the
-            # rows next to a plane's top and bottom edge would blend in the neighbouring plane's edge row:
-            # they are redone from their own plane alone (the edge row stretched across), as OpenCV clamps
-            # at an image's edge. Three calls instead of one per class (tested against plane by plane).
-            cv2.resize(low[i].reshape(c * h, w), (w * fx, c * h * fy), dst=out[i].reshape(c * h * fy, w * fx),
-                       interpolation=cv2.INTER_LINEAR)
-            edge = fy // 2  # output rows per edge whose source position lies outside the plane
-            for rows, src in ((slice(0, edge), 0), (slice(h * fy - edge, h * fy), h - 1)):
-                if edge:
-                    stretched = cv2.resize(low[i, :, src, :], (w * fx, c), interpolation=cv2.INTER_LINEAR)
-                    out[i, :, rows, :] = stretched[:, None, :]
+            for j in range(c):
+                cv2.resize(low[i, j], size, dst=out[i, j], interpolation=cv2.INTER_LINEAR)
         return out
 
 
