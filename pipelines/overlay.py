@@ -119,7 +119,7 @@ class _Palette:
         self.channel_luts = [np.ascontiguousarray(lut[:, i]) for i in range(3)]  # B, G, R: one table per plane
         self.hidden = np.zeros(256, bool)
         self.hidden[list(hidden_classes)] = True
-        self.shown_lut = np.where(self.hidden, 0, 255).astype(np.uint8)
+        self.shown_lut = np.where(self.hidden, 0, 1).astype(np.uint8)  # 1: the class is drawn
 
 
 def classification_text(c: ClassificationEstimate) -> str:
@@ -205,16 +205,21 @@ class OverlayRenderer:
         w, h = x1 - x0, y1 - y0
         cmap = est.class_map
         # Colour at the model's resolution, then scale up: the class map has no finer detail anyway.
-        # a one-channel look-up per colour plane, then merged: faster than one three-channel look-up
-        colour_small = cv2.merge([cv2.LUT(cmap, table) for table in pal.channel_luts])
         shown_lut = pal.shown_lut.copy()
         shown_lut[[c for c in range(len(est.confidence)) if not est.drawn(c)]] = 0  # not confident enough
         shown_small = cv2.LUT(cmap, shown_lut)  # OpenCV's table look-ups: several times numpy's indexing
         edges_small = cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, self._kernel)
-        edges_small = cv2.bitwise_and(cv2.threshold(edges_small, 0, 255, cv2.THRESH_BINARY)[1], shown_small)
-        colour = cv2.resize(colour_small, (w, h), interpolation=cv2.INTER_NEAREST)
-        shown = cv2.resize(shown_small, (w, h), interpolation=cv2.INTER_NEAREST)
-        edges = cv2.resize(edges_small, (w, h), interpolation=cv2.INTER_NEAREST)
+        edges_small = cv2.bitwise_and(cv2.threshold(edges_small, 0, 1, cv2.THRESH_BINARY)[1], shown_small)
+        how_small = cv2.add(shown_small, edges_small)  # 0 not drawn, 1 blended, 2 outlined
+        # One pixel = four bytes (B, G, R and how it is drawn; a one-channel look-up per plane beats one
+        # three-channel look-up), scaled up as one 32-bit plane: one nearest-neighbour resize instead of three.
+        small = cv2.merge([*(cv2.LUT(cmap, table) for table in pal.channel_luts), how_small])
+        packed = small.view(np.int32).reshape(small.shape[:2])
+        big = cv2.resize(packed, (w, h), interpolation=cv2.INTER_NEAREST).view(np.uint8).reshape(h, w, 4)
+        colour = cv2.cvtColor(big, cv2.COLOR_BGRA2BGR)
+        how = cv2.extractChannel(big, 3)
+        shown = cv2.compare(how, 0, cv2.CMP_GT)
+        edges = cv2.compare(how, 2, cv2.CMP_EQ)
         roi = out[y0:y1, x0:x1]
         blended = cv2.addWeighted(roi, 1.0 - self.alpha, colour, self.alpha, 0.0)
         cv2.copyTo(blended, shown, roi)

@@ -35,12 +35,24 @@ def reduce_logits(logits: np.ndarray, sub: int = CONF_SUBSAMPLE) -> tuple[np.nda
     lg = lg[0] if lg.ndim == 4 else lg
     classes = lg.shape[0]
     class_map, top_logit = _running_max(lg)
-    counts = np.bincount(class_map.ravel(), minlength=classes)
+    counts = class_counts(class_map, classes)
     s, sm = lg[:, ::sub, ::sub], class_map[::sub, ::sub]
     p_win = 1.0 / np.exp(s - top_logit[None, ::sub, ::sub]).sum(0)  # = max softmax probability
-    sub_counts = np.bincount(sm.ravel(), minlength=classes)
+    sub_counts = class_counts(sm, classes)
     sums = np.bincount(sm.ravel(), weights=p_win.ravel(), minlength=classes)
     return class_map, counts, class_confidence(counts, sub_counts, sums)
+
+
+_EXACT_HISTOGRAM_PIXELS = 1 << 24  # OpenCV's histogram counts in float32: exact up to 2**24
+
+
+def class_counts(class_map: np.ndarray, classes: int) -> np.ndarray:
+    """Pixels per class id 0..classes-1 of a uint8 class map (ids >= ``classes`` are not counted), as int64.
+    OpenCV's histogram, twice as fast as ``np.bincount``, which first widens every pixel to int64."""
+    if class_map.size >= _EXACT_HISTOGRAM_PIXELS or class_map.dtype != np.uint8:
+        return np.bincount(class_map.ravel(), minlength=classes)[:classes].astype(np.int64)
+    hist = cv2.calcHist([np.ascontiguousarray(class_map)], [0], None, [256], [0, 256])
+    return hist.reshape(-1)[:classes].astype(np.int64)
 
 
 def class_argmax(logits: np.ndarray) -> np.ndarray:

@@ -102,3 +102,18 @@ def test_fast_class_argmax_equals_numpy_argmax():
     assert np.array_equal(class_map, logits.argmax(0)) and counts.sum() == 64 * 112
     with pytest.raises(ValueError, match=r"expected \[C,H,W\] logits"):
         class_argmax(logits[0])
+
+
+def test_class_counts_equal_numpys_bincount():
+    from or_agent.pipelines.postprocess import class_counts
+
+    rng = np.random.default_rng(5)
+    cmap = rng.integers(0, 13, (256, 448)).astype(np.uint8)
+    expected = np.bincount(cmap.ravel(), minlength=13)
+    counts = class_counts(cmap, 13)
+    assert counts.dtype == np.int64 and np.array_equal(counts, expected)
+    assert np.array_equal(class_counts(cmap[::4, ::4], 13), np.bincount(cmap[::4, ::4].ravel(), minlength=13))
+    assert np.array_equal(class_counts(cmap, 20), np.bincount(cmap.ravel(), minlength=20))  # absent classes: 0
+    assert np.array_equal(class_counts(cmap, 5), expected[:5])  # ids beyond the classes asked for are not counted
+    big = np.full((4097, 4097), 7, np.uint8)  # past float32's exact counts: counted by numpy
+    assert class_counts(big, 8)[7] == 4097 * 4097
