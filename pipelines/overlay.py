@@ -218,8 +218,8 @@ class OverlayRenderer:
         big = cv2.resize(packed, (w, h), interpolation=cv2.INTER_NEAREST).view(np.uint8).reshape(h, w, 4)
         colour = cv2.cvtColor(big, cv2.COLOR_BGRA2BGR)
         how = cv2.extractChannel(big, 3)
-        shown = cv2.compare(how, 0, cv2.CMP_GT)
-        edges = cv2.compare(how, 2, cv2.CMP_EQ)
+        shown = cv2.threshold(how, 0, 255, cv2.THRESH_BINARY)[1]  # how > 0
+        edges = cv2.threshold(how, 1, 255, cv2.THRESH_BINARY)[1]  # how == 2
         roi = out[y0:y1, x0:x1]
         blended = cv2.addWeighted(roi, 1.0 - self.alpha, colour, self.alpha, 0.0)
         cv2.copyTo(blended, shown, roi)
