@@ -58,7 +58,7 @@ def class_counts(class_map: np.ndarray, classes: int) -> np.ndarray:
 def class_argmax(logits: np.ndarray) -> np.ndarray:
     """``logits.argmax(0)`` as uint8 for [C,H,W] float32 logits (C <= 256), ties to the lower class as
     argmax's (a NaN logit, unlike in argmax, never wins a pixel). A running maximum over the class
-    planes with OpenCV's SIMD compare, max and masked copy: numpy's argmax over the first axis walks
+    planes with OpenCV's SIMD compare, maximum and minimum: numpy's argmax over the first axis walks
     the array across its planes (13 classes at 256x448: ``python -m bench.cpu_paths_bench``)."""
     return _running_max(logits)[0]
 
