@@ -857,8 +857,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_native_video_logs(args) -> None:
+    """OpenCV and FFmpeg print their own lines about a file they cannot open ("[ WARN:0@1.2] global cap.cpp:212
+    open VIDEOIO(FFMPEG): ...", "moov atom not found") beside ours, which names the file and the problem in one
+    line. Quiet unless ``--log-level debug``; an OPENCV_LOG_LEVEL or OPENCV_FFMPEG_LOGLEVEL already set wins.
+    The variables reach the processes started from here (Ray's workers), which read them at their first
+    import of OpenCV and first capture; this process has imported OpenCV already, so its level is also set."""
+    if getattr(args, "log_level", None) == "debug" or "OPENCV_LOG_LEVEL" in os.environ:
+        return
+    os.environ["OPENCV_LOG_LEVEL"] = "ERROR"
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_native_video_logs(args)
     try:
         if args.log_level or args.log_format:  # serve and display set theirs up themselves, with their defaults
             _setup_logging(args)

@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import sys
 
 import cv2
 import numpy as np
@@ -66,6 +67,21 @@ def test_replay_writes_every_output_with_figures(held_out_video, tmp_path):
     assert "phase accuracy" in proc.stdout and "1 of 1 videos replayed" in proc.stdout
     html = (d / "report.html").read_text()
     assert "phase_ribbon.png" in html and "Jaccard (official)" in html and "Mean IoU" in html
+
+
+def test_opencv_and_ffmpeg_do_not_print_their_own_lines_beside_ours(tmp_path):
+    import os
+    import subprocess
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("this is not a video\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}  # as a user's shell has it
+    proc = subprocess.run([sys.executable, "-m", "or_agent.agent.cli", "replay", str(bad), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert f"FAILED {bad}: {bad}: not a video OpenCV can decode (it is a text file)" in proc.stdout
+    # OpenCV's "[ WARN:0@1.3] global cap.cpp:212 open VIDEOIO(FFMPEG): ..." and FFmpeg's "[mov,mp4,... @ 0x...]"
+    assert "WARN" not in proc.stderr and "cap.cpp" not in proc.stderr and " @ 0x" not in proc.stderr, proc.stderr
 
 
 def test_one_bad_video_is_reported_and_the_rest_continue(small_dataset, tmp_path):
