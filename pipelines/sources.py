@@ -930,15 +930,23 @@ def open_source(spec: str, *, paced: bool = False, width: int | None = None, hei
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".webm")
 
 
+def is_video_name(path: Path) -> bool:
+    """A video by its name (``VIDEO_SUFFIXES``), not a ``.part`` file still being written."""
+    return path.suffix.lower() in VIDEO_SUFFIXES and ".part" not in path.name
+
+
 def video_files(paths, must_exist: bool = True) -> list[Path]:
     """Video files named directly or found (sorted) in directories; unfinished ``.part`` files are
     skipped. With ``must_exist=False`` a missing file is kept, to be reported when its turn comes."""
     videos: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and ".part" not in q.name)
+            found = sorted(q for q in p.iterdir() if is_video_name(q))
             if not found:
-                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)})")
+                cases = sum(1 for d in p.iterdir() if d.is_dir() and any(is_video_name(q) for q in d.iterdir()))
+                hint = (f"; {cases} of its subfolders have some: for a folder of per-case folders, "
+                        f"or-agent archive run {p} --out DIR") if cases else ""
+                raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)}){hint}")
             videos += found
         elif p.is_file() or not must_exist:
             videos.append(p)

@@ -116,6 +116,20 @@ def test_directory_without_videos(tmp_path):
     proc = run_cli("replay", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"or-agent: error: {tmp_path / 'in'}: directory has no video files")
+    assert "archive run" not in proc.stderr
+
+
+def test_a_folder_of_case_folders_is_pointed_to_archive_run(tmp_path):
+    for case in ("case-a", "case-b"):
+        (tmp_path / "in" / case).mkdir(parents=True)
+        (tmp_path / "in" / case / "video.mp4").write_bytes(b"")
+    (tmp_path / "in" / "notes").mkdir()
+    proc = run_cli("replay", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"or-agent: error: {tmp_path / 'in'}: directory has no video files (.mp4, .avi, .mkv, .mov, .m4v, .mpg, .mpeg, "
+        f".webm); 2 of its subfolders have some: for a folder of per-case folders, or-agent archive run "
+        f"{tmp_path / 'in'} --out DIR")
 
 
 def test_truncated_video_is_replayed_up_to_the_damage_and_flagged(small_dataset, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from or_agent.agent.offline.replay import ReplayInputs, expand_inputs
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.sources import VIDEO_SUFFIXES
+from or_agent.pipelines.sources import VIDEO_SUFFIXES, is_video_name
 
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MANIFEST_COLUMNS = ("path", "case_id", "labels")
@@ -88,7 +88,7 @@ def _read_manifest(path: Path) -> list[Case]:
 
 def _folder_videos(folder: Path) -> list[Path]:
     found = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in VIDEO_SUFFIXES and ".part" not in p.name and p.is_file()
+                   if is_video_name(p) and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not found:
         raise InputError(f"{folder}: no video files in it or its subfolders ({', '.join(VIDEO_SUFFIXES)})")
