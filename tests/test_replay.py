@@ -119,6 +119,15 @@ def test_directory_without_videos(tmp_path):
     assert "archive run" not in proc.stderr
 
 
+def test_a_masks_folder_that_is_not_there_is_named(small_dataset, tmp_path):
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), "--out", str(tmp_path / "out"),
+                   "--masks", str(tmp_path / "nothere"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"or-agent: error: {tmp_path / 'nothere'}: no such masks folder (--masks: a folder of "
+                                   "frameNNNNNN.png masks, or of one such folder per video, named as the video)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_of_case_folders_is_pointed_to_archive_run(tmp_path):
     for case in ("case-a", "case-b"):
         (tmp_path / "in" / case).mkdir(parents=True)

@@ -73,6 +73,9 @@ def expand_inputs(paths: Sequence[str], labels: str | None, masks: str | None) -
     videos = video_files(paths, must_exist=False)  # a missing or bad file is reported when its turn comes
     if labels and len(videos) > 1:
         raise InputError("--labels names one phase file, so give exactly one video (or put <name>-phase.txt next to each)")
+    if masks and not Path(masks).is_dir():
+        raise InputError(f"{masks}: no such masks folder (--masks: a folder of frameNNNNNN.png masks, "
+                         "or of one such folder per video, named as the video)")
     out = []
     for v in videos:
         lab = Path(labels) if labels else next((c for c in (v.with_name(f"{v.stem}-phase.txt"), v.with_name(f"{v.stem}-phase.csv"))
