@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_bytes
+from or_agent.pipelines.files import atomic_write_bytes, make_output_dir
 from or_agent.pipelines.manifest import sha256_of
 
 DIGEST_NAME = "model-set.sha256"
@@ -137,7 +137,7 @@ def keygen(out_dir: Path) -> KeyPair:
     for p in (pair.private_key, pair.public_key):
         if p.exists():
             raise InputError(f"{p}: already exists (a new key would orphan the sets signed with it; move it aside first)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())

@@ -6,6 +6,22 @@ import contextlib
 import os
 from pathlib import Path
 
+from or_agent.pipelines.errors import InputError
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory, created with its parents where missing. A file in the way, or a place that
+    cannot hold a directory (no such parent, no permission, a read-only or virtual file system), is one
+    ``InputError`` naming the path, not a traceback."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{exc.filename or out}: cannot create the directory ({exc.strerror or exc})") from None
+    return out
+
 
 def part_path(path: Path) -> Path:
     """The temporary name a file is written under; keeps the suffix so writers pick the format."""

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_path, atomic_write_text
+from or_agent.pipelines.files import atomic_path, atomic_write_text, make_output_dir
 from or_agent.pipelines.surgery import PHASES, TOOLS
 from or_agent.synth.render import GENERATOR_VERSION, SurgeryRenderer
 from or_agent.synth.timeline import sample_timeline
@@ -154,10 +154,7 @@ def write_video(out: Path, index: int, cfg: SynthConfig, progress: Callable[[int
 
 
 def write_dataset(out_dir: str | os.PathLike, cfg: SynthConfig, progress: ProgressFn | None = None) -> list[dict]:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     metas = []
     for k in range(cfg.videos):
         index = cfg.first_index + k

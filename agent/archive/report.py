@@ -27,7 +27,7 @@ from typing import Any
 
 from or_agent.agent.archive.run import DONE_FILE, FAILURES_FILE
 from or_agent.pipelines.errors import DependencyError, InputError
-from or_agent.pipelines.files import atomic_write_bytes, atomic_write_text
+from or_agent.pipelines.files import atomic_write_bytes, atomic_write_text, make_output_dir
 from or_agent.pipelines.messages import PAUSED_UNFAMILIAR
 from or_agent.pipelines.metrics import figure, mean_over_phases
 from or_agent.pipelines.surgery import PHASE_DURATIONS, PHASES
@@ -309,8 +309,7 @@ def write_cohort_report(archive_dir: str | Path, out: str | Path | None = None) 
     except (OSError, ValueError, AttributeError):
         failures = []
     report = cohort(cases, failures)
-    dest = Path(out) if out else root
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = make_output_dir(out) if out else root
     plots = _plots(report)
     atomic_write_text(dest / "cohort.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(dest / "cases.csv", cases_csv(cases))

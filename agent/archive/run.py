@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 from or_agent.agent.archive.sources import Case, list_cases
 from or_agent.pipelines.errors import DependencyError, InputError, OrAgentError
-from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.files import atomic_write_text, make_output_dir
 
 DONE_FILE = "DONE.json"
 FAILURES_FILE = "failures.json"
@@ -252,7 +252,7 @@ def run_archive(sources: Sequence[str], options: ArchiveOptions, stream: TextIO 
         raise InputError(f"{out}: exists and is not a directory")
     cases = list_cases(sources)
     model_set = model_set_fingerprint(options.models)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     _clean_leftovers(out)
     todo: deque[tuple[Case, dict]] = deque()
     skipped: list[str] = []

@@ -27,7 +27,7 @@ import numpy as np
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.cvs import CRITERIA
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.files import atomic_write_text, make_output_dir
 from or_agent.pipelines.manifest import Task, load_manifest
 from or_agent.pipelines.metrics import average_precision, balanced_accuracy, confusion, per_class_dice, per_class_iou
 from or_agent.pipelines.model_set import load_model_set
@@ -223,9 +223,7 @@ def evaluate_segmentation(folder: str | Path, models: str | None = None, out: st
                          f"has {', '.join(names)} (choose a set with the folder's classes: --models)")
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise InputError(f"{out_dir}: exists and is not a directory")
-        (out_dir / "class_maps").mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir / "class_maps")
     # the set's distance rules, judged per frame on the model's map as the live agent judges it and on the truth
     distance_rules = [r for r in load_rules(model_set.rules_file, vocabulary=model_set.outputs,
                                             owner=f"model set {model_set.name!r}") if r.kind == "distance_below"]

@@ -32,7 +32,7 @@ import numpy as np
 from or_agent.agent.offline.evaluate import scored_model
 from or_agent.pipelines.backends.onnxruntime import OnnxRuntimeBackend
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.files import atomic_write_text, make_output_dir
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import PhaseEstimate
 from or_agent.pipelines.metrics import (
@@ -181,9 +181,7 @@ def evaluate_phase(folder: str | Path, models: str | None = None, out: str | Pat
     labelled = {v: read_phase_csv(v / PHASE_FILE, names, manifest.name) for v in videos}  # every file checked first
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise InputError(f"{out_dir}: exists and is not a directory")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
     counts = np.bincount([f.phase for frames in labelled.values() for f in frames], minlength=len(names))
     majority = int(np.argmax(counts))
     official = has_official_evaluation(names)

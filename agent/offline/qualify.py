@@ -24,7 +24,7 @@ from or_agent.agent import VERSION
 from or_agent.agent.build_info import build_record
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.files import atomic_write_text, make_output_dir
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import FrameResult
 from or_agent.pipelines.metrics import confusion, mean_iou_present
@@ -129,6 +129,7 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     clip_path = Path(clip) if clip else default_clip(Path(".cache") / "qualify-clip")
     if not clip_path.is_file():
         raise InputError(f"{clip_path}: no such reference clip")
+    make_output_dir(out_dir)  # before the minutes of measuring, not after them
     probe = VideoFileSource(clip_path)
     probe.start()  # a clip that does not decode fails here, before any model is loaded
     fps = probe.nominal_fps or 25.0
@@ -167,7 +168,6 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     report = {"verdict": "PASS" if verdict else "FAIL", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
               "clip": clip_path.name, **build_record(deployed.model_set, options), "qualify_options": options,
               "box": ident, "checks": results, "agreement": agree, "latency_ms": lat}
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "qualification.json", json.dumps(report, indent=1) + "\n")
     rows = "".join(f"<tr><td>{html.escape(r['check'])}</td><td>{r['measured']}</td><td>{r['rule']} {r['limit']}</td>"
                    f"<td class={'ok' if r['pass'] else 'bad'}>{'PASS' if r['pass'] else 'FAIL'}</td></tr>" for r in results)

@@ -38,7 +38,7 @@ from or_agent.agent.offline.progress import Progress
 from or_agent.agent.offline.report import phase_ribbon, write_html_report, write_png
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError, OrAgentError
-from or_agent.pipelines.files import atomic_write_text
+from or_agent.pipelines.files import atomic_write_text, make_output_dir
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import PAUSED_REASONS, FrameResult, SourceEvent
 from or_agent.pipelines.metrics import (
@@ -367,6 +367,7 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
     if out_root.exists() and not out_root.is_dir():
         raise InputError(f"{out_root}: exists and is not a directory")
     items = expand_inputs(paths, labels, masks)
+    make_output_dir(out_root)  # here, once: not as each video's failure
     models = LoadedModels(models_dir, live_session=False)  # loaded once, reused for every video
     try:
         models.rules(rules_file)  # a bad rules file is one error up front, not one per video

@@ -1,0 +1,40 @@
+"""Output folders: made where missing, and a place that cannot hold one is a one-line error naming it,
+from the library helper and from every command that writes a folder of results."""
+
+import pytest
+
+from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import make_output_dir
+from tests.conftest import run_cli
+
+
+def test_a_missing_folder_is_made_with_its_parents_and_an_existing_one_kept(tmp_path):
+    made = make_output_dir(tmp_path / "a" / "b")
+    assert made == tmp_path / "a" / "b" and made.is_dir()
+    (made / "kept.txt").write_text("x")
+    assert make_output_dir(made) == made and (made / "kept.txt").read_text() == "x"
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match=r"^.*/f: exists and is not a directory$"):
+        make_output_dir(tmp_path / "f")
+    with pytest.raises(InputError) as err:
+        make_output_dir(tmp_path / "f" / "sub")  # its parent is a file
+    assert str(err.value) == f"{tmp_path / 'f' / 'sub'}: cannot create the directory (Not a directory)"
+
+
+@pytest.mark.parametrize("command", [
+    ("synth", "--videos", "1", "--out"),
+    ("replay", "VIDEO", "--out"),
+    ("qualify", "--out"),
+    ("models", "keygen", "--out"),
+])
+def test_commands_name_an_output_folder_they_cannot_make(tmp_path, small_dataset, command):
+    (tmp_path / "f").write_text("x")
+    target = tmp_path / "f" / "out"
+    args = [str(small_dataset / "video01.mp4") if a == "VIDEO" else a for a in command]
+    proc = run_cli(*args, str(target))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"or-agent: error: {target}: cannot create the directory (Not a directory)"
+    assert "Traceback" not in proc.stdout + proc.stderr
