@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from or_agent.pipelines.errors import InputError
@@ -21,6 +22,28 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise InputError(f"{exc.filename or out}: cannot create the directory ({exc.strerror or exc})") from None
     return out
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``make_output_dir`` for a command's results, made before its work (a place that cannot hold them
+    fails then, not after minutes of work); the folders it made are removed again on the way out if nothing
+    was written into them (the command failed, or had nothing to write): no empty folder is left behind."""
+    out = Path(path)
+    made = []  # the folders missing now, innermost first
+    missing = out
+    while not missing.exists() and missing.parent != missing:
+        made.append(missing)
+        missing = missing.parent
+    make_output_dir(out)
+    try:
+        yield out
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                break
 
 
 def part_path(path: Path) -> Path:

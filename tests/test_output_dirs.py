@@ -4,7 +4,7 @@ from the library helper and from every command that writes a folder of results."
 import pytest
 
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import make_output_dir
+from or_agent.pipelines.files import make_output_dir, output_dir
 from tests.conftest import run_cli
 
 
@@ -22,6 +22,36 @@ def test_a_file_in_the_way_is_named(tmp_path):
     with pytest.raises(InputError) as err:
         make_output_dir(tmp_path / "f" / "sub")  # its parent is a file
     assert str(err.value) == f"{tmp_path / 'f' / 'sub'}: cannot create the directory (Not a directory)"
+
+
+def test_a_command_that_writes_nothing_leaves_no_folder_behind(tmp_path):
+    with output_dir(tmp_path / "a" / "b" / "c") as out:
+        assert out.is_dir()
+    assert not (tmp_path / "a").exists()  # every folder it made, and only those, removed again
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "x" / "y"):
+        raise RuntimeError("the command failed")
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "kept").mkdir()
+    with output_dir(tmp_path / "kept" / "new"):
+        pass
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
+
+
+def test_results_and_folders_that_were_there_stay(tmp_path):
+    with output_dir(tmp_path / "a" / "b") as out:
+        (out / "report.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "report.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    with output_dir(tmp_path / "empty"):
+        pass
+    assert (tmp_path / "empty").is_dir()  # the user's own folder, empty or not, is never removed
+
+
+def test_a_replay_of_nothing_replayable_leaves_no_output_folder(tmp_path):
+    (tmp_path / "bad.mp4").write_text("not a video\n")
+    proc = run_cli("replay", str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "out" / "run1"))
+    assert proc.returncode == 1 and "0 of 1 videos replayed, 1 failed" in proc.stdout
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", [

@@ -24,7 +24,7 @@ from or_agent.agent import VERSION
 from or_agent.agent.build_info import build_record
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_text, make_output_dir
+from or_agent.pipelines.files import atomic_write_text, output_dir
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import FrameResult
 from or_agent.pipelines.metrics import confusion, mean_iou_present
@@ -129,7 +129,12 @@ def run_qualify(out_dir: Path, clip: str | None = None, models_dir=None, backend
     clip_path = Path(clip) if clip else default_clip(Path(".cache") / "qualify-clip")
     if not clip_path.is_file():
         raise InputError(f"{clip_path}: no such reference clip")
-    make_output_dir(out_dir)  # before the minutes of measuring, not after them
+    with output_dir(out_dir):  # made before the minutes of measuring, and not left behind empty
+        return _qualify(out_dir, clip_path, models_dir, backend, preprocessing, cuda_graphs, budget_ms, seconds, frames)
+
+
+def _qualify(out_dir: Path, clip_path: Path, models_dir, backend: str, preprocessing: str, cuda_graphs: bool,
+             budget_ms: float, seconds: float, frames: int) -> int:
     probe = VideoFileSource(clip_path)
     probe.start()  # a clip that does not decode fails here, before any model is loaded
     fps = probe.nominal_fps or 25.0
