@@ -125,3 +125,40 @@ def test_a_region_below_the_models_draw_confidence_is_neither_drawn_nor_outlined
             draw_min_confidence(SimpleNamespace(extra={"draw_min_confidence": bad}, path="m.json"))
     with pytest.raises(ValueError, match=r"draw_min_confidence must be in \[0, 1\), got 1.5"):
         SegmentationEstimate(cmap, est.area, est.area_fraction, conf, draw_min_confidence=1.5)
+
+
+@pytest.mark.parametrize("size, area", [((320, 240), None), ((640, 360), (100, 20, 500, 340)), ((333, 211), (7, 5, 330, 200))])
+def test_regions_are_blended_and_outlined_exactly_as_the_rules_say(size, area):
+    """The renderer scales colour and masks up packed into one plane; the result must be, pixel for pixel,
+    the rules written out plainly: a drawn class's pixels blended with its colour, its boundary pixels (3x3
+    morphological gradient at the map's size, scaled up by nearest neighbour) in its colour, the rest as
+    they were."""
+    import cv2
+
+    labels = find_model("segmentation", ROOT / "models" / "synthetic").labels
+    rng = np.random.default_rng(7)
+    w, h = size
+    img = rng.integers(0, 256, (h, w, 3), np.uint8)
+    cmap = cv2.resize(rng.integers(0, 13, (9, 14)).astype(np.uint8), (112, 64), interpolation=cv2.INTER_NEAREST)
+    confidence = tuple(0.3 if c == 5 else 0.9 for c in range(13))  # class 5 below the draw threshold
+    crop = ContentArea.whole_frame(w, h) if area is None else ContentArea(w / 2, h / 2, w, *area)
+    est = SegmentationEstimate(cmap, crop, (1 / 13,) * 13, confidence, draw_min_confidence=0.5)
+    result = FrameResult(seq=1, media_ms=40.0, frame_size=(w, h), marks_ns=MARKS,
+                         visibility=VisibilityEstimate(0.01, 0.01), phase=None, segmentations=(est,))
+    out = OverlayRenderer(labels, alpha=0.4, min_label_fraction=2.0).draw(img, result)  # no labels written
+
+    x0, y0, x1, y1 = crop.x0, crop.y0, crop.x1, crop.y1
+    lut = np.zeros((256, 3), np.uint8)
+    for lab in labels:
+        lut[lab.id] = lab.color[::-1]
+    drawn = np.array([c != 0 and c != 5 for c in range(256)])
+    edge_small = (cv2.morphologyEx(cmap, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & drawn[cmap]
+    big = cv2.resize(cmap, (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
+    edge = cv2.resize(edge_small.astype(np.uint8), (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST) > 0
+    roi = img[y0:y1, x0:x1]
+    colour = lut[big]
+    expected = img.copy()
+    blended = cv2.addWeighted(roi, 0.6, colour, 0.4, 0.0)
+    expected[y0:y1, x0:x1] = np.where(drawn[big][..., None], blended, roi)
+    expected[y0:y1, x0:x1][edge] = colour[edge]
+    assert np.array_equal(out, expected)
