@@ -115,7 +115,6 @@ class _Palette:
         lut = np.zeros((256, 3), np.uint8)
         for lab in labels:
             lut[lab.id] = lab.color[::-1]  # manifests give RGB
-        self.lut = lut
         self.channel_luts = [np.ascontiguousarray(lut[:, i]) for i in range(3)]  # B, G, R: one table per plane
         self.hidden = np.zeros(256, bool)
         self.hidden[list(hidden_classes)] = True
