@@ -935,6 +935,14 @@ def is_video_name(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES and ".part" not in path.name
 
 
+def _holds_videos(folder: Path) -> bool:
+    """Whether a folder (not a file) directly holds a video; one that cannot be read does not."""
+    try:
+        return folder.is_dir() and any(is_video_name(q) for q in folder.iterdir())
+    except OSError:
+        return False
+
+
 def video_files(paths, must_exist: bool = True) -> list[Path]:
     """Video files named directly or found (sorted) in directories; unfinished ``.part`` files are
     skipped. With ``must_exist=False`` a missing file is kept, to be reported when its turn comes."""
@@ -943,7 +951,7 @@ def video_files(paths, must_exist: bool = True) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if is_video_name(q))
             if not found:
-                cases = sum(1 for d in p.iterdir() if d.is_dir() and any(is_video_name(q) for q in d.iterdir()))
+                cases = sum(1 for d in p.iterdir() if _holds_videos(d))
                 hint = (f"; {cases} of its subfolders have some: for a folder of per-case folders, "
                         f"or-agent archive run {p} --out DIR") if cases else ""
                 raise InputError(f"{p}: directory has no video files ({', '.join(VIDEO_SUFFIXES)}){hint}")

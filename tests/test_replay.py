@@ -222,3 +222,24 @@ def test_an_unpaced_replay_runs_opencv_on_one_thread_and_restores_the_setting():
     with pytest.raises(RuntimeError, match="inside"), opencv_single_threaded():
         raise RuntimeError("inside")
     assert cv2.getNumThreads() == before
+
+
+def test_an_unreadable_subfolder_does_not_turn_the_hint_into_a_traceback(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from or_agent.pipelines.errors import InputError
+    from or_agent.pipelines.sources import video_files
+
+    (tmp_path / "in" / "case-a").mkdir(parents=True)
+    (tmp_path / "in" / "case-a" / "video.mp4").write_bytes(b"")
+    (tmp_path / "in" / "locked").mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(InputError, match=r"; 1 of its subfolders have some: for a folder of per-case folders"):
+        video_files([tmp_path / "in"])
