@@ -17,7 +17,13 @@
    ``blobFromImageWithParams`` (the same numbers to the bit); median wall time per call, measured first.
 7. The synthetic set's anatomy model on ONNX Runtime (one thread): its final x2 upsampling done by OpenCV
    (``final_upsampling_split``) against the whole graph in ONNX Runtime; median wall time per call.
-8. A whole unpaced replay with the annotated video (a synthetic 854x480 surgery, the default model set):
+8. The anatomy class map and the overlay's parts, each against what it replaced (one OpenCV thread, as replay
+   runs them; the same outputs asserted; logits as smooth as a model's): a class written by a minimum and a maximum against a masked copy
+   of a filled plane; pixels per class by OpenCV's histogram against ``np.bincount``; the overlay's colours
+   by a one-channel look-up per plane against one three-channel look-up; colour and drawing masks scaled to
+   a 752x480 crop as one packed 32-bit plane against three nearest-neighbour resizes; the paused frame's
+   band cached per size against drawn each time; median wall time per call.
+9. A whole unpaced replay with the annotated video (a synthetic 854x480 surgery, the default model set):
    OpenCV on one thread (``opencv_single_threaded``, as replay runs) against its own thread pool; CPU per
    frame summed over the threads (``replay_bench.replay_fps``) and frames per second, rounds alternating,
    medians.
@@ -129,6 +135,86 @@ def _anatomy_split(frame: np.ndarray) -> None:
           f"largest logit difference {differs:.1e})")
 
 
+def _masked_copy_argmax(logits: np.ndarray) -> np.ndarray:
+    """The class map as ``class_argmax`` computed it before: each class written by a masked copy of a plane
+    filled with its id."""
+    best = np.array(logits[0], np.float32, order="C")
+    class_map = np.zeros(best.shape, np.uint8)
+    fill = np.empty_like(class_map)
+    for c in range(1, logits.shape[0]):
+        higher = cv2.compare(logits[c], best, cv2.CMP_GT)
+        cv2.max(logits[c], best, dst=best)
+        fill.fill(c)
+        cv2.copyTo(fill, higher, class_map)
+    return class_map
+
+
+def _overlay_parts(logits: np.ndarray) -> None:
+    from or_agent.pipelines.overlay import OverlayRenderer
+    from or_agent.pipelines.postprocess import class_argmax, class_counts
+
+    cmap = class_argmax(logits)
+    assert np.array_equal(cmap, _masked_copy_argmax(logits))
+    ours, ref = median_ms(lambda: class_argmax(logits), 50), median_ms(lambda: _masked_copy_argmax(logits), 50)
+    print(row("class argmax, a class by min and max", ours, "ms", ref, "masked copy") + f"   (masked copy {ref:.2f} ms)")
+
+    assert np.array_equal(class_counts(cmap, 13), np.bincount(cmap.ravel(), minlength=13))
+    ours = median_ms(lambda: class_counts(cmap, 13), 200)
+    ref = median_ms(lambda: np.bincount(cmap.ravel(), minlength=13), 200)
+    print(row("pixels per class, OpenCV's histogram", ours, "ms", ref, "np.bincount") + f"   (bincount {ref:.2f} ms)")
+
+    lut = np.random.default_rng(2).integers(0, 256, (256, 3)).astype(np.uint8)
+    tables = [np.ascontiguousarray(lut[:, i]) for i in range(3)]
+    planes = cv2.merge([cv2.LUT(cmap, t) for t in tables])
+    assert np.array_equal(planes, cv2.LUT(cv2.merge([cmap] * 3), lut.reshape(256, 1, 3)))
+    ours = median_ms(lambda: cv2.merge([cv2.LUT(cmap, t) for t in tables]), 200)
+    ref = median_ms(lambda: cv2.LUT(cv2.merge([cmap] * 3), lut.reshape(256, 1, 3)), 200)
+    print(row("overlay colours, a look-up per plane", ours, "ms", ref, "3-channel look-up") + f"   (3-channel {ref:.2f} ms)")
+
+    # scaled up to an 854x480 frame's 752x480 content crop: colour and how each pixel is drawn, packed
+    how = (cmap % 3).astype(np.uint8)
+    size = (752, 480)
+
+    def packed():
+        small = cv2.merge([*cv2.split(planes), how])
+        big = cv2.resize(small.view(np.int32).reshape(small.shape[:2]), size, interpolation=cv2.INTER_NEAREST)
+        big = big.view(np.uint8).reshape(size[1], size[0], 4)
+        level = cv2.extractChannel(big, 3)
+        return (cv2.cvtColor(big, cv2.COLOR_BGRA2BGR), cv2.threshold(level, 0, 255, cv2.THRESH_BINARY)[1],
+                cv2.threshold(level, 1, 255, cv2.THRESH_BINARY)[1])
+
+    def three():
+        shown, edges = cv2.compare(how, 0, cv2.CMP_GT), cv2.compare(how, 2, cv2.CMP_EQ)
+        return tuple(cv2.resize(a, size, interpolation=cv2.INTER_NEAREST) for a in (planes, shown, edges))
+
+    assert all(np.array_equal(a, b) for a, b in zip(packed(), three()))
+    ours, ref = median_ms(packed, 100), median_ms(three, 100)
+    print(row("overlay scaled up, one packed resize", ours, "ms", ref, "three resizes") + f"   (three {ref:.2f} ms)")
+
+    renderer, frame = OverlayRenderer([]), np.zeros((480, 854, 3), np.uint8)
+
+    def stripes_each_time():
+        h, w = frame.shape[:2]
+        stripe = min(max(6, h // 60), max(1, h // 4))
+        out = frame.copy()
+        for y0, y1 in ((0, stripe), (h - stripe, h)):
+            band = out[y0:y1]
+            xs = np.arange(w)[None, :] + np.arange(band.shape[0])[:, None]
+            band[(xs // (2 * stripe)) % 2 == 0] = (0, 210, 255)
+            band[(xs // (2 * stripe)) % 2 == 1] = (0, 0, 0)
+        return out
+
+    def stripes_cached():
+        out, band = frame.copy(), renderer._stripes(*frame.shape[:2])
+        out[:band.shape[0]] = band
+        out[frame.shape[0] - band.shape[0]:] = band
+        return out
+
+    assert np.array_equal(stripes_cached(), stripes_each_time())
+    ours, ref = median_ms(stripes_cached, 200), median_ms(stripes_each_time, 200)
+    print(row("paused band, 854x480, cached per size", ours, "ms", ref, "drawn each time") + f"   (each time {ref:.2f} ms)")
+
+
 def _replay_threads(tmp: Path, rounds: int) -> None:
     import contextlib
 
@@ -164,6 +250,7 @@ def main(argv=None) -> int:
         ap.error(f"--frames: at least 10, got {args.frames}")
     if args.rounds < 1:
         ap.error(f"--rounds: at least 1, got {args.rounds}")
+    from or_agent.agent.offline.replay import opencv_single_threaded
     from or_agent.pipelines.postprocess import class_argmax
     from or_agent.pipelines.preprocess import crop_resize, detect_content_area
     from or_agent.pipelines.sources import UNPACED_DECODER_PARAMS
@@ -221,7 +308,14 @@ def main(argv=None) -> int:
         print("7. the synthetic anatomy model, ONNX Runtime on one thread (median ms per call)")
         _anatomy_split(img)
 
-        print(f"8. a whole replay, synthetic 854x480 surgery, annotated video ({args.rounds} rounds, medians)")
+        print("8. the anatomy class map and the overlay's parts (median ms per call, the same outputs asserted)")
+        # logits as smooth as a model's (blurred noise, regions of one class), not the noise of section 1
+        noise = np.random.default_rng(0).standard_normal((13 * 128, 224)).astype(np.float32)
+        smooth = cv2.resize(cv2.GaussianBlur(noise, (0, 0), 3) * 5, (448, 13 * 256)).reshape(13, 256, 448)
+        with opencv_single_threaded():  # as replay runs them
+            _overlay_parts(smooth)
+
+        print(f"9. a whole replay, synthetic 854x480 surgery, annotated video ({args.rounds} rounds, medians)")
         _replay_threads(tmp, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -211,7 +211,8 @@ class OverlayRenderer:
         edges_small = cv2.bitwise_and(cv2.threshold(edges_small, 0, 1, cv2.THRESH_BINARY)[1], shown_small)
         how_small = cv2.add(shown_small, edges_small)  # 0 not drawn, 1 blended, 2 outlined
         # One pixel = four bytes (B, G, R and how it is drawn; a one-channel look-up per plane beats one
-        # three-channel look-up), scaled up as one 32-bit plane: one nearest-neighbour resize instead of three.
+        # three-channel look-up), scaled up as one 32-bit plane: one nearest-neighbour resize instead of three
+        # (``python -m bench.cpu_paths_bench``, section 8).
         small = cv2.merge([*(cv2.LUT(cmap, table) for table in pal.channel_luts), how_small])
         packed = small.view(np.int32).reshape(small.shape[:2])
         big = cv2.resize(packed, (w, h), interpolation=cv2.INTER_NEAREST).view(np.uint8).reshape(h, w, 4)

@@ -232,7 +232,7 @@ def opencv_single_threaded() -> Iterator[None]:
     An unpaced replay keeps every core busy with threads of its own (decoder, one per pipeline stage,
     overlay, encoder); OpenCV splitting a resize across its pool then adds only hand-offs, and a pool
     thread that waits for a busy core. Measured, it is no worse and at most a little better: 0.98-1.00x the
-    CPU per 854x480 frame in three runs of ``python -m bench.cpu_paths_bench`` (section 8)."""
+    CPU per 854x480 frame in three runs of ``python -m bench.cpu_paths_bench`` (section 9)."""
     before = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
