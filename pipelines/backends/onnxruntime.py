@@ -109,7 +109,8 @@ class FinalUpsampling:
     logits those two steps took 46 % of the model's time (ONNX Runtime's profiler,
     ``SessionOptions.enable_profiling``, one thread: Upsample 26 %, ReorderOutput 20 %). OpenCV's bilinear resize
     of each plane computes the same half-pixel interpolation (the same numbers to float rounding: tested)
-    in less (the whole model 0.77-0.90x the time in three runs: ``python -m bench.cpu_paths_bench``)."""
+    in less (the whole model 0.65-0.92x the time in eight of nine runs, 1.19x in one on a noisy machine:
+    ``python -m bench.cpu_paths_bench``, section 7)."""
 
     source: str
     factor_y: int
