@@ -102,3 +102,34 @@ def test_the_synthetic_anatomy_model_gives_onnx_runtimes_logits_from_the_split_b
     assert ours.shape == whole.shape and ours.dtype == np.float32
     np.testing.assert_allclose(ours, whole, rtol=0, atol=1e-4)
     assert _same_classes_but_float_ties(ours, whole)
+
+
+def test_an_upsampling_appended_to_a_trained_model_is_the_one_the_backend_splits_off(tmp_path):
+    """The training recipe's ``--append-upsampling`` (for a model whose checkpoint is gone) writes the
+    half-pixel bilinear resize torch exports, so the backend hands it to OpenCV and the numbers are the same."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from or_agent.models.training.real.anatomy import append_final_upsampling
+
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["logits"], pads=[1, 1, 1, 1])], "conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 6, 7])],
+        initializer=[numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
+    low_path, up_path = tmp_path / "low.onnx", tmp_path / "up.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(low_path))
+    append_final_upsampling(low_path, up_path, 4)
+
+    dims = [d.dim_value for d in onnx.load(str(up_path)).graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 4, 24, 28]
+    model, split = final_upsampling_split(up_path)
+    assert split == {"logits": FinalUpsampling("logits_before_upsampling", 4, 4)}
+    x = rng.normal(size=(1, 3, 6, 7)).astype(np.float32)
+    low = _ort(str(low_path)).run(["logits"], {"x": x})[0]
+    whole = _ort(str(up_path)).run(["logits"], {"x": x})[0]
+    np.testing.assert_allclose(split["logits"].apply(low), whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_ort(model).run(["logits_before_upsampling"], {"x": x})[0], low, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        append_final_upsampling(low_path, tmp_path / "none.onnx", 1)

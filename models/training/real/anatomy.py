@@ -415,6 +415,30 @@ def class_weights(crops, power: float) -> np.ndarray:
     return (w / w[0]).astype(np.float32)
 
 
+def lovasz_softmax(prob, target):
+    """The Lovasz-softmax loss (Berman et al., CVPR 2018): a convex surrogate of each class's IoU over the
+    batch's pixels, averaged over the classes present; label 255 ignored."""
+    import torch
+
+    prob = prob.permute(0, 2, 3, 1).reshape(-1, prob.shape[1])
+    target = target.reshape(-1)
+    keep = target != IGNORE
+    prob, target = prob[keep], target[keep]
+    losses = []
+    for c in range(prob.shape[1]):
+        fg = (target == c).float()
+        if fg.sum() == 0:
+            continue
+        errors, perm = torch.sort((fg - prob[:, c]).abs(), descending=True)
+        fg = fg[perm]
+        inter = fg.sum() - fg.cumsum(0)
+        union = fg.sum() + (1 - fg).cumsum(0)
+        jaccard = 1 - inter / union
+        grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        losses.append(torch.dot(errors, grad))
+    return torch.stack(losses).mean() if losses else prob.sum() * 0
+
+
 def export_onnx(model, path: Path, height: int, width: int) -> None:
     import torch
 
@@ -435,6 +459,34 @@ def export_onnx(model, path: Path, height: int, width: int) -> None:
         dims.add().dim_value = int(v)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
+
+
+def append_final_upsampling(src: str | Path, dst: str | Path, factor: int) -> None:
+    """Writes ``src`` with a bilinear (half-pixel) x``factor`` resize of its ``logits`` appended: what
+    ``--out-upsample`` exports from a checkpoint, for a model whose checkpoint is gone. The class map is then
+    the argmax of smooth logits at the input's size instead of blocks of ``factor`` x ``factor`` cells
+    (the agent's ONNX Runtime backend does this resize with OpenCV: ``FinalUpsampling``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if factor < 2:
+        raise ValueError(f"upsampling factor must be at least 2, got {factor}")
+    m = onnx.load(str(src))
+    g = m.graph
+    (out,) = [o for o in g.output if o.name == "logits"]
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ValueError(f"{src}: logits are not NCHW")
+    low = "logits_before_upsampling"
+    for node in g.node:
+        node.output[:] = [low if o == "logits" else o for o in node.output]
+    g.initializer.append(helper.make_tensor("logits_upsampling_scales", TensorProto.FLOAT, [4], [1, 1, factor, factor]))
+    g.node.append(helper.make_node("Resize", [low, "", "logits_upsampling_scales"], ["logits"], name="logits_upsampling",
+                                   mode="linear", coordinate_transformation_mode="half_pixel"))
+    for d in dims[2:]:
+        d.dim_value *= factor
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(dst))
 
 
 def train(args) -> dict:
@@ -471,7 +523,8 @@ def train(args) -> dict:
         for p in m.parameters():
             p.requires_grad = False
     model = model.to(memory_format=torch.channels_last)
-    ema = build_model(args.decoder_channels).to(memory_format=torch.channels_last)
+    # scored on val as it is exported (with its final upsampling), so the epoch is chosen on what ships
+    ema = build_model(args.decoder_channels, args.out_upsample).to(memory_format=torch.channels_last)
     ema.load_state_dict(model.state_dict())
     ema.eval()
     for p in ema.parameters():
@@ -502,11 +555,21 @@ def train(args) -> dict:
         inter = (prob * onehot).sum((0, 2, 3))
         den = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
         dice = 1 - (2 * inter + 1) / (den + 1)
-        return ce + args.dice_weight * dice[1:].mean(), ce.detach(), dice[1:].detach()
+        loss = ce + args.dice_weight * dice[1:].mean()
+        if args.lovasz_weight:
+            # on every other pixel each way: its sorts are the costliest part of a step on a CPU
+            loss = loss + args.lovasz_weight * lovasz_softmax(logits[..., ::2, ::2].softmax(1), target[..., ::2, ::2])
+        return loss, ce.detach(), dice[1:].detach()
 
     def set_bn_eval():
         for m in frozen:
             m.eval()
+
+    # frames showing the small structures (plate, triangle, artery) drawn more often, with replacement
+    draw_p = None
+    if args.rare_oversample:
+        rare = np.array([np.isin([1, 2, 3], m).sum() for _, m in crops], np.float64)
+        draw_p = (1 + args.rare_oversample * rare) / (1 + args.rare_oversample * rare).sum()
 
     history, best, step = [], None, 0
     t_train = time.time()
@@ -514,7 +577,7 @@ def train(args) -> dict:
         model.train()
         set_bn_eval()
         te = time.time()
-        order = rng.permutation(len(crops))
+        order = (rng.choice(len(crops), len(crops), p=draw_p) if draw_p is not None else rng.permutation(len(crops)))
         ce_sum, dice_sum, n = 0.0, np.zeros(6), 0
         for b in range(steps_per_epoch):
             idx = order[b * args.batch:(b + 1) * args.batch]
@@ -630,18 +693,30 @@ def main(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.01)
     p.add_argument("--weight-power", type=float, default=0.25, help="CE class weight = (f_bg / f_c) ** power")
     p.add_argument("--dice-weight", type=float, default=1.0)
+    p.add_argument("--lovasz-weight", type=float, default=0.0, help="weight of the Lovasz-softmax (IoU) loss")
+    p.add_argument("--rare-oversample", type=float, default=0.0,
+                   help="draw a frame with probability ~ 1 + this x (how many of plate, triangle, artery it shows)")
     p.add_argument("--decoder-channels", type=int, default=96)
     p.add_argument("--freeze-blocks", type=int, default=3, help="stem + this many first MBConv blocks kept at ImageNet")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     p.add_argument("--eval-from", type=int, default=1)
-    p.add_argument("--out-upsample", type=int, default=1, help="bilinear upsampling of the logits inside the ONNX")
+    p.add_argument("--out-upsample", type=int, default=4,
+                   help="bilinear upsampling of the logits inside the ONNX, back to the input's size at 4")
+    p.add_argument("--append-upsampling", nargs=2, metavar=("SRC", "DST"),
+                   help="no training: write SRC's ONNX with the --out-upsample resize appended to DST")
     p.add_argument("--onnx-name", default="anatomy.onnx")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training frames (smoke tests)")
     p.add_argument("--export-only", action="store_true", help="skip training; export and score best.pt")
     args = p.parse_args(argv)
+    if args.append_upsampling:
+        if not Path(args.append_upsampling[0]).is_file():
+            p.error(f"{args.append_upsampling[0]}: no such ONNX file")
+        append_final_upsampling(*args.append_upsampling, args.out_upsample)
+        print(f"wrote {args.append_upsampling[1]}: {args.append_upsampling[0]} with its logits upsampled x{args.out_upsample}")
+        return
     info = None if args.export_only else train(args)
     figures = finish(args, info)
     print(json.dumps({k: figures[k] for k in ("val", "ort_1_thread", "output")}, indent=1))
