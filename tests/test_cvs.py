@@ -33,6 +33,31 @@ def test_measurements_of_known_structures():
     assert ms["both_tubular_seen_apart"] == 1.0
 
 
+def test_pieces_and_areas_are_those_of_the_whole_map():
+    """Pieces are labelled inside each structure's bounding box: the same counts as labelling the whole map,
+    pieces touching the map's edges, joined only diagonally, or split by another class included."""
+    import cv2
+
+    def plain(m, name):
+        mask = (m == CLASSES.index(name)).astype(np.uint8)
+        _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        return int((stats[1:, cv2.CC_STAT_AREA] / m.size >= 0.0005).sum()), mask.sum() / m.size
+
+    rng = np.random.default_rng(4)
+    maps = [(rng.random((90, 160)) * k).astype(np.uint8) for k in (2, 4, 7)]
+    edges = np.zeros((60, 80), np.uint8)
+    edges[0:3, 0:80] = edges[57:60, 70:80] = edges[30:33, 0:2] = CLASSES.index("Cystic Duct")
+    edges[10, 10] = edges[11, 11] = edges[12, 12] = CLASSES.index("Cystic Artery")  # one piece, diagonally
+    maps += [edges, _map()]
+    for m in maps:
+        ms = cvs_measurements(m, CLASSES)
+        for name in CLASSES[1:6]:
+            key = name.lower().replace(" ", "_")
+            pieces, area = plain(m, name)
+            assert ms[f"pieces_{key}"] == pieces and ms[f"area_{key}"] == pytest.approx(area, abs=1e-12), name
+    assert cvs_measurements(edges, CLASSES)["pieces_cystic_duct"] == 3
+
+
 def test_a_missing_structure_class_is_named():
     with pytest.raises(ValueError, match="the segmentation model has no class 'Cystic Plate'"):
         cvs_measurements(np.zeros((4, 4), np.uint8), ("Background", "Gallbladder"))
