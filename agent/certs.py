@@ -39,7 +39,7 @@ from pathlib import Path
 
 from or_agent.agent.config import is_plain_name
 from or_agent.pipelines.errors import InputError
-from or_agent.pipelines.files import atomic_write_bytes, part_path
+from or_agent.pipelines.files import atomic_write_bytes, part_path, refuse_file_in_the_way
 
 CA_DAYS = 3650
 CERT_DAYS = 825  # the longest validity many TLS clients accept for a leaf certificate
@@ -304,9 +304,7 @@ def make_certificates(out_dir: Path, box: str, displays: Sequence[str], dns: Seq
     if not isinstance(cert_days, int) or not 1 <= cert_days <= CERT_DAYS:
         raise InputError(f"--cert-days must be 1 to {CERT_DAYS} (the longest many TLS clients accept), got {cert_days}")
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
+    out = refuse_file_in_the_way(out_dir)
     clients_dir = out / "clients"
     try:
         # 0700: the directories hold private keys; only the agent's own user needs to look inside.

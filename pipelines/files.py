@@ -10,13 +10,20 @@ from pathlib import Path
 from or_agent.pipelines.errors import InputError
 
 
+def refuse_file_in_the_way(path: str | os.PathLike) -> Path:
+    """``path``, unless something other than a directory is there: checked by commands before their slow
+    start (listing videos, loading models), so the mistake is named at once."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    return out
+
+
 def make_output_dir(path: str | os.PathLike) -> Path:
     """``path`` as a directory, created with its parents where missing. A file in the way, or a place that
     cannot hold a directory (no such parent, no permission, a read-only or virtual file system), is one
     ``InputError`` naming the path, not a traceback."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
+    out = refuse_file_in_the_way(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -68,3 +68,20 @@ def test_commands_name_an_output_folder_they_cannot_make(tmp_path, small_dataset
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == f"or-agent: error: {target}: cannot create the directory (Not a directory)"
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("replay", "VIDEO", "--out"),
+    ("archive", "run", "VIDEO", "--ray", "local", "--out"),
+    ("demo", "--out"),
+    ("certs", "--box", "or-box-1", "--out"),
+])
+def test_commands_name_a_file_where_their_output_folder_goes_before_starting(tmp_path, small_dataset, command):
+    """Checked before the slow start (listing videos, loading models, starting Ray, making a surgery)."""
+    target = tmp_path / "f"
+    target.write_text("x")
+    args = [str(small_dataset / "video01.mp4") if a == "VIDEO" else a for a in command]
+    proc = run_cli(*args, str(target))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"or-agent: error: {target}: exists and is not a directory"
+    assert target.read_text() == "x"

@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 from or_agent.agent.archive.sources import Case, list_cases
 from or_agent.pipelines.errors import DependencyError, InputError, OrAgentError
-from or_agent.pipelines.files import atomic_write_text, make_output_dir
+from or_agent.pipelines.files import atomic_write_text, make_output_dir, refuse_file_in_the_way
 
 DONE_FILE = "DONE.json"
 FAILURES_FILE = "failures.json"
@@ -248,8 +248,7 @@ def run_archive(sources: Sequence[str], options: ArchiveOptions, stream: TextIO 
                 clock: Callable[[], float] = time.monotonic) -> RunOutcome:
     out = options.out
     stream = stream or sys.stdout
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
+    refuse_file_in_the_way(out)
     cases = list_cases(sources)
     model_set = model_set_fingerprint(options.models)
     make_output_dir(out)

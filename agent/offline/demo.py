@@ -24,6 +24,7 @@ from or_agent.agent.display import Display, has_screen
 from or_agent.agent.offline.progress import Progress
 from or_agent.agent.server import AgentServer
 from or_agent.pipelines.errors import InputError
+from or_agent.pipelines.files import refuse_file_in_the_way
 from or_agent.pipelines.messages import PAUSED_OUT_OF_BODY
 from or_agent.pipelines.metrics import accuracy, official_phase_scores
 from or_agent.pipelines.surgery import ANATOMY_NAMES, PHASES
@@ -124,8 +125,7 @@ def _true_areas(mask_dir: Path, frames: list[int]) -> np.ndarray:
 
 
 def run_demo(out_dir: Path, seed: int, time_scale: float, models_dir=None, headless: str | None = None) -> int:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
+    refuse_file_in_the_way(out_dir)
     meta = ensure_surgery(out_dir, seed, time_scale)
     video, fps, frames = out_dir / "video01.mp4", float(meta["fps"]), int(meta["frames"])
     if headless is None and not has_screen():

@@ -38,7 +38,7 @@ from or_agent.agent.offline.progress import Progress
 from or_agent.agent.offline.report import phase_ribbon, write_html_report, write_png
 from or_agent.agent.session import LoadedModels
 from or_agent.pipelines.errors import InputError, OrAgentError
-from or_agent.pipelines.files import atomic_write_text, output_dir
+from or_agent.pipelines.files import atomic_write_text, output_dir, refuse_file_in_the_way
 from or_agent.pipelines.manifest import Task
 from or_agent.pipelines.messages import PAUSED_REASONS, FrameResult, SourceEvent
 from or_agent.pipelines.metrics import (
@@ -364,8 +364,7 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
         raise InputError(f"--video must be one of {', '.join(VIDEO_CHOICES)}, got {video_out!r}")
     if video_height is not None and video_height < MIN_VIDEO_HEIGHT:
         raise InputError(f"--video-height must be at least {MIN_VIDEO_HEIGHT}, got {video_height}")
-    if out_root.exists() and not out_root.is_dir():
-        raise InputError(f"{out_root}: exists and is not a directory")
+    refuse_file_in_the_way(out_root)
     items = expand_inputs(paths, labels, masks)
     # made once up front, not as each video's failure; not left behind empty when no video could be replayed
     with output_dir(out_root):
