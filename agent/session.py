@@ -75,6 +75,12 @@ class LoadedModels:
         self.stages.close()
         self.frame_path.close()
 
+    def __enter__(self) -> LoadedModels:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @dataclass(frozen=True)
 class CaseSpec:

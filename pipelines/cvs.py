@@ -60,8 +60,10 @@ def cvs_measurements(class_map: np.ndarray, classes: tuple[str, ...]) -> dict[st
         # labelled inside the structure's bounding box only: the same pieces, and most structures cover a
         # small part of a full-size map (python -m bench.models_bench, the anatomy model's "post")
         x, y, w, h = cv2.boundingRect(mask)
-        n, _, stats, _ = cv2.connectedComponentsWithStats(mask[y:y + h, x:x + w], connectivity=8) if w else (0, None, None, None)
-        sizes = stats[1:, cv2.CC_STAT_AREA] / total if n > 1 else np.zeros(0)
+        sizes = np.zeros(0)
+        if w:
+            _, _, stats, _ = cv2.connectedComponentsWithStats(mask[y:y + h, x:x + w], connectivity=8)
+            sizes = stats[1:, cv2.CC_STAT_AREA] / total
         pieces = int((sizes >= MIN_PIECE).sum())
         out[f"area_{_key(s)}"] = float(cv2.countNonZero(mask) / total)
         out[f"seen_{_key(s)}"] = float(pieces > 0)

@@ -243,3 +243,13 @@ def test_an_unreadable_subfolder_does_not_turn_the_hint_into_a_traceback(tmp_pat
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(InputError, match=r"; 1 of its subfolders have some: for a folder of per-case folders"):
         video_files([tmp_path / "in"])
+
+
+def test_a_bad_rules_file_is_one_error_before_any_video_and_leaves_no_output_folder(small_dataset, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[[rules]]\nid = 'x'\nkind = 'no_such_kind'\n")
+    proc = run_cli("replay", str(small_dataset / "video01.mp4"), "--out", str(tmp_path / "out" / "run"),
+                   "--rules", str(rules))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"or-agent: error: {rules}: rules.x: severity: missing"
+    assert "replayed" not in proc.stdout and not (tmp_path / "out").exists()

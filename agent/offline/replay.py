@@ -366,42 +366,41 @@ def run_replay(paths: Sequence[str], out: str, labels: str | None = None, masks:
         raise InputError(f"--video-height must be at least {MIN_VIDEO_HEIGHT}, got {video_height}")
     refuse_file_in_the_way(out_root)
     items = expand_inputs(paths, labels, masks)
-    # made once up front, not as each video's failure; not left behind empty when no video could be replayed
-    with output_dir(out_root):
-        models = LoadedModels(models_dir, live_session=False)  # loaded once, reused for every video
-        try:
-            models.rules(rules_file)  # a bad rules file is one error up front, not one per video
-        except BaseException:
-            models.close()
-            raise
+    # made once up front, not as each video's failure; not left behind empty when no video could be replayed;
+    # the models loaded once and reused for every video
+    with output_dir(out_root), LoadedModels(models_dir, live_session=False) as models:
+        models.rules(rules_file)  # a bad rules file is one error up front, not one per video
         failed = 0
-        try:
-            for i, item in enumerate(items, start=1):
-                label = f"[{i}/{len(items)}] {item.video.name}"
-                try:
-                    s = replay_one(item, out_root, models, paced, anatomy_every, label, rules_file, time_scale,
-                                   video_out, video_height).summary
-                except OrAgentError as exc:
-                    failed += 1
-                    print(f"FAILED {item.video}: {exc}")
-                    continue
-                except Exception as exc:
-                    failed += 1
-                    print(f"FAILED {item.video}: internal error: {type(exc).__name__}: {exc}")
-                    continue
-                parts = [f"{s['frames']} frames at {s['fps_processed']:.0f} fps"]
-                if "phase_metrics" in s:
-                    ph = s["phase_metrics"]
-                    parts.append(f"phase accuracy {100 * ph['strict']['accuracy']:.1f} %"
-                                 + (f" (official {100 * ph['official']['accuracy']:.1f} %)" if "official" in ph else ""))
-                if "anatomy_metrics" in s:
-                    parts.append(f"anatomy mIoU {s['anatomy_metrics']['miou']:.3f}")
-                raised = [a for a in s["alerts"] if a["event"] == "raised"]
-                parts.append(f"{len(raised)} alerts")
-                if not s["complete"]:
-                    parts.append("INCOMPLETE: " + "; ".join(e["message"] for e in s["events"] if e["kind"] == "error"))
-                print(f"ok     {item.video} -> {out_root / item.video.stem}/report.html: " + ", ".join(parts))
-        finally:
-            models.close()
+        for i, item in enumerate(items, start=1):
+            label = f"[{i}/{len(items)}] {item.video.name}"
+            try:
+                s = replay_one(item, out_root, models, paced, anatomy_every, label, rules_file, time_scale,
+                               video_out, video_height).summary
+            except OrAgentError as exc:
+                failed += 1
+                print(f"FAILED {item.video}: {exc}")
+                continue
+            except Exception as exc:
+                failed += 1
+                print(f"FAILED {item.video}: internal error: {type(exc).__name__}: {exc}")
+                continue
+            print(f"ok     {item.video} -> {out_root / item.video.stem}/report.html: {_outcome(s)}")
         print(f"{len(items) - failed} of {len(items)} videos replayed" + (f", {failed} failed" if failed else ""))
         return 1 if failed else 0
+
+
+def _outcome(s: dict) -> str:
+    """One video's summary in a line: frames and rate, its scores where it had labels, alerts, and what
+    cut it short."""
+    parts = [f"{s['frames']} frames at {s['fps_processed']:.0f} fps"]
+    if "phase_metrics" in s:
+        ph = s["phase_metrics"]
+        parts.append(f"phase accuracy {100 * ph['strict']['accuracy']:.1f} %"
+                     + (f" (official {100 * ph['official']['accuracy']:.1f} %)" if "official" in ph else ""))
+    if "anatomy_metrics" in s:
+        parts.append(f"anatomy mIoU {s['anatomy_metrics']['miou']:.3f}")
+    raised = [a for a in s["alerts"] if a["event"] == "raised"]
+    parts.append(f"{len(raised)} alerts")
+    if not s["complete"]:
+        parts.append("INCOMPLETE: " + "; ".join(e["message"] for e in s["events"] if e["kind"] == "error"))
+    return ", ".join(parts)
