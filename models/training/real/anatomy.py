@@ -403,6 +403,101 @@ def time_onnx(onnx_path: str, runs: int = 100, warmup: int = 10) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# self-training: unlabelled real frames labelled by an ensemble of trained models
+# --------------------------------------------------------------------------------------------
+
+# the phases whose frames show what Endoscapes labels (the hepatocystic triangle, its structures, the
+# gallbladder on its bed); Endoscapes' own frames come from the dissection before clipping
+PSEUDO_PHASES = ("CalotTriangleDissection", "ClippingCutting", "GallbladderDissection")
+SMALL_STRUCTURES = ("cystic_plate", "hepatocystic_triangle", "cystic_artery", "cystic_duct")
+
+
+def list_unlabelled(folders, phases=PSEUDO_PHASES) -> list[Path]:
+    """The frames of Cholec80 key-frame folders (``phase.csv`` with ``image`` and ``phase`` columns, the
+    ``cholect50-val`` layout) whose phase is one of ``phases``."""
+    import csv
+
+    out = []
+    for folder in map(Path, folders):
+        index = folder / "phase.csv"
+        if not index.is_file():
+            raise FileNotFoundError(f"{folder}: no phase.csv (image,phase,... per frame)")
+        with open(index, newline="") as f:
+            out += [folder / row["image"] for row in csv.DictReader(f) if row["phase"] in phases]
+    return out
+
+
+class TeacherEnsemble:
+    """Anatomy ONNX models (any input sizes) whose softmax probabilities, each also on the mirrored frame,
+    are averaged at the content crop's own size."""
+
+    def __init__(self, onnx_paths, flip: bool = True):
+        self.sessions = [ort_session(p) for p in onnx_paths]
+        self.flip = flip
+
+    def probabilities(self, frame: np.ndarray, area: ContentArea) -> np.ndarray:
+        """HxWx7 float32 over the content crop of ``frame``."""
+        w, h = area.crop_size
+        total = np.zeros((h, w, len(CLASSES)), np.float32)
+        n = 0
+        for sess in self.sessions:
+            mh, mw = onnx_input_size(sess)
+            resized = crop_resize(frame, area, mh, mw)
+            for mirrored in ((False, True) if self.flip else (False,)):
+                img = resized[:, ::-1] if mirrored else resized
+                logits = sess.run(["logits"], {"frame": normalise(np.ascontiguousarray(img), input_spec(mh, mw))})[0][0]
+                e = np.exp(logits - logits.max(0, keepdims=True))
+                prob = (e / e.sum(0, keepdims=True)).transpose(1, 2, 0)
+                if mirrored:
+                    prob = prob[:, ::-1]
+                total += cv2.resize(np.ascontiguousarray(prob), (w, h), interpolation=cv2.INTER_LINEAR)
+                n += 1
+        return total / n
+
+    def evaluate(self, split_dir: Path) -> dict:
+        """The ensemble's argmax scored on a labelled split like :func:`evaluate_onnx`."""
+        conf = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+        for name in list_split(split_dir):
+            frame, mask, area = load_frame(split_dir, name)
+            full = np.zeros(mask.shape, np.uint8)
+            full[area.y0:area.y1, area.x0:area.x1] = self.probabilities(frame, area).argmax(2)
+            conf += confusion(mask, full)
+        return scores(conf)
+
+
+def pseudo_label(teachers: TeacherEnsemble, paths, threshold: float, say=print, save_dir: Path | None = None,
+                 small_threshold: float | None = None):
+    """(content crop, mask) pairs for unlabelled frames: the ensemble's class where its mean probability
+    reaches ``threshold`` (``small_threshold`` for the four small structures, which the teachers are rarely
+    sure of), 255 (ignored by the loss) where it does not; dark frames skipped."""
+    small = np.array([c in SMALL_STRUCTURES for c in CLASSES])
+    pairs, counts = [], np.zeros(256, np.int64)
+    for i, path in enumerate(paths):
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is None:
+            raise FileNotFoundError(f"{path}: not a readable image")
+        area = detect_content_area(frame)
+        if area is None:
+            continue
+        prob = teachers.probabilities(frame, area)
+        mask = prob.argmax(2).astype(np.uint8)
+        need = np.where(small[mask], threshold if small_threshold is None else small_threshold, threshold)
+        mask[prob.max(2) < need] = IGNORE
+        crop = np.ascontiguousarray(frame[area.y0:area.y1, area.x0:area.x1])
+        pairs.append((crop, mask))
+        counts += np.bincount(mask.ravel(), minlength=256)
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(save_dir / f"{path.parent.name}_{path.stem}.png"), mask)
+        if (i + 1) % 50 == 0:
+            say(f"pseudo-labelled {i + 1}/{len(paths)} frames")
+    frac = counts / max(counts.sum(), 1)
+    say(f"pseudo labels: {len(pairs)} frames; pixel fractions " +
+        ", ".join(f"{c} {frac[k]:.3f}" for k, c in enumerate(CLASSES)) + f", ignored {frac[IGNORE]:.3f}")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
 
@@ -515,6 +610,13 @@ def train(args) -> dict:
     val_names = list_split(data / "val")
     cw_ = class_weights(crops, args.weight_power)
     say(f"train {len(crops)} frames, val {len(val_names)}; class weights {np.round(cw_, 2).tolist()}; load {time.time() - t0:.0f}s")
+    if args.unlabelled:
+        teachers = TeacherEnsemble(args.teachers)
+        paths = list_unlabelled(args.unlabelled)[:args.limit_unlabelled or None]
+        say(f"pseudo-labelling {len(paths)} unlabelled frames with {len(args.teachers)} teachers (mirrored too), "
+            f"threshold {args.pseudo_threshold} (small structures {args.pseudo_threshold_small})")
+        crops = crops + pseudo_label(teachers, paths, args.pseudo_threshold, say, out / "pseudo", args.pseudo_threshold_small)
+        del teachers
 
     model = build_model(args.decoder_channels)
     model.load_imagenet()
@@ -710,7 +812,27 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training frames (smoke tests)")
     p.add_argument("--export-only", action="store_true", help="skip training; export and score best.pt")
+    p.add_argument("--unlabelled", nargs="+", default=[], metavar="DIR",
+                   help="self-training: Cholec80 key-frame folders (phase.csv) whose dissection-phase frames the "
+                        "--teachers label, trained on beside the labelled frames")
+    p.add_argument("--teachers", nargs="+", default=[], metavar="ONNX", help="anatomy models whose mean labels --unlabelled")
+    p.add_argument("--pseudo-threshold", type=float, default=0.7,
+                   help="pixels where the teachers' mean probability is below this are ignored")
+    p.add_argument("--pseudo-threshold-small", type=float, default=None,
+                   help="the same for pixels labelled plate, triangle, artery or duct (default: --pseudo-threshold)")
+    p.add_argument("--limit-unlabelled", type=int, default=0, help="use only the first N unlabelled frames (smoke tests)")
+    p.add_argument("--evaluate-teachers", action="store_true", help="no training: score the --teachers' ensemble on val")
     args = p.parse_args(argv)
+    if args.unlabelled and not args.teachers:
+        p.error("--unlabelled needs --teachers (the models that label those frames)")
+    for path in args.teachers:
+        if not Path(path).is_file():
+            p.error(f"{path}: no such ONNX file")
+    if args.evaluate_teachers:
+        if not args.teachers:
+            p.error("--evaluate-teachers needs --teachers")
+        print(json.dumps(TeacherEnsemble(args.teachers).evaluate(Path(args.data) / "val"), indent=1))
+        return
     if args.append_upsampling:
         if not Path(args.append_upsampling[0]).is_file():
             p.error(f"{args.append_upsampling[0]}: no such ONNX file")
